@@ -1,0 +1,85 @@
+"""The backend protocol: everything the rest of the package knows about a model family.
+
+A backend turns frames into visual token embeddings, text into token embeddings, and runs the
+language model over embeddings with a transformers ``DynamicCache`` and explicit positions.
+Memory methods and the engine only talk to this protocol, never to model classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from mukv.backends.prompts import PromptTemplate
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextModelSpec:
+    """Shape facts of the language model, read from its config (never hard-coded)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_positions: int
+    rope_theta: float
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes one token occupies in a K+V cache over all layers."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+Logits = Literal["none", "last", "all"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A video LLM seen through the operations memory methods need."""
+
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    prompts: PromptTemplate
+    text: TextModelSpec
+    tokens_per_frame: int
+    eos_token_ids: frozenset[int]
+
+    def encode_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``[T, H, W, 3]`` -> visual tokens ``[T, P, d]`` on ``device``."""
+        ...
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """Token ids ``[1, n]`` (long, on ``device``) of ``text``, special tokens parsed."""
+        ...
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[1, n]`` -> input embeddings ``[1, n, d]``."""
+        ...
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated token ids, special tokens removed."""
+        ...
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        cache: DynamicCache,
+        position_ids: torch.Tensor,
+        logits: Logits = "last",
+    ) -> torch.Tensor | None:
+        """Run the language model over ``embeds [1, n, d]`` at ``position_ids [1, n]``.
+
+        Appends the new keys/values to ``cache``. Returns logits ``[1, 1, V]`` (``"last"``),
+        ``[1, n, V]`` (``"all"``) or ``None``.
+        """
+        ...
+
+    def system_cache(self) -> tuple[DynamicCache, int]:
+        """A fresh cache holding the system prompt's KV, and its length in tokens."""
+        ...

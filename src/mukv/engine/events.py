@@ -1,0 +1,79 @@
+"""Typed results of answering: decoding yields :class:`TokenEvent` then one :class:`DoneEvent`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from mukv.memory.base import MemoryStats, RetrievedBlock
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent: ``encode`` (vision + ingest since the previous question), ``prepare``
+    (assembling the answering cache, including any fresh prefill), ``first_token`` (question
+    asked -> first token, prepare included) and ``total`` (question asked -> answer done)."""
+
+    encode: float
+    prepare: float
+    first_token: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answered question.
+
+    ``first_logits`` (float32 ``[V]``, the distribution of the first answer token) is kept only
+    when asked for, since it is as large as the vocabulary.
+    """
+
+    question: str
+    choices: tuple[str, ...] | None
+    text: str
+    token_ids: tuple[int, ...]
+    time: float
+    frames_seen: int
+    context_tokens: int
+    timings: Timings
+    retrieved: tuple[RetrievedBlock, ...]
+    memory: MemoryStats
+    method: str
+    first_logits: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (without logits)."""
+        return {
+            "question": self.question,
+            "choices": list(self.choices) if self.choices is not None else None,
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "time": self.time,
+            "frames_seen": self.frames_seen,
+            "context_tokens": self.context_tokens,
+            "timings": asdict(self.timings),
+            "retrieved": [b.to_dict() for b in self.retrieved],
+            "memory": self.memory.to_dict(),
+            "method": self.method,
+        }
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A generated token and the text it completes (``text`` may be empty while a multi-byte
+    character is still incomplete)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The end of an answer."""
+
+    answer: Answer
+
+
+Event = TokenEvent | DoneEvent

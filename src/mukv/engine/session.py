@@ -1,0 +1,202 @@
+"""A streaming session: one video stream, its memory, and questions asked as it advances."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mukv.backends.base import Backend
+from mukv.backends.prompts import validate_question
+from mukv.config import SessionConfig
+from mukv.engine.events import Answer, DoneEvent, Event, Timings, TokenEvent
+from mukv.engine.generate import IncrementalDecoder, greedy_decode
+from mukv.errors import StreamError
+from mukv.memory import MemoryMethod, MemoryStats, Query, create_memory
+from mukv.video.preprocess import as_frames
+from mukv.video.sources import FrameStream
+
+
+class StreamSession:
+    """Owns all mutable per-stream state: the clock, the memory, and timing counters.
+
+    ``ingest`` adds frames (timestamps strictly increasing); ``ask`` answers at the current
+    stream time, from frames up to then only. Methods are serialised by a lock, so one thread
+    may ingest a live stream while another asks questions.
+
+    Example::
+
+        backend = load_backend("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+        session = StreamSession(backend, "full")
+        session.ingest_source(open_video("walk.mp4", sample_fps=0.5), until=60.0)
+        print(session.ask("What did I pick up?").text)
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        method: str | MemoryMethod = "full",
+        *,
+        method_config: Any = None,
+        overrides: dict[str, Any] | None = None,
+        config: SessionConfig | None = None,
+    ) -> None:
+        self.backend = backend
+        if isinstance(method, MemoryMethod):
+            if method_config is not None or overrides:
+                raise ValueError("method_config/overrides: only valid with a method name")
+            self.memory = method
+        else:
+            self.memory = create_memory(method, backend, method_config, overrides)
+        self.config = config or SessionConfig()
+        self._lock = threading.RLock()
+        self._time: float | None = None
+        self._encode_seconds = 0.0
+
+    @property
+    def time(self) -> float | None:
+        """Timestamp of the last ingested frame (``None`` before any frame)."""
+        return self._time
+
+    @property
+    def frames_seen(self) -> int:
+        return self.memory.frames
+
+    def stats(self) -> MemoryStats:
+        with self._lock:
+            return self.memory.stats()
+
+    def ingest(self, frames: np.ndarray | torch.Tensor, timestamps: Sequence[float] | np.ndarray) -> int:
+        """Encode and store uint8 frames ``[T, H, W, 3]`` taken at ``timestamps`` (seconds).
+
+        Timestamps must be finite and strictly increasing, also across calls. Returns ``T``.
+        """
+        tensor = as_frames(frames)
+        times = np.asarray(timestamps, dtype=np.float64).reshape(-1)
+        if times.shape[0] != tensor.shape[0]:
+            raise ValueError(f"timestamps: {times.shape[0]} values for {tensor.shape[0]} frames")
+        if not np.all(np.isfinite(times)):
+            raise ValueError("timestamps: must be finite")
+        if np.any(np.diff(times) <= 0):
+            raise StreamError("timestamps: must be strictly increasing")
+        with self._lock:
+            if self._time is not None and times[0] <= self._time:
+                raise StreamError(
+                    f"timestamps: frame at {times[0]:.3f}s is not after the stream time {self._time:.3f}s"
+                )
+            start = time.perf_counter()
+            features = self.backend.encode_frames(tensor)
+            self.memory.ingest(features, times)
+            self._encode_seconds += time.perf_counter() - start
+            self._time = float(times[-1])
+        return int(tensor.shape[0])
+
+    def ingest_source(
+        self,
+        source: FrameStream,
+        until: float | None = None,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Ingest frames from ``source`` with timestamp <= ``until`` (all if ``None``).
+
+        Frames after ``until`` stay in the source for a later call. ``progress`` is called with
+        the number of frames of each ingested batch. Returns the number of frames ingested.
+        """
+        if until is not None and not math.isfinite(until):
+            raise ValueError(f"until: must be a finite time in seconds, got {until}")
+        total = 0
+        while (batch := source.next_batch(self.config.encode_batch_frames, until)) is not None:
+            total += self.ingest(batch.frames, batch.timestamps)
+            if progress is not None:
+                progress(len(batch))
+        return total
+
+    def ask(
+        self,
+        question: str,
+        choices: Sequence[str] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        output_logits: bool = False,
+    ) -> Answer:
+        """Answer ``question`` (optionally multiple choice) at the current stream time."""
+        for event in self.ask_stream(question, choices, max_new_tokens=max_new_tokens, output_logits=output_logits):
+            if isinstance(event, DoneEvent):
+                return event.answer
+        raise RuntimeError("decoding ended without a result")  # unreachable: ask_stream always finishes
+
+    def ask_stream(
+        self,
+        question: str,
+        choices: Sequence[str] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        output_logits: bool = False,
+    ) -> Iterator[Event]:
+        """Like :meth:`ask`, yielding a :class:`TokenEvent` per generated token, then a :class:`DoneEvent`.
+
+        The stream is locked until the generator finishes or is closed.
+        """
+        question = validate_question(question)
+        prompt = self.backend.prompts.render_question(question, choices)
+        generation = self.config.generation
+        if max_new_tokens is None:
+            max_new_tokens = generation.max_new_tokens if choices is None else generation.max_new_tokens_choice
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        with self._lock:
+            if self._time is None:
+                raise StreamError("no frames ingested yet: ingest video before asking")
+            started = time.perf_counter()
+            query = Query(text=question, ids=self.backend.tokenize(question), time=self._time)
+            context = self.memory.prepare(query)
+            prepared = time.perf_counter()
+            logits: list[torch.Tensor] = []
+            decoder = IncrementalDecoder(self.backend)
+            tokens: list[int] = []
+            first_token = None
+            for token in greedy_decode(
+                self.backend,
+                context.cache,
+                self.backend.tokenize(prompt),
+                context.next_position,
+                max_new_tokens,
+                logits if output_logits else None,
+            ):
+                if output_logits and len(logits) > 1:
+                    del logits[1:]  # only the first token's distribution is kept
+                if first_token is None:
+                    first_token = time.perf_counter()
+                tokens.append(token)
+                if token in self.backend.eos_token_ids:
+                    break
+                yield TokenEvent(token, decoder.push(token))
+            finished = time.perf_counter()
+            answer_ids = [t for t in tokens if t not in self.backend.eos_token_ids]
+            answer = Answer(
+                question=question,
+                choices=tuple(choices) if choices is not None else None,
+                text=self.backend.decode(answer_ids).strip(),
+                token_ids=tuple(answer_ids),
+                time=self._time,
+                frames_seen=self.memory.frames_until(self._time),
+                context_tokens=context.context_tokens,
+                timings=Timings(
+                    encode=self._encode_seconds,
+                    prepare=prepared - started,
+                    first_token=(first_token or finished) - started,
+                    total=finished - started,
+                ),
+                retrieved=context.retrieved,
+                memory=self.memory.stats(),
+                method=self.memory.name,
+                first_logits=logits[0] if logits else None,
+            )
+            self._encode_seconds = 0.0
+        yield DoneEvent(answer)

@@ -1,0 +1,168 @@
+"""Baselines without retrieval: ``full`` (plain LLaVA-OneVision over the whole stream) and
+``uniform`` (a fixed number of frames sampled uniformly at question time)."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock, cache_bytes, prefill
+from mukv.memory.registry import register_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FullConfig:
+    """``prefill_chunk_tokens`` bounds the tokens prefilled per forward call (memory only)."""
+
+    prefill_chunk_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens: must be >= 1, got {self.prefill_chunk_tokens}")
+
+
+@register_method
+class FullMemory(MemoryMethod):
+    """Every frame's KV in one contiguous cache on the model's device: ``[init | f0 | f1 | ...]``.
+
+    Each visual token is prefilled once, as frames arrive, attending to everything before it:
+    exactly one plain forward over the whole stream. A question at ``t`` uses the cache prefix
+    that ends with the last frame at or before ``t``.
+    """
+
+    name = "full"
+    config_class = FullConfig
+
+    def __init__(self, backend, config: FullConfig | None = None) -> None:
+        super().__init__(backend, config)
+        self._cache, self._init_len = backend.system_cache()
+        self._length = self._init_len
+        self._warned = False
+
+    def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
+        embeds = features.reshape(1, -1, features.shape[-1])
+        self._length = prefill(self.backend, self._cache, embeds, self._length, self.config.prefill_chunk_tokens)
+        if self._length > self.backend.text.max_positions and not self._warned:
+            self._warned = True
+            log.warning(
+                "full: %d cached tokens exceed the model's %d trained positions; answers may degrade",
+                self._length,
+                self.backend.text.max_positions,
+            )
+
+    def prepare(self, query: Query) -> AnswerContext:
+        frames = self.frames_until(query.time)
+        length = self._init_len + frames * self.backend.tokens_per_frame
+        # Views of the stored prefix: the first cache update while answering concatenates into new
+        # tensors, so the stored cache is never modified.
+        cache = DynamicCache(
+            ddp_cache_data=[(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in self._cache.layers]
+        )
+        retrieved = ()
+        if frames:
+            retrieved = (
+                RetrievedBlock(
+                    granularity="frame",
+                    first_frame=0,
+                    last_frame=frames - 1,
+                    start_time=self.timestamp(0),
+                    end_time=self.timestamp(frames - 1),
+                    tokens=frames * self.backend.tokens_per_frame,
+                ),
+            )
+        return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
+
+    def stats(self) -> MemoryStats:
+        total = cache_bytes(self._cache)
+        per_token = total // self._length
+        visual = self._length - self._init_len
+        return MemoryStats(
+            frames=self.frames,
+            blocks={"init": 1, "frame": self.frames},
+            tokens={"init": self._init_len, "frame": visual},
+            bytes={"init": per_token * self._init_len, "frame": per_token * visual},
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniformConfig:
+    """``num_frames`` frames are sampled uniformly (LLaVA-OneVision's own video setting uses 32)."""
+
+    num_frames: int = 32
+    prefill_chunk_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames: must be >= 1, got {self.num_frames}")
+        if self.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens: must be >= 1, got {self.prefill_chunk_tokens}")
+
+
+@register_method
+class UniformMemory(MemoryMethod):
+    """Keeps every frame's visual tokens (not KV) off the accelerator; at question time samples
+    ``num_frames`` of the frames seen so far uniformly and prefills them fresh after ``init``."""
+
+    name = "uniform"
+    config_class = UniformConfig
+
+    def __init__(self, backend, config: UniformConfig | None = None) -> None:
+        super().__init__(backend, config)
+        self._chunks: list[torch.Tensor] = []
+        self._starts: list[int] = []
+        self._init_len = backend.system_cache()[1]
+
+    def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
+        self._starts.append(self.frames)
+        self._chunks.append(features.detach().to("cpu", copy=True))
+
+    def _frame(self, index: int) -> torch.Tensor:
+        chunk = bisect.bisect_right(self._starts, index) - 1
+        return self._chunks[chunk][index - self._starts[chunk]]
+
+    def sample(self, frames: int) -> list[int]:
+        """Indices of the frames used for a question that sees the first ``frames`` frames."""
+        if frames <= self.config.num_frames:
+            return list(range(frames))
+        return sorted({int(i) for i in np.linspace(0, frames - 1, self.config.num_frames).round()})
+
+    def prepare(self, query: Query) -> AnswerContext:
+        cache, position = self.backend.system_cache()
+        indices = self.sample(self.frames_until(query.time))
+        if indices:
+            embeds = torch.stack([self._frame(i) for i in indices]).to(self.backend.device)
+            position = prefill(
+                self.backend, cache, embeds.reshape(1, -1, embeds.shape[-1]), position, self.config.prefill_chunk_tokens
+            )
+        p = self.backend.tokens_per_frame
+        retrieved = tuple(
+            RetrievedBlock(
+                granularity="frame",
+                first_frame=i,
+                last_frame=i,
+                start_time=self.timestamp(i),
+                end_time=self.timestamp(i),
+                tokens=p,
+                block_id=i,
+            )
+            for i in indices
+        )
+        return AnswerContext(cache=cache, next_position=position, context_tokens=position, retrieved=retrieved)
+
+    def stats(self) -> MemoryStats:
+        stored = sum(c.nbytes for c in self._chunks)
+        init_len = self._init_len
+        init_bytes = init_len * self.backend.text.kv_bytes_per_token(self.backend.dtype)
+        return MemoryStats(
+            frames=self.frames,
+            blocks={"init": 1, "frame": self.frames},
+            tokens={"init": init_len, "frame": self.frames * self.backend.tokens_per_frame},
+            bytes={"init": init_bytes, "frame": stored},
+        )
