@@ -59,6 +59,9 @@ class IncrementalDecoder:
         self._emitted = text
         return delta
 
-    @property
-    def text(self) -> str:
-        return self._backend.decode(self._ids)
+    def flush(self) -> str:
+        """Text not yet returned (an incomplete character at the end is returned as is)."""
+        text = self._backend.decode(self._ids)
+        delta = text[len(self._emitted) :] if text.startswith(self._emitted) else ""
+        self._emitted = text
+        return delta

@@ -161,6 +161,7 @@ class StreamSession:
             decoder = IncrementalDecoder(self.backend)
             tokens: list[int] = []
             first_token = None
+            pending: int | None = None
             for token in greedy_decode(
                 self.backend,
                 context.cache,
@@ -176,7 +177,12 @@ class StreamSession:
                 tokens.append(token)
                 if token in self.backend.eos_token_ids:
                     break
-                yield TokenEvent(token, decoder.push(token))
+                # Events lag one token so that the last one can carry the decoder's remainder.
+                if pending is not None:
+                    yield TokenEvent(pending, decoder.push(pending))
+                pending = token
+            if pending is not None:
+                yield TokenEvent(pending, decoder.push(pending) + decoder.flush())
             finished = time.perf_counter()
             answer_ids = [t for t in tokens if t not in self.backend.eos_token_ids]
             answer = Answer(

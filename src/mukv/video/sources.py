@@ -12,6 +12,7 @@ sits whole in memory and a question at time ``t`` never sees a later frame. Sour
 from __future__ import annotations
 
 import math
+import numbers
 import queue
 import threading
 from collections.abc import Iterator
@@ -49,45 +50,59 @@ class FrameStream:
         self._pending: Frame | None = None
         self._done = False
         self._last_time = -math.inf
+        # One stream may be read by a player thread while another asks whether it has ended.
+        self._lock = threading.RLock()
+
+    def _pull(self) -> Frame | None:
+        """The next frame, or ``None`` if none is available now (``_done`` set at the end)."""
+        try:
+            return next(self._frames)
+        except StopIteration:
+            self._done = True
+            return None
 
     def _peek(self) -> Frame | None:
-        if self._pending is None and not self._done:
-            try:
-                self._pending = next(self._frames)
-            except StopIteration:
-                self._done = True
-        return self._pending
+        with self._lock:
+            if self._pending is None and not self._done:
+                self._pending = self._pull()
+            return self._pending
 
     @property
     def exhausted(self) -> bool:
-        """True when every frame has been taken."""
-        return self._peek() is None
+        """True when every frame has been taken and no more will come."""
+        return self._peek() is None and self._done
 
     def next_time(self) -> float | None:
-        """Timestamp of the next frame, or ``None`` at the end."""
+        """Timestamp of the next frame, or ``None`` if there is none (yet)."""
         frame = self._peek()
         return None if frame is None else frame[1]
 
     def next_batch(self, max_frames: int, until: float | None = None) -> FrameBatch | None:
         """Up to ``max_frames`` next frames with timestamp <= ``until`` (any time if ``None``).
 
-        Returns ``None`` when no such frame remains; frames after ``until`` stay in the stream.
+        Returns ``None`` when no such frame is available; frames after ``until`` stay in the
+        stream. Raises :class:`VideoError` for non-finite or non-increasing timestamps.
         """
         if max_frames < 1:
             raise ValueError(f"max_frames: must be >= 1, got {max_frames}")
         frames: list[np.ndarray] = []
         times: list[float] = []
-        while len(frames) < max_frames:
-            frame = self._peek()
-            if frame is None or (until is not None and frame[1] > until):
-                break
-            self._pending = None
-            image, timestamp = frame
-            if timestamp <= self._last_time:
-                raise VideoError(f"{self.name}: timestamps must increase ({timestamp} after {self._last_time})")
-            self._last_time = timestamp
-            frames.append(image)
-            times.append(timestamp)
+        with self._lock:
+            while len(frames) < max_frames:
+                frame = self._peek()
+                if frame is None or (until is not None and frame[1] > until):
+                    break
+                self._pending = None
+                image, timestamp = frame
+                if not math.isfinite(timestamp):
+                    raise VideoError(f"{self.name}: timestamp {timestamp} is not a finite number of seconds")
+                if timestamp <= self._last_time:
+                    raise VideoError(f"{self.name}: timestamps must increase ({timestamp} after {self._last_time})")
+                if frames and image.shape != frames[0].shape:
+                    raise VideoError(f"{self.name}: frame size changed from {frames[0].shape} to {image.shape}")
+                self._last_time = timestamp
+                frames.append(image)
+                times.append(timestamp)
         if not frames:
             return None
         return FrameBatch(np.stack(frames), np.asarray(times, dtype=np.float64))
@@ -97,15 +112,16 @@ class FrameStream:
             yield batch
 
     def close(self) -> None:
-        close = getattr(self._frames, "close", None)
-        if close is not None:
-            close()
-        self._done = True
-        self._pending = None
+        with self._lock:
+            close = getattr(self._frames, "close", None)
+            if close is not None:
+                close()
+            self._done = True
+            self._pending = None
 
 
 def _validate_fps(value: float, name: str) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: must be a positive number of frames per second, got {value!r}")
     return float(value)
 
@@ -161,7 +177,12 @@ def open_video(path: str | Path, *, sample_fps: float = 0.5) -> FrameStream:
         duration = float(stream.duration * stream.time_base)
     elif container.duration is not None:
         duration = container.duration / 1_000_000
-    expected = None if duration is None else int(duration * sample_fps) + 1
+    expected = None
+    if duration is not None:
+        # Sampling times 0, 1/fps, ... strictly before the end; never more than the file holds.
+        expected = max(1, math.ceil(duration * sample_fps - 1e-9))
+        if stream.frames:
+            expected = min(expected, stream.frames)
 
     def frames() -> Iterator[Frame]:
         period = 1.0 / sample_fps
@@ -217,14 +238,15 @@ def from_array(
     if (fps is None) == (timestamps is None):
         raise ValueError("from_array: give exactly one of fps or timestamps")
     if timestamps is not None:
+        if sample_fps is not None:
+            raise ValueError("from_array: sample_fps applies to a frame rate, not to explicit timestamps")
         times = np.asarray(timestamps, dtype=np.float64)
         if array.ndim != 4 or array.shape[0] == 0:
             raise VideoError(f"{name}: expected frames [N, H, W, 3] with N >= 1, got {list(array.shape)}")
         if times.shape != (array.shape[0],):
             raise ValueError(f"timestamps: expected {array.shape[0]} values, got shape {list(times.shape)}")
-        return _prime(
-            FrameStream(((_check_frame(array[i], name), float(times[i])) for i in range(len(times))), name=name)
-        )
+        frames_iter = ((_check_frame(array[i], name), float(times[i])) for i in range(len(times)))
+        return _prime(FrameStream(frames_iter, name=name, expected_frames=len(times)))
     if sample_fps is not None:
         sample_fps = _validate_fps(sample_fps, "sample_fps")
     return _array_stream(array, fps=_validate_fps(fps, "fps"), sample_fps=sample_fps, name=name)  # type: ignore[arg-type]
@@ -253,8 +275,9 @@ def open_source(path: str | Path, *, sample_fps: float = 0.5, npy_fps: float | N
 class PushStream(FrameStream):
     """A live stream fed from another thread with :meth:`push`; :meth:`end` closes it.
 
-    ``next_batch`` returns the frames pushed so far (never blocking once at least one frame is
-    available), and blocks for the first frame only up to ``timeout`` seconds.
+    ``next_batch`` returns the frames pushed so far without waiting for a full batch. When
+    nothing has been pushed it waits up to ``timeout`` seconds (forever if ``None``) and then
+    returns ``None``; the stream stays open until :meth:`end`.
     """
 
     _END = object()
@@ -262,30 +285,35 @@ class PushStream(FrameStream):
     def __init__(self, *, name: str = "live", timeout: float | None = None) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._timeout = timeout
-        self._lock = threading.Lock()
+        self._push_lock = threading.Lock()
         self._ended = False
-        super().__init__(self._drain(), name=name)
+        self._shape: tuple[int, ...] | None = None
+        super().__init__(iter(()), name=name)
 
-    def _drain(self) -> Iterator[Frame]:
-        while True:
-            try:
-                item = self._queue.get(timeout=self._timeout)
-            except queue.Empty:
-                return
-            if item is self._END:
-                return
-            yield item
+    def _pull(self) -> Frame | None:
+        try:
+            item = self._queue.get(timeout=self._timeout)
+        except queue.Empty:
+            return None
+        if item is self._END:
+            self._done = True
+            return None
+        return item
 
     def push(self, frame: np.ndarray, timestamp: float) -> None:
-        """Add one uint8 ``[H, W, 3]`` frame at ``timestamp`` seconds."""
-        with self._lock:
+        """Add one uint8 ``[H, W, 3]`` frame at ``timestamp`` seconds (all frames one size)."""
+        image = _check_frame(np.asarray(frame), self.name)
+        with self._push_lock:
             if self._ended:
                 raise VideoError(f"{self.name}: stream already ended")
-        self._queue.put((_check_frame(np.asarray(frame), self.name), float(timestamp)))
+            if self._shape is not None and image.shape != self._shape:
+                raise VideoError(f"{self.name}: frame size {image.shape} differs from the stream's {self._shape}")
+            self._shape = image.shape
+            self._queue.put((image, float(timestamp)))
 
     def end(self) -> None:
         """Mark the end of the stream; frames already pushed are still delivered."""
-        with self._lock:
+        with self._push_lock:
             if not self._ended:
                 self._ended = True
                 self._queue.put(self._END)

@@ -1,0 +1,273 @@
+"""The ``mukv`` command line: ask, chat, demo, tiny-model, methods.
+
+Heavy modules (torch, transformers, PyAV) are imported inside the commands, so ``mukv --help``
+is instant. User errors (bad paths, values, model ids) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mukv.config import DEFAULT_MODEL_ID
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Answer questions about long, live video streams with a KV-cache memory.",
+)
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hugging Face hub id or local checkpoint directory.")]
+MethodOption = Annotated[str, typer.Option("--method", help="Memory method (see `mukv methods`).")]
+FpsOption = Annotated[float, typer.Option("--fps", help="Frames sampled per second of video.")]
+NpyFpsOption = Annotated[float | None, typer.Option("--npy-fps", help="Frame rate of an .npy frame array.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. num_frames=16.")
+]
+
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Report user errors in one line (exit status 2) instead of a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mukv.errors import MukvError
+
+        _quiet_libraries()
+        try:
+            return command(*args, **kwargs)
+        except (MukvError, ValueError, FileNotFoundError) as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    """Hide transformers' weight-loading progress bars; the CLI shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _open_session(model: str, method: str, device: str, dtype: str, assignments: list[str] | None):
+    from mukv.backends import load_backend
+    from mukv.config import parse_assignments
+    from mukv.engine import StreamSession
+    from mukv.memory import method_config
+
+    config = method_config(method, parse_assignments(assignments))  # validate before loading the model
+    typer.secho(f"loading {model} on {device} ...", err=True, dim=True)
+    backend = load_backend(model, device=device, dtype=dtype)
+    return StreamSession(backend, method, method_config=config)
+
+
+def _ingest_with_progress(session, source, until: float | None, fps: float) -> int:
+    """Ingest up to ``until`` with a progress bar over the frames expected by then."""
+    from tqdm import tqdm
+
+    expected = source.expected_frames
+    if until is not None:
+        by_then = int(until * fps) + 1
+        expected = by_then if expected is None else min(expected, by_then)
+    with tqdm(total=expected, unit="frame", desc="encoding", file=sys.stderr, leave=False) as bar:
+        return session.ingest_source(source, until, progress=bar.update)
+
+
+def _print_answer(answer, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict()))
+        return
+    typer.echo(f"Q [{answer.time:.1f}s, {answer.frames_seen} frames]: {answer.question}")
+    typer.echo(f"A: {answer.text}")
+    spans = ", ".join(f"{b.start_time:.0f}-{b.end_time:.0f}s" for b in answer.retrieved[:8])
+    more = f" (+{len(answer.retrieved) - 8} more)" if len(answer.retrieved) > 8 else ""
+    t = answer.timings
+    typer.secho(
+        f"   {answer.method}: {answer.context_tokens} cache tokens, first token {t.first_token:.2f}s, "
+        f"total {t.total:.2f}s, memory {answer.memory.total_bytes / 2**20:.1f} MiB; used {spans}{more}",
+        dim=True,
+    )
+
+
+@app.command()
+@_user_errors
+def ask(
+    video: Annotated[Path, typer.Argument(help="Video file or .npy frame array.")],
+    question: Annotated[list[str], typer.Option("--question", "-q", help="Question (repeatable).")],
+    at: Annotated[float | None, typer.Option("--at", help="Ask at this time in seconds (default: the end).")] = None,
+    choice: Annotated[
+        list[str] | None, typer.Option("--choice", "-c", help="Multiple-choice option (repeatable).")
+    ] = None,
+    model: ModelOption = DEFAULT_MODEL_ID,
+    method: MethodOption = "full",
+    fps: FpsOption = 0.5,
+    npy_fps: NpyFpsOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "auto",
+    set_: SetOption = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit in tokens.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record per answer.")] = False,
+) -> None:
+    """Answer questions about VIDEO at time --at, from frames up to then only."""
+    from mukv.backends.prompts import validate_question
+    from mukv.video import open_source
+
+    questions = [validate_question(q) for q in question]
+    if at is not None and at < 0:
+        raise ValueError(f"--at: must be >= 0 seconds, got {at}")
+    source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
+    session = _open_session(model, method, device, dtype, set_)
+    _ingest_with_progress(session, source, at, fps)
+    for text in questions:
+        _print_answer(session.ask(text, choice, max_new_tokens=max_new_tokens), as_json)
+
+
+@app.command()
+@_user_errors
+def chat(
+    video: Annotated[Path, typer.Argument(help="Video file or .npy frame array, played as a live stream.")],
+    model: ModelOption = DEFAULT_MODEL_ID,
+    method: MethodOption = "full",
+    fps: FpsOption = 0.5,
+    npy_fps: NpyFpsOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "auto",
+    set_: SetOption = None,
+    speed: Annotated[float, typer.Option(help="Stream playback speed (1 = real time).")] = 1.0,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit in tokens.")] = None,
+) -> None:
+    """Type questions while VIDEO plays as a live stream; each is answered at the current stream time.
+
+    Lines starting with / are commands: /time shows the stream clock, /quit leaves.
+    """
+    from mukv.video import open_source
+
+    if speed <= 0:
+        raise ValueError(f"--speed: must be > 0, got {speed}")
+    source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
+    session = _open_session(model, method, device, dtype, set_)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    started = time.monotonic()
+
+    def play() -> None:
+        try:
+            while not stop.is_set() and not source.exhausted:
+                session.ingest_source(source, until=(time.monotonic() - started) * speed)
+                stop.wait(0.05)
+        except BaseException as exc:  # reported to the user by the main thread
+            failure.append(exc)
+
+    player = threading.Thread(target=play, daemon=True)
+    player.start()
+    typer.echo("Streaming. Type a question and press Enter (/time, /quit).")
+    try:
+        for line in sys.stdin:
+            if failure:
+                raise failure[0]
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                break
+            if text == "/time":
+                now = session.time
+                clock = "no frames yet" if now is None else f"{now:.1f}s"
+                typer.echo(
+                    f"stream time {clock}, {session.frames_seen} frames, {'ended' if source.exhausted else 'live'}"
+                )
+                continue
+            while session.time is None and player.is_alive():
+                time.sleep(0.05)
+            _stream_answer(session, text, max_new_tokens)
+    finally:
+        stop.set()
+        player.join()
+    if failure:
+        raise failure[0]
+
+
+def _stream_answer(session, question: str, max_new_tokens: int | None) -> None:
+    from mukv.engine import DoneEvent, TokenEvent
+    from mukv.errors import MukvError
+
+    try:
+        events = session.ask_stream(question, max_new_tokens=max_new_tokens)
+        typer.echo(f"[{session.time:.1f}s] ", nl=False)
+        for event in events:
+            if isinstance(event, TokenEvent):
+                typer.echo(event.text, nl=False)
+            elif isinstance(event, DoneEvent):
+                a = event.answer
+                typer.echo("")
+                typer.secho(
+                    f"   ({a.frames_seen} frames, {a.context_tokens} cache tokens, {a.timings.total:.2f}s)", dim=True
+                )
+    except (MukvError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+
+
+@app.command("tiny-model")
+@_user_errors
+def tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    force: Annotated[bool, typer.Option(help="Write into a non-empty directory.")] = False,
+) -> None:
+    """Build a tiny random LLaVA-OneVision checkpoint offline (loads like a hub checkpoint)."""
+    from mukv.backends.tiny import build_tiny_model
+
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise ValueError(f"{directory} is not empty (use --force to write into it)")
+    path = build_tiny_model(directory, seed=seed)
+    typer.echo(f"tiny LLaVA-OneVision written to {path} (random weights: it answers nonsense)")
+
+
+@app.command()
+def methods() -> None:
+    """List the memory methods and their options."""
+    import dataclasses
+
+    from mukv.memory import available_methods, method_config
+
+    for name in available_methods():
+        config = method_config(name)
+        options = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+        typer.echo(f"{name}: {options}")
+
+
+@app.command()
+@_user_errors
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the demo model and video go (default: ~/.cache/mukv/demo).")
+    ] = None,
+    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated memory methods.")] = "full,uniform",
+) -> None:
+    """Offline demo: a synthetic video, a tiny model, questions at several times."""
+    from mukv.demo import run_demo
+
+    run_demo(workdir or Path.home() / ".cache" / "mukv" / "demo", [m.strip() for m in methods_.split(",") if m.strip()])
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Every registered memory method, through the same session interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mukv import StreamSession
+from mukv.engine import DoneEvent, TokenEvent
+from mukv.errors import StreamError
+from mukv.memory import MemoryStats, Query, available_methods, create_memory
+from tests.conftest import make_frames
+
+METHODS = available_methods()
+# Small settings so that every method has to choose among the frames on the tiny model.
+SMALL = {"uniform": {"num_frames": 3}}
+
+
+def new_session(backend, method):
+    return StreamSession(backend, method, overrides=SMALL.get(method))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ingests_answers_and_reports(backend, method):
+    session = new_session(backend, method)
+    frames = make_frames(7)
+    assert session.ingest(frames[:4], [0.0, 2.0, 4.0, 6.0]) == 4
+    assert session.ingest(frames[4:], [8.0, 10.0, 12.0]) == 3
+    answer = session.ask("What is shown?", max_new_tokens=4)
+    assert answer.method == method
+    assert answer.frames_seen == 7 and answer.time == 12.0
+    assert 1 <= len(answer.token_ids) <= 4
+    assert answer.context_tokens > 0 and answer.retrieved
+    assert 0 <= answer.timings.prepare <= answer.timings.first_token <= answer.timings.total
+    assert answer.timings.encode > 0
+    stats = answer.memory
+    assert isinstance(stats, MemoryStats) and stats.frames == 7
+    assert stats.total_bytes > 0 and stats.total_tokens >= 7 * backend.tokens_per_frame
+    assert answer.to_dict()["memory"]["total_bytes"] == stats.total_bytes
+    assert session.ask("What is shown?", max_new_tokens=2).timings.encode == 0.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_multiple_choice(backend, method):
+    session = new_session(backend, method)
+    session.ingest(make_frames(2), [0.0, 1.0])
+    answer = session.ask("Which colour?", ["red", "blue", "green"])
+    assert answer.choices == ("red", "blue", "green")
+    assert len(answer.token_ids) <= 16
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_retrieved_frames_are_never_after_the_question_time(backend, method):
+    session = new_session(backend, method)
+    frames = make_frames(9)
+    for start in range(0, 9, 3):
+        session.ingest(frames[start : start + 3], np.arange(start, start + 3) * 1.5)
+        answer = session.ask("What is shown?", max_new_tokens=2)
+        assert answer.frames_seen == start + 3
+        for block in answer.retrieved:
+            assert block.end_time <= answer.time
+            assert block.last_frame < answer.frames_seen
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frames_after_the_question_time_do_not_influence_the_answer(backend, method):
+    """A memory holding later frames answers a question at ``t`` exactly as one that never saw them."""
+    frames = make_frames(8, seed=11)
+    times = np.arange(8) * 2.0
+    config = SMALL.get(method)
+    early = create_memory(method, backend, overrides=config)
+    everything = create_memory(method, backend, overrides=config)
+    early.ingest(backend.encode_frames(frames[:5]), times[:5])
+    everything.ingest(backend.encode_frames(frames[:5]), times[:5])
+    everything.ingest(backend.encode_frames(frames[5:]), times[5:])
+    query = Query(text="What is shown?", ids=backend.tokenize("What is shown?"), time=float(times[4]))
+    a, b = early.prepare(query), everything.prepare(query)
+    assert a.context_tokens == b.context_tokens and a.next_position == b.next_position
+    assert [r.first_frame for r in a.retrieved] == [r.first_frame for r in b.retrieved]
+    prompt = backend.embed_ids(backend.tokenize(backend.prompts.render_question(query.text)))
+    positions = torch.arange(a.next_position, a.next_position + prompt.shape[1]).unsqueeze(0)
+    logits_a = backend.forward(prompt, a.cache, positions)
+    logits_b = backend.forward(prompt, b.cache, positions)
+    assert (logits_a - logits_b).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_streaming_events_spell_the_answer(backend, method):
+    session = new_session(backend, method)
+    session.ingest(make_frames(3), [0.0, 1.0, 2.0])
+    events = list(session.ask_stream("Describe it.", max_new_tokens=6))
+    assert isinstance(events[-1], DoneEvent)
+    tokens = [e for e in events[:-1] if isinstance(e, TokenEvent)]
+    answer = events[-1].answer
+    assert [e.token_id for e in tokens] == list(answer.token_ids)
+    assert "".join(e.text for e in tokens).strip() == answer.text
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_asking_does_not_change_memory(backend, method):
+    session = new_session(backend, method)
+    session.ingest(make_frames(4), [0.0, 1.0, 2.0, 3.0])
+    before = session.stats()
+    first = session.ask("What?", max_new_tokens=3, output_logits=True)
+    second = session.ask("What?", max_new_tokens=3, output_logits=True)
+    assert session.stats() == before
+    assert torch.equal(first.first_logits, second.first_logits)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_input_is_rejected_and_loses_nothing(backend, method):
+    session = new_session(backend, method)
+    with pytest.raises(StreamError, match="no frames ingested"):
+        session.ask("What?")
+    session.ingest(make_frames(2), [0.0, 1.0])
+    with pytest.raises(StreamError, match="not after the stream time"):
+        session.ingest(make_frames(1), [1.0])
+    with pytest.raises(StreamError, match="strictly increasing"):
+        session.ingest(make_frames(2), [5.0, 4.0])
+    with pytest.raises(ValueError, match="2 values for 3 frames"):
+        session.ingest(make_frames(3), [6.0, 7.0])
+    with pytest.raises(ValueError, match="finite"):
+        session.ingest(make_frames(1), [float("nan")])
+    with pytest.raises(ValueError, match="uint8"):
+        session.ingest(make_frames(1).astype(np.float32), [9.0])
+    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        session.ingest(np.zeros((1, 8, 8), dtype=np.uint8), [9.0])
+    with pytest.raises(ValueError, match="must not be empty"):
+        session.ask("   ")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        session.ask("What?", max_new_tokens=0)
+    # Nothing of the rejected calls was stored.
+    assert session.frames_seen == 2 and session.time == 1.0
+    assert session.ask("What?", max_new_tokens=2).frames_seen == 2
+
+
+def test_unknown_method_and_bad_options(backend):
+    with pytest.raises(ValueError, match="unknown 'nope'"):
+        StreamSession(backend, "nope")
+    with pytest.raises(ValueError, match="num_frames"):
+        StreamSession(backend, "uniform", overrides={"num_frames": "many"})
+    with pytest.raises(ValueError, match="takes UniformConfig"):
+        create_memory("uniform", backend, config=object())
