@@ -50,18 +50,16 @@ def test_full_first_logits_equal_plain_forward(backend):
 
 
 @torch.inference_mode()
-def test_full_greedy_decoding_equals_generate(backend):
-    """Tokens and every step's logits of the session's decoding equal ``generate()``."""
-    frames = make_frames(4, seed=3)
-    max_new = 12
+def _decoding_error(backend, decode_backend, frames, max_new=12) -> tuple[float, list[int]]:
+    """Max |logit difference| over every decoding step between the session's cache decoded by
+    ``decode_backend`` and ``generate()`` on the plain model, and the number of steps compared.
+    Token mismatches count as an error of 1."""
     session = StreamSession(backend, "full")
-    session.ingest(frames, [0.0, 2.0, 4.0, 6.0])
-    answer = session.ask(QUESTION, max_new_tokens=max_new)
+    session.ingest(frames, np.arange(len(frames)) * 2.0)
     context = session.memory.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=session.time))
     prompt_ids = backend.tokenize(backend.prompts.render_question(QUESTION))
-    step_logits: list[torch.Tensor] = []
-    tokens = list(greedy_decode(backend, context.cache, prompt_ids, context.next_position, max_new, step_logits))
-
+    steps: list[torch.Tensor] = []
+    tokens = list(greedy_decode(decode_backend, context.cache, prompt_ids, context.next_position, max_new, steps))
     embeds = reference_embeddings(backend, frames, QUESTION)
     out = backend.model.generate(
         inputs_embeds=embeds,
@@ -73,11 +71,21 @@ def test_full_greedy_decoding_equals_generate(backend):
         output_logits=True,
         return_dict_in_generate=True,
     )
-    expected = out.sequences[0].tolist()
-    assert tokens == expected
+    if tokens != out.sequences[0].tolist():
+        return 1.0, tokens
+    errors = [(mine - theirs[0].float()).abs().max().item() for mine, theirs in zip(steps, out.logits, strict=True)]
+    return max(errors), tokens
+
+
+def test_full_greedy_decoding_equals_generate(backend):
+    """Tokens and every step's logits of the session's decoding equal ``generate()``."""
+    frames = make_frames(4, seed=3)
+    error, tokens = _decoding_error(backend, backend, frames)
     assert len(tokens) >= 4, "the check needs several decoding steps"
-    for mine, theirs in zip(step_logits, out.logits, strict=True):
-        assert (mine - theirs[0].float()).abs().max().item() < 1e-4
+    assert error < 1e-4
+    session = StreamSession(backend, "full")
+    session.ingest(frames, np.arange(4) * 2.0)
+    answer = session.ask(QUESTION, max_new_tokens=12)
     assert list(answer.token_ids) == [t for t in tokens if t not in backend.eos_token_ids]
 
 
@@ -124,3 +132,55 @@ def test_stored_cache_is_unchanged_by_asking(backend):
     second = session.ask(QUESTION, max_new_tokens=5, output_logits=True)
     assert torch.equal(first.first_logits, second.first_logits)
     assert first.token_ids == second.token_ids
+
+
+class _Sabotaged:
+    """A backend proxy with broken position plumbing, to show the comparisons above can fail."""
+
+    def __init__(self, inner, mode: str) -> None:
+        self._inner = inner
+        self._mode = mode
+        self._decode_position: int | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def forward(self, embeds, cache, position_ids, logits="last"):
+        if self._mode == "restart" and embeds.shape[1] > 1:
+            # Every prefill call starts again right after the system prompt.
+            position_ids = position_ids - position_ids[0, 0] + self._inner.system_cache()[1]
+        if self._mode == "frozen_decode" and embeds.shape[1] == 1:
+            self._decode_position = self._decode_position or int(position_ids[0, 0])
+            position_ids = torch.full_like(position_ids, self._decode_position)
+        return self._inner.forward(embeds, cache, position_ids, logits)
+
+
+@torch.inference_mode()
+def _max_error_against_generate(backend, frames, chunks, max_new=8) -> float:
+    answer = stream_answer(backend, frames, chunks, max_new_tokens=max_new)
+    embeds = reference_embeddings(backend, frames, QUESTION)
+    out = backend.model.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=sorted(backend.eos_token_ids),
+        pad_token_id=backend.tokenizer.pad_token_id,
+    )[0].tolist()
+    reference_first = backend.model(inputs_embeds=embeds).logits[0, -1].float()
+    first_error = (answer.first_logits - reference_first).abs().max().item()
+    tokens_differ = list(answer.token_ids) != [t for t in out if t not in backend.eos_token_ids][: len(out)]
+    return first_error + (1.0 if tokens_differ else 0.0)
+
+
+def test_reference_comparison_detects_restarted_prefill_positions(backend):
+    frames = make_frames(6, seed=9)
+    assert _max_error_against_generate(backend, frames, [3, 3]) < 1e-4
+    assert _max_error_against_generate(_Sabotaged(backend, "restart"), frames, [3, 3]) > 1e-3
+
+
+def test_reference_comparison_detects_frozen_decoding_positions(backend):
+    frames = make_frames(4, seed=3)
+    error, tokens = _decoding_error(backend, _Sabotaged(backend, "frozen_decode"), frames)
+    assert len(tokens) >= 3
+    assert error > 1e-3
