@@ -189,30 +189,6 @@ def reset_cuda_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-class EncodeTimer:
-    """Wraps ``backend.encode_frames`` (as an instance attribute) to time the vision part of ingest."""
-
-    def __init__(self, backend: LlavaOnevisionBackend) -> None:
-        self.backend = backend
-        self.encode = backend.encode_frames
-        self.seconds = 0.0
-
-    def __call__(self, frames):
-        synchronize(self.backend.device)
-        start = time.perf_counter()
-        out = self.encode(frames)
-        synchronize(self.backend.device)
-        self.seconds += time.perf_counter() - start
-        return out
-
-    def __enter__(self) -> EncodeTimer:
-        self.backend.encode_frames = self  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        del self.backend.encode_frames
-
-
 def random_frames(rng: np.random.Generator, count: int) -> np.ndarray:
     return rng.integers(0, 256, size=(count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
@@ -253,12 +229,11 @@ def time_method(backend: LlavaOnevisionBackend, method: str, frames: np.ndarray,
     timestamps = np.arange(n, dtype=np.float64) * FRAME_INTERVAL_S
     reset_cuda_peak(device)
 
-    with EncodeTimer(backend) as timer:
-        synchronize(device)
-        start = time.perf_counter()
-        session.ingest(frames, timestamps)
-        synchronize(device)
-        ingest_seconds = time.perf_counter() - start
+    synchronize(device)
+    start = time.perf_counter()
+    session.ingest(frames, timestamps)
+    synchronize(device)
+    ingest_seconds = time.perf_counter() - start
 
     synchronize(device)
     start = time.perf_counter()
@@ -268,20 +243,20 @@ def time_method(backend: LlavaOnevisionBackend, method: str, frames: np.ndarray,
 
     t = answer.timings
     answer_tokens = len(answer.token_ids)  # end-of-sequence tokens are not part of token_ids
-    eos = answer_tokens < max_new_tokens  # decoding stopped early, so the last generated token was EOS
-    generated = answer_tokens + int(eos)
+    eos = answer.stop_reason == "eos"
+    generated = answer.generated_tokens
     decode_steps = generated - 1  # one forward per token after the first
     visual_tokens = n * backend.tokens_per_frame
-    memory_seconds = ingest_seconds - timer.seconds
+    memory_seconds = t.memory
     # Language-model prefill of the visual tokens happens at ingest for full, at question time for uniform.
     prefill_seconds = memory_seconds if method == "full" else t.prepare
     return {
         "method": method,
         "frames": n,
         "ingest_seconds": ingest_seconds,
-        "ingest_vision_seconds": timer.seconds,
+        "ingest_vision_seconds": t.vision,
         "ingest_memory_seconds": memory_seconds,
-        "timings": {"encode": t.encode, "prepare": t.prepare, "first_token": t.first_token, "total": t.total},
+        "timings": t.to_dict(),
         "ask_wall_seconds": ask_seconds,
         "context_tokens": answer.context_tokens,
         "visual_tokens": visual_tokens,

@@ -33,7 +33,10 @@ def test_ingests_answers_and_reports(backend, method):
     assert 1 <= len(answer.token_ids) <= 4
     assert answer.context_tokens > 0 and answer.retrieved
     assert 0 <= answer.timings.prepare <= answer.timings.first_token <= answer.timings.total
-    assert answer.timings.encode > 0
+    assert answer.timings.vision > 0 and answer.timings.memory >= 0
+    assert answer.timings.encode == answer.timings.vision + answer.timings.memory
+    assert answer.generated_tokens >= len(answer.token_ids)
+    assert answer.stop_reason == ("length" if answer.generated_tokens == len(answer.token_ids) else "eos")
     stats = answer.memory
     assert isinstance(stats, MemoryStats) and stats.frames == 7
     assert stats.total_bytes > 0 and stats.total_tokens >= 7 * backend.tokens_per_frame

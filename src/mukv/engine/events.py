@@ -12,20 +12,32 @@ from mukv.memory.base import MemoryStats, RetrievedBlock
 
 @dataclass(frozen=True)
 class Timings:
-    """Seconds spent: ``encode`` (vision + ingest since the previous question), ``prepare``
-    (assembling the answering cache, including any fresh prefill), ``first_token`` (question
-    asked -> first token, prepare included) and ``total`` (question asked -> answer done)."""
+    """Seconds spent. Since the previous question: ``vision`` (vision tower, projector, pooling)
+    and ``memory`` (the method's ingest work, e.g. prefilling visual KV); ``encode`` is their sum.
+    For this question: ``prepare`` (assembling the answering cache, including any fresh prefill),
+    ``first_token`` (question asked -> first token, prepare included) and ``total`` (question
+    asked -> answer done). On CUDA the clock is read after synchronising the device."""
 
-    encode: float
+    vision: float
+    memory: float
     prepare: float
     first_token: float
     total: float
+
+    @property
+    def encode(self) -> float:
+        return self.vision + self.memory
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "encode": self.encode}
 
 
 @dataclass(frozen=True)
 class Answer:
     """One answered question.
 
+    ``stop_reason`` is ``"eos"`` when the model ended the answer, ``"length"`` when
+    ``max_new_tokens`` cut it. ``generated_tokens`` counts every decoded token, EOS included.
     ``first_logits`` (float32 ``[V]``, the distribution of the first answer token) is kept only
     when asked for, since it is as large as the vocabulary.
     """
@@ -41,6 +53,8 @@ class Answer:
     retrieved: tuple[RetrievedBlock, ...]
     memory: MemoryStats
     method: str
+    stop_reason: str
+    generated_tokens: int
     first_logits: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,10 +67,12 @@ class Answer:
             "time": self.time,
             "frames_seen": self.frames_seen,
             "context_tokens": self.context_tokens,
-            "timings": asdict(self.timings),
+            "timings": self.timings.to_dict(),
             "retrieved": [b.to_dict() for b in self.retrieved],
             "memory": self.memory.to_dict(),
             "method": self.method,
+            "stop_reason": self.stop_reason,
+            "generated_tokens": self.generated_tokens,
         }
 
 

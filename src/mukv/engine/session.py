@@ -56,7 +56,8 @@ class StreamSession:
         self.config = config or SessionConfig()
         self._lock = threading.RLock()
         self._time: float | None = None
-        self._encode_seconds = 0.0
+        self._vision_seconds = 0.0
+        self._memory_seconds = 0.0
 
     @property
     def time(self) -> float | None:
@@ -66,6 +67,12 @@ class StreamSession:
     @property
     def frames_seen(self) -> int:
         return self.memory.frames
+
+    def _clock(self) -> float:
+        """``perf_counter`` after the device has finished queued work (CUDA is asynchronous)."""
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+        return time.perf_counter()
 
     def stats(self) -> MemoryStats:
         with self._lock:
@@ -89,10 +96,12 @@ class StreamSession:
                 raise StreamError(
                     f"timestamps: frame at {times[0]:.3f}s is not after the stream time {self._time:.3f}s"
                 )
-            start = time.perf_counter()
+            start = self._clock()
             features = self.backend.encode_frames(tensor)
+            encoded = self._clock()
             self.memory.ingest(features, times)
-            self._encode_seconds += time.perf_counter() - start
+            self._vision_seconds += encoded - start
+            self._memory_seconds += self._clock() - encoded
             self._time = float(times[-1])
         return int(tensor.shape[0])
 
@@ -153,10 +162,10 @@ class StreamSession:
         with self._lock:
             if self._time is None:
                 raise StreamError("no frames ingested yet: ingest video before asking")
-            started = time.perf_counter()
+            started = self._clock()
             query = Query(text=question, ids=self.backend.tokenize(question), time=self._time)
             context = self.memory.prepare(query)
-            prepared = time.perf_counter()
+            prepared = self._clock()
             logits: list[torch.Tensor] = []
             decoder = IncrementalDecoder(self.backend)
             tokens: list[int] = []
@@ -173,7 +182,7 @@ class StreamSession:
                 if output_logits and len(logits) > 1:
                     del logits[1:]  # only the first token's distribution is kept
                 if first_token is None:
-                    first_token = time.perf_counter()
+                    first_token = time.perf_counter()  # argmax -> int already waited for the device
                 tokens.append(token)
                 if token in self.backend.eos_token_ids:
                     break
@@ -183,7 +192,7 @@ class StreamSession:
                 pending = token
             if pending is not None:
                 yield TokenEvent(pending, decoder.push(pending) + decoder.flush())
-            finished = time.perf_counter()
+            finished = self._clock()
             answer_ids = [t for t in tokens if t not in self.backend.eos_token_ids]
             answer = Answer(
                 question=question,
@@ -194,7 +203,8 @@ class StreamSession:
                 frames_seen=self.memory.frames_until(self._time),
                 context_tokens=context.context_tokens,
                 timings=Timings(
-                    encode=self._encode_seconds,
+                    vision=self._vision_seconds,
+                    memory=self._memory_seconds,
                     prepare=prepared - started,
                     first_token=(first_token or finished) - started,
                     total=finished - started,
@@ -202,7 +212,9 @@ class StreamSession:
                 retrieved=context.retrieved,
                 memory=self.memory.stats(),
                 method=self.memory.name,
+                stop_reason="eos" if tokens and tokens[-1] in self.backend.eos_token_ids else "length",
+                generated_tokens=len(tokens),
                 first_logits=logits[0] if logits else None,
             )
-            self._encode_seconds = 0.0
+            self._vision_seconds = self._memory_seconds = 0.0
         yield DoneEvent(answer)
