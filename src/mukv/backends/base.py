@@ -7,6 +7,7 @@ Memory methods and the engine only talk to this protocol, never to model classes
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -82,4 +83,14 @@ class Backend(Protocol):
 
     def system_cache(self) -> tuple[DynamicCache, int]:
         """A fresh cache holding the system prompt's KV, and its length in tokens."""
+        ...
+
+    @property
+    def rope_inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies ``[D/2]`` (raises ``ValueError`` if keys cannot be re-rotated)."""
+        ...
+
+    def capture_attention(self, weights: dict[int, float], query_layer: int | None = None) -> AbstractContextManager:
+        """Context manager: forwards inside record the attention of layers ``weights`` (see
+        :class:`mukv.compress.attention.AttentionCapture`), and ``query_layer``'s queries."""
         ...

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache, LlavaOnevision
 
 from mukv.backends.base import Logits, TextModelSpec
 from mukv.backends.prompts import PromptTemplate
+from mukv.compress.attention import capture_attention
 from mukv.config import BackendConfig
 from mukv.errors import ModelLoadError
 from mukv.video.preprocess import PREPROCESSOR_FILES, FramePreprocessor, as_frames
@@ -216,6 +217,18 @@ class LlavaOnevisionBackend:
             return None
         hidden = out.last_hidden_state if logits == "all" else out.last_hidden_state[:, -1:]
         return self.model.lm_head(hidden).float()
+
+    @property
+    def rope_inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies ``[D/2]`` of the language model (for exact key re-rotation)."""
+        rotary = self._lm.rotary_emb
+        if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+            raise ValueError("this model's RoPE scales attention, so cached keys cannot be re-rotated exactly")
+        return rotary.inv_freq
+
+    def capture_attention(self, weights: dict[int, float], query_layer: int | None = None):
+        """Context manager recording the named layers' attention (see :mod:`mukv.compress.attention`)."""
+        return capture_attention(self.model, weights, query_layer)
 
     def system_cache(self) -> tuple[DynamicCache, int]:
         """A fresh cache holding the system prompt's KV (computed once, copied per call)."""

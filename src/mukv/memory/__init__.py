@@ -16,3 +16,4 @@ __all__ = [
     "method_config",
     "register_method",
 ]
+from mukv.memory import mukv as _mukv  # noqa: F401  (registers mukv)

@@ -1,0 +1,123 @@
+"""Attention of chosen layers, without switching the model to eager attention.
+
+A custom attention function is registered with transformers' ``AttentionInterface`` (and the
+sdpa mask with ``AttentionMaskInterface``, without which chunked prefill loses causality). It
+runs ordinary sdpa for every layer and, for the layers being scored only, also computes that
+layer's softmax probabilities from the post-RoPE queries and cached keys it receives. No other
+layer's map is materialised.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "mukv_scored_sdpa"
+_ACTIVE: ContextVar[AttentionCapture | None] = ContextVar("mukv_attention_capture", default=None)
+_REGISTERED = threading.Lock()
+_registered = False
+
+
+@dataclass
+class AttentionCapture:
+    """Collects head-averaged attention probabilities of the layers in ``weights``.
+
+    After a forward pass, ``probs`` is ``sum_l w_l * mean_h softmax(q k^T)`` with shape
+    ``[B, n_queries, n_keys]`` (float32; keys include every cached key, e.g. the system prompt).
+    If ``query_layer`` is set, ``queries`` holds that layer's post-RoPE queries ``[B, H, n, D]``.
+    """
+
+    weights: dict[int, float]
+    query_layer: int | None = None
+    probs: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    _seen: set[int] = field(default_factory=set)
+
+    def reset(self) -> None:
+        self.probs = None
+        self.queries = None
+        self._seen.clear()
+
+    def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float):
+        if layer == self.query_layer:
+            self.queries = query.detach().float()
+        weight = self.weights.get(layer)
+        if weight is None:
+            return
+        q = query.float()
+        k = repeat_kv(key, q.shape[1] // key.shape[1]).float()
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        n, total = scores.shape[-2:]
+        if mask is None:
+            # No mask means plain causal attention aligned to the end of the keys.
+            allowed = torch.ones(n, total, dtype=torch.bool, device=scores.device).tril(total - n)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        elif mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+        probs = torch.softmax(scores, dim=-1).mean(dim=1) * weight
+        self.probs = probs if self.probs is None else self.probs + probs
+        self._seen.add(layer)
+
+    def complete(self) -> bool:
+        return self._seen >= set(self.weights)
+
+
+def _scored_sdpa(module, query, key, value, attention_mask, **kwargs):
+    capture = _ACTIVE.get()
+    if capture is not None:
+        capture.record(module.layer_idx, query, key, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    global _registered
+    with _REGISTERED:
+        if not _registered:
+            AttentionInterface.register(ATTENTION_NAME, _scored_sdpa)
+            AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+            _registered = True
+
+
+@contextmanager
+def capture_attention(model, weights: dict[int, float], query_layer: int | None = None) -> Iterator[AttentionCapture]:
+    """Within the block, forwards of ``model``'s language model record ``weights``' layers.
+
+    The model's text attention implementation is switched to the scoring sdpa and restored in
+    ``finally``, whatever happens inside.
+    """
+    _register()
+    text_config = model.config.get_text_config()
+    previous = text_config._attn_implementation
+    capture = AttentionCapture(weights=dict(weights), query_layer=query_layer)
+    model.set_attn_implementation({"text_config": ATTENTION_NAME})
+    token = _ACTIVE.set(capture)
+    try:
+        yield capture
+    finally:
+        _ACTIVE.reset(token)
+        model.set_attn_implementation({"text_config": previous})
+
+
+def scored_layers(choice: str, num_layers: int) -> dict[int, float]:
+    """Layer weights for an attention-layer option (method.md section 3)."""
+    if choice == "last":
+        return {num_layers - 1: 1.0}
+    if choice == "second_last":
+        return {num_layers - 2: 1.0}
+    if choice == "middle":
+        return {num_layers // 2: 1.0}
+    if choice == "weighted_last5":
+        if num_layers < 5:
+            raise ValueError(f"attention_layer: weighted_last5 needs >= 5 layers, the model has {num_layers}")
+        return dict(zip(range(num_layers - 5, num_layers), (0.1, 0.15, 0.2, 0.25, 0.3), strict=True))
+    raise ValueError(f"attention_layer: unknown {choice!r}")
