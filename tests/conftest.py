@@ -59,3 +59,31 @@ def make_frames(n: int, height: int = 96, width: int = 128, seed: int = 0) -> np
 @pytest.fixture
 def frames() -> np.ndarray:
     return make_frames(6)
+
+
+@pytest.fixture(scope="session")
+def backend_196(backend):
+    """The tiny language model behind the real 384 px vision geometry: 196 tokens per frame."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    from mukv.backends.llava_onevision import LlavaOnevisionBackend
+    from mukv.video.preprocess import FramePreprocessor
+
+    tiny = backend.model.config
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=384, patch_size=14
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=tiny.text_config,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_token_index=tiny.image_token_index,
+        video_token_index=tiny.video_token_index,
+    )
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    # Same language model weights as the tiny backend, so answers are comparable.
+    model.model.language_model.load_state_dict(backend.model.model.language_model.state_dict())
+    model.lm_head.load_state_dict(backend.model.lm_head.state_dict())
+    return LlavaOnevisionBackend(model.eval(), backend.tokenizer, FramePreprocessor(size=384), model_id="geometry-384")

@@ -31,6 +31,9 @@ FpsOption = Annotated[float, typer.Option("--fps", help="Frames sampled per seco
 NpyFpsOption = Annotated[float | None, typer.Option("--npy-fps", help="Frame rate of an .npy frame array.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
+PresetOption = Annotated[
+    str | None, typer.Option("--preset", help="Method preset, e.g. paper or release for mukv (default: its default).")
+]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Method option KEY=VALUE (repeatable), e.g. num_frames=16.")
 ]
@@ -61,13 +64,15 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _open_session(model: str, method: str, device: str, dtype: str, assignments: list[str] | None):
+def _open_session(
+    model: str, method: str, device: str, dtype: str, assignments: list[str] | None, preset: str | None = None
+):
     from mukv.backends import load_backend
     from mukv.config import parse_assignments
     from mukv.engine import StreamSession
     from mukv.memory import method_config
 
-    config = method_config(method, parse_assignments(assignments))  # validate before loading the model
+    config = method_config(method, parse_assignments(assignments), preset)  # validate before loading the model
     typer.secho(f"loading {model} on {device} ...", err=True, dim=True)
     backend = load_backend(model, device=device, dtype=dtype)
     return StreamSession(backend, method, method_config=config)
@@ -116,6 +121,7 @@ def ask(
     npy_fps: NpyFpsOption = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "auto",
+    preset: PresetOption = None,
     set_: SetOption = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit in tokens.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record per answer.")] = False,
@@ -128,7 +134,7 @@ def ask(
     if at is not None and at < 0:
         raise ValueError(f"--at: must be >= 0 seconds, got {at}")
     source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
-    session = _open_session(model, method, device, dtype, set_)
+    session = _open_session(model, method, device, dtype, set_, preset)
     _ingest_with_progress(session, source, at, fps)
     for text in questions:
         _print_answer(session.ask(text, choice, max_new_tokens=max_new_tokens), as_json)
@@ -144,6 +150,7 @@ def chat(
     npy_fps: NpyFpsOption = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "auto",
+    preset: PresetOption = None,
     set_: SetOption = None,
     speed: Annotated[float, typer.Option(help="Stream playback speed (1 = real time).")] = 1.0,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit in tokens.")] = None,
@@ -157,7 +164,7 @@ def chat(
     if speed <= 0:
         raise ValueError(f"--speed: must be > 0, got {speed}")
     source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
-    session = _open_session(model, method, device, dtype, set_)
+    session = _open_session(model, method, device, dtype, set_, preset)
     stop = threading.Event()
     failure: list[BaseException] = []
     started = time.monotonic()
@@ -242,12 +249,22 @@ def methods() -> None:
     """List the memory methods and their options."""
     import dataclasses
 
-    from mukv.memory import available_methods, method_config
+    from mukv.memory import available_methods, method_config, method_presets
+
+    def flat(config: object, prefix: str = "") -> list[str]:
+        items = []
+        for f in dataclasses.fields(config):  # type: ignore[arg-type]
+            value = getattr(config, f.name)
+            if dataclasses.is_dataclass(value):
+                items.extend(flat(value, f"{prefix}{f.name}."))
+            else:
+                items.append(f"{prefix}{f.name}={value!r}")
+        return items
 
     for name in available_methods():
-        config = method_config(name)
-        options = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
-        typer.echo(f"{name}: {options}")
+        presets = method_presets(name)
+        typer.echo(f"{name}" + (f" (presets: {', '.join(presets)})" if presets else ""))
+        typer.echo("    " + ", ".join(flat(method_config(name))))
 
 
 @app.command()

@@ -74,6 +74,18 @@ def test_ask_uniform_with_options_and_choices(video, model_dir):
     assert "uniform: " in result.stdout and "A: " in result.stdout
 
 
+def test_ask_mukv_with_preset_and_overrides(video, model_dir):
+    result = mukv(
+        "ask", str(video), "-q", "What colour?", "--model", str(model_dir), "--method", "mukv",
+        "--preset", "paper", "--set", "keep_ratio.patch=0.5", "--set", "encode=shared", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["method"] == "mukv" and record["frames_seen"] == 12
+    assert {b["granularity"] for b in record["retrieved"]} == {"patch", "frame", "segment"}
+    assert all(b["score"] is not None for b in record["retrieved"])
+
+
 def test_ask_npy_needs_and_uses_a_frame_rate(tmp_path, model_dir):
     array = np.random.default_rng(0).integers(0, 256, (20, 48, 64, 3), dtype=np.uint8)
     path = tmp_path / "clip.npy"
@@ -96,6 +108,9 @@ def test_ask_npy_needs_and_uses_a_frame_rate(tmp_path, model_dir):
         (["ask", "{video}", "-q", "What?", "--fps", "0"], "sample_fps"),
         (["ask", "{video}", "-q", "What?", "--at", "-1"], "--at"),
         (["ask", "{video}", "-q", "What?", "--dtype", "int4"], "dtype"),
+        (["ask", "{video}", "-q", "What?", "--method", "mukv", "--preset", "best"], "no preset 'best'"),
+        (["ask", "{video}", "-q", "What?", "--method", "mukv", "--set", "keep_ratio.patch=2"], "keep_ratio.patch"),
+        (["ask", "{video}", "-q", "What?", "--method", "mukv", "--set", "order=random"], "order: must be one of"),
     ],
 )
 def test_bad_input_gives_one_line_errors(tmp_path, video, model_dir, args, message):
@@ -130,7 +145,9 @@ def test_chat_answers_typed_questions_while_streaming(video, model_dir):
 def test_methods_lists_options():
     result = mukv("methods")
     assert result.returncode == 0
-    assert "uniform: num_frames=32" in result.stdout
+    assert "num_frames=32" in result.stdout
+    assert "mukv (presets: paper, release)" in result.stdout
+    assert "keep_ratio.patch=0.1" in result.stdout
 
 
 def test_demo_runs_offline(tmp_path):

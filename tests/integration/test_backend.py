@@ -22,29 +22,10 @@ def test_tiny_model_has_16_tokens_per_frame_from_its_config(backend):
     assert backend.device.type == "cpu" and backend.dtype == torch.float32
 
 
-def test_real_384px_geometry_gives_196_tokens_per_frame(backend):
+def test_real_384px_geometry_gives_196_tokens_per_frame(backend_196):
     """The 0.5B/7B vision geometry (384 px, patch 14: 27x27 patches pooled to 14x14), narrow widths."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
-
-    from mukv.backends.llava_onevision import LlavaOnevisionBackend
-    from mukv.video.preprocess import FramePreprocessor
-
-    tiny = backend.model.config
-    vision = SiglipVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=384, patch_size=14
-    )
-    config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=tiny.text_config,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        image_token_index=tiny.image_token_index,
-        video_token_index=tiny.video_token_index,
-    )
-    model = LlavaOnevisionForConditionalGeneration(config)
-    wide = LlavaOnevisionBackend(model, backend.tokenizer, FramePreprocessor(size=384), model_id="geometry")
-    assert wide.tokens_per_frame == 196
-    assert wide.encode_frames(make_frames(2, height=240, width=320)).shape == (2, 196, backend.text.hidden_size)
+    assert backend_196.tokens_per_frame == 196
+    assert backend_196.encode_frames(make_frames(2, height=240, width=320)).shape == (2, 196, 64)
 
 
 def test_tiny_model_build_is_deterministic(tmp_path):

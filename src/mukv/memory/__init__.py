@@ -1,8 +1,16 @@
 """Memory methods behind one interface; importing this package registers the built-in ones."""
 
 from mukv.memory import baselines as _baselines  # noqa: F401  (registers full, uniform)
+from mukv.memory import mukv as _mukv  # noqa: F401  (registers mukv)
 from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
-from mukv.memory.registry import available_methods, create_memory, method_class, method_config, register_method
+from mukv.memory.registry import (
+    available_methods,
+    create_memory,
+    method_class,
+    method_config,
+    method_presets,
+    register_method,
+)
 
 __all__ = [
     "AnswerContext",
@@ -14,6 +22,6 @@ __all__ = [
     "create_memory",
     "method_class",
     "method_config",
+    "method_presets",
     "register_method",
 ]
-from mukv.memory import mukv as _mukv  # noqa: F401  (registers mukv)

@@ -33,9 +33,23 @@ def method_class(name: str) -> type[MemoryMethod]:
         raise ValueError(f"method: unknown {name!r}; available: {', '.join(available_methods())}") from None
 
 
-def method_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
-    """The default config of method ``name`` with ``overrides`` (dotted keys, typed or strings)."""
-    config = method_class(name).config_class()
+def method_presets(name: str) -> list[str]:
+    """Preset names of method ``name`` (empty if it has none)."""
+    return sorted(getattr(method_class(name), "presets", {}))
+
+
+def method_config(name: str, overrides: Mapping[str, Any] | None = None, preset: str | None = None) -> Any:
+    """The config of method ``name``: its default (or ``preset``) with ``overrides`` applied
+    (dotted keys, typed values or strings)."""
+    cls = method_class(name)
+    if preset is None:
+        config = cls.config_class()
+    else:
+        presets = getattr(cls, "presets", {})
+        if preset not in presets:
+            valid = ", ".join(sorted(presets)) or "none"
+            raise ValueError(f"preset: method {name!r} has no preset {preset!r} (presets: {valid})")
+        config = presets[preset]()
     return apply_overrides(config, overrides) if overrides else config
 
 
@@ -44,7 +58,6 @@ def create_memory(
 ) -> MemoryMethod:
     """Instantiate method ``name`` on ``backend`` with ``config`` (default) plus ``overrides``."""
     cls = method_class(name)
-    config = config if config is not None else cls.config_class()
-    if overrides:
-        config = apply_overrides(config, overrides)
-    return cls(backend, config)
+    if config is None:
+        return cls(backend, method_config(name, overrides))
+    return cls(backend, apply_overrides(config, overrides) if overrides else config)
