@@ -10,8 +10,7 @@ prompt, and the question is answered from that cache.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,46 +28,59 @@ from mukv.compress.scorers import (
 from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore
 from mukv.kv.rope import rerotate
 from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
+from mukv.memory.granularity import GranularitySpec, mukv_specs, part_indices, patch_token_indices
 from mukv.memory.mukv_config import GRANULARITIES, PRESETS, MukvConfig
 from mukv.memory.registry import register_method
 from mukv.retrieve.ranking import retrieve
+
+__all__ = ["MukvMemory", "patch_token_indices"]
 
 _GROUP_ORDER = {"patch": 0, "frame": 1, "segment": 2}  # reference assembly order
 _COARSE_FIRST = {"segment": 0, "frame": 1, "patch": 2}  # temporal order among blocks starting together
 
 
-def patch_token_indices(tokens_per_frame: int, layout: str) -> list[torch.Tensor]:
-    """Token indices of a frame's four patch blocks, ``P/4`` each where ``P`` divides evenly.
-
-    ``raster``: four consecutive runs in row-major order. ``quadrant``: the 2x2 spatial quadrants
-    of the square token grid (top-left, top-right, bottom-left, bottom-right), row-major inside.
-    """
-    if layout == "raster":
-        return list(torch.arange(tokens_per_frame).tensor_split(4))
-    side = math.isqrt(tokens_per_frame)
-    if side * side != tokens_per_frame:
-        raise ValueError(f"patch_layout: quadrant needs a square token grid, got {tokens_per_frame} tokens")
-    half = (side + 1) // 2
-    grid = torch.arange(tokens_per_frame).reshape(side, side)
-    return [
-        grid[rows, cols].reshape(-1)
-        for rows in (slice(0, half), slice(half, side))
-        for cols in (slice(0, half), slice(half, side))
-    ]
-
-
 @dataclass
 class _Scored:
-    """A block ready to store: ``kv [L, 2, Hkv, n, D]`` before pruning, ``positions [n]``."""
+    """A block ready to prune: ``kv [L, 2, Hkv, n, D]``, key ``positions [n]``, raw attention ``[n]``."""
 
     kv: torch.Tensor
     positions: torch.Tensor
     attention: torch.Tensor
 
 
+@dataclass
+class _Group:
+    """The frames collected so far for one granularity's next group of blocks."""
+
+    spec: GranularitySpec
+    frames: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    features: list[torch.Tensor] = field(default_factory=list)  # [P, d] per frame (independent encoding)
+    colsums: list[torch.Tensor] = field(default_factory=list)  # per part: attention sums so far (shared)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.frames) == self.spec.frames
+
+
+@dataclass
+class _Pending:
+    """A block to prefill on its own (independent encoding): ``embeds [n, d]``."""
+
+    group: _Group
+    part: int
+    embeds: torch.Tensor
+
+
 @register_method
 class MukvMemory(MemoryMethod):
-    """The MuKV memory (see the module docstring); options in :class:`MukvConfig`."""
+    """The MuKV memory (see the module docstring); options in :class:`MukvConfig`.
+
+    Every granularity is a :class:`GranularitySpec`; frames are added to each granularity's
+    open group, and a group's blocks are encoded, scored, pruned and stored when it completes.
+    A group still open at question time (a partial segment) is stored as provisional blocks,
+    replaced once more frames arrive: no frame is ever missing from any granularity.
+    """
 
     name = "mukv"
     config_class = MukvConfig
@@ -77,55 +89,76 @@ class MukvMemory(MemoryMethod):
     def __init__(self, backend, config: MukvConfig | None = None) -> None:
         super().__init__(backend, config)
         cfg = self.config
+        self.specs = tuple(spec for spec in mukv_specs(cfg.segment_frames) if cfg.granularities.get(spec.name))
         self.store = BlockStore(pin_memory=backend.device.type == "cuda")
         cache, self._init_len = backend.system_cache()
         self._init = [(layer.keys, layer.values) for layer in cache.layers]
         self._layers = scored_layers(cfg.attention_layer, backend.text.num_layers)
-        self._patches = [p.to(backend.device) for p in patch_token_indices(backend.tokens_per_frame, cfg.patch_layout)]
         self._frequency = FREQUENCY_SCORERS[cfg.frequency]
-        # The segment being filled: its frames' indices and times, their visual tokens (independent
-        # encoding prefills the segment block from them) or its running prefill (shared encoding).
-        self._segment_frames: list[int] = []
-        self._segment_times: list[float] = []
-        self._segment_features: list[torch.Tensor] = []
-        self._segment_cache: DynamicCache | None = None
-        self._segment_colsum: torch.Tensor | None = None
-        self._provisional: BlockRecord | None = None
+        p = backend.tokens_per_frame
+        self._parts = {
+            spec.name: [idx.to(backend.device) for idx in part_indices(p, spec.parts, cfg.patch_layout)]
+            for spec in self.specs
+        }
+        self._open = {spec.name: _Group(spec) for spec in self.specs}
+        # Shared encoding prefills each run of `_unit` frames once; every group must fit in a run.
+        self._unit = max(spec.frames for spec in self.specs)
+        if any(self._unit % spec.frames for spec in self.specs):
+            raise ValueError(f"segment_frames: every granularity's frames must divide {self._unit}")
+        self._shared_cache: DynamicCache | None = None
+        self._shared_first = 0
+        self._provisional: list[int] = []
 
     # ------------------------------------------------------------------ encoding
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
+        for block_id in self._provisional:
+            self.store.remove(block_id)
+        self._provisional = []
         start = self.frames
         times = [float(t) for t in timestamps]
+        features = features.to(self.backend.device)
         if self.config.encode == "independent":
-            self._encode_frames_independent(features, start, times)
+            self._ingest_independent(features, start, times)
+            return
         offset = 0
-        f = self.config.segment_frames
         while offset < features.shape[0]:
             index = start + offset
-            take = min(features.shape[0] - offset, f - index % f)
-            self._extend_segment(features[offset : offset + take], index, times[offset : offset + take])
-            self._complete_segments()
+            take = min(features.shape[0] - offset, self._unit - index % self._unit)
+            self._prefill_shared(features[offset : offset + take], index, times[offset : offset + take])
             offset += take
 
-    def _extend_segment(self, features: torch.Tensor, first: int, times: list[float]) -> None:
-        if self._provisional is not None:
-            self.store.remove(self._provisional.block_id)
-            self._provisional = None
-        self._segment_frames.extend(range(first, first + features.shape[0]))
-        self._segment_times.extend(times)
-        if self.config.encode == "independent":
-            if self.config.granularities.segment:
-                self._segment_features.append(features.detach())
-        else:
-            self._prefill_shared(features, first, times)
+    def _ingest_independent(self, features: torch.Tensor, start: int, times: list[float]) -> None:
+        pending: list[_Pending] = []
+        for i in range(features.shape[0]):
+            for spec in self.specs:
+                group = self._open[spec.name]
+                group.frames.append(start + i)
+                group.times.append(times[i])
+                group.features.append(features[i].detach())
+                if group.complete:
+                    pending.extend(self._pending_blocks(group))
+                    self._open[spec.name] = _Group(spec)
+        self._encode_pending(pending, provisional=False)
 
-    def _complete_segments(self) -> None:
-        if len(self._segment_frames) == self.config.segment_frames:
-            self._store_segment(provisional=False)
-            self._segment_frames, self._segment_times, self._segment_features = [], [], []
-            self._segment_cache = None
-            self._segment_colsum = None
+    def _pending_blocks(self, group: _Group) -> list[_Pending]:
+        frames = torch.stack(group.features)  # [G, P, d]
+        return [
+            _Pending(group, part, frames[:, idx].reshape(-1, frames.shape[-1]))
+            for part, idx in enumerate(self._parts[group.spec.name])
+        ]
+
+    def _encode_pending(self, pending: list[_Pending], *, provisional: bool) -> None:
+        """Prefill ``pending`` blocks independently, batching blocks of equal length, and store them."""
+        by_length: dict[int, list[int]] = {}
+        for i, block in enumerate(pending):
+            by_length.setdefault(block.embeds.shape[0], []).append(i)
+        scored: dict[int, _Scored] = {}
+        for indices in by_length.values():
+            blocks = self._independent_blocks(torch.stack([pending[i].embeds for i in indices]))
+            scored.update(zip(indices, blocks, strict=True))
+        for i, block in enumerate(pending):
+            self._store_group_block(block.group, block.part, scored[i], provisional=provisional)
 
     def _batched_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill ``embeds [B, n, d]`` as ``B`` independent blocks after the system prompt.
@@ -137,12 +170,9 @@ class MukvMemory(MemoryMethod):
         positions = torch.arange(self._init_len, self._init_len + n, device=self.backend.device).expand(b, n)
         with self.backend.capture_attention(self._layers) as capture:
             self.backend.forward(embeds, cache, positions, logits="none")
+        init = self._init_len
         kv = torch.stack(
-            [
-                torch.stack((layer.keys[:, :, self._init_len :], layer.values[:, :, self._init_len :]), 1)
-                for layer in cache.layers
-            ],
-            dim=1,
+            [torch.stack((layer.keys[:, :, init:], layer.values[:, :, init:]), 1) for layer in cache.layers], dim=1
         )
         return kv, capture.probs
 
@@ -152,103 +182,92 @@ class MukvMemory(MemoryMethod):
         n = embeds.shape[1]
         rows = torch.arange(n, device=self.backend.device)
         cols = rows + self._init_len
-        positions = cols.clone()
         for start in range(0, embeds.shape[0], self.config.encode_batch_blocks):
             kv, probs = self._batched_prefill(embeds[start : start + self.config.encode_batch_blocks])
             for b in range(kv.shape[0]):
                 attention = attention_importance(
                     probs[b], rows, cols, past=self._init_len, causal_correction=self.config.causal_correction
                 )
-                out.append(_Scored(kv[b], positions, attention))
+                out.append(_Scored(kv[b], cols.clone(), attention))
         return out
 
-    def _encode_frames_independent(self, features: torch.Tensor, start: int, times: list[float]) -> None:
-        features = features.to(self.backend.device)
-        if self.config.granularities.frame:
-            for i, block in enumerate(self._independent_blocks(features)):
-                self._store("frame", block, start + i, start + i, 0, times[i], times[i])
-        if self.config.granularities.patch:
-            patches = torch.stack([features[:, idx] for idx in self._patches], dim=1)  # [T, 4, P/4, d]
-            if len({len(idx) for idx in self._patches}) == 1:
-                blocks = self._independent_blocks(patches.reshape(-1, patches.shape[2], patches.shape[3]))
-            else:  # uneven quarters (P not divisible by 4): one batch per quarter size
-                blocks = [
-                    b
-                    for t in range(features.shape[0])
-                    for idx in self._patches
-                    for b in self._independent_blocks(features[t : t + 1, idx])
-                ]
-            for j, block in enumerate(blocks):
-                frame = j // len(self._patches)
-                self._store(
-                    "patch", block, start + frame, start + frame, j % len(self._patches), times[frame], times[frame]
-                )
-
     def _prefill_shared(self, features: torch.Tensor, first: int, times: list[float]) -> None:
-        """Extend the segment's single prefill by ``features [m, P, d]``; store their frame and
-        patch blocks sliced from it."""
+        """Extend the current run's single prefill by ``features [m, P, d]``; every group's
+        blocks take their KV from it, and their attention sums grow with each new query row."""
         p = self.backend.tokens_per_frame
-        if self._segment_cache is None:
-            self._segment_cache = DynamicCache(ddp_cache_data=self._init)
-            self._segment_colsum = torch.zeros(0, device=self.backend.device)
-        past = self._segment_cache.get_seq_length()
+        if first % self._unit == 0 or self._shared_cache is None:
+            self._shared_cache = DynamicCache(ddp_cache_data=self._init)
+            self._shared_first = first
+        cache = self._shared_cache
+        past = cache.get_seq_length()
         m = features.shape[0]
-        embeds = features.to(self.backend.device).reshape(1, m * p, -1)
         positions = torch.arange(past, past + m * p, device=self.backend.device).unsqueeze(0)
         with self.backend.capture_attention(self._layers) as capture:
-            self.backend.forward(embeds, self._segment_cache, positions, logits="none")
-        probs = capture.probs[0]  # [m*P, past + m*P]
-        assert self._segment_colsum is not None
-        colsum = torch.zeros(past + m * p - self._init_len, device=self.backend.device)
-        colsum[: self._segment_colsum.shape[0]] = self._segment_colsum
-        self._segment_colsum = colsum + probs[:, self._init_len :].sum(dim=0)
-        layers = self._segment_cache.layers
+            self.backend.forward(features.reshape(1, m * p, -1), cache, positions, logits="none")
+        probs = capture.probs[0]  # [m*P, past + m*P]: row r is the query at key index past + r
         for a in range(m):
             frame = first + a
-            rows = torch.arange(a * p, (a + 1) * p, device=self.backend.device)
-            pieces = []
-            if self.config.granularities.frame:
-                pieces.append(("frame", 0, rows))
-            if self.config.granularities.patch:
-                pieces.extend(("patch", j, rows[idx]) for j, idx in enumerate(self._patches))
-            for granularity, part, sub_rows in pieces:
-                cols = sub_rows + past
-                kv = torch.stack([torch.stack((layer.keys[0][:, cols], layer.values[0][:, cols])) for layer in layers])
-                attention = attention_importance(
-                    probs, sub_rows, cols, past=past, causal_correction=self.config.causal_correction
-                )
-                self._store(granularity, _Scored(kv, cols.clone(), attention), frame, frame, part, times[a], times[a])
+            for spec in self.specs:
+                group = self._open[spec.name]
+                group.frames.append(frame)
+                group.times.append(times[a])
+                cols = self._shared_columns(group)
+                for part, idx in enumerate(self._parts[spec.name]):
+                    added = probs[a * p + idx][:, cols[part]].sum(dim=0)
+                    previous = group.colsums[part] if part < len(group.colsums) else added[:0]
+                    total = torch.cat((previous, torch.zeros_like(added[previous.shape[0] :]))) + added
+                    if part < len(group.colsums):
+                        group.colsums[part] = total
+                    else:
+                        group.colsums.append(total)
+                if group.complete:
+                    self._store_shared_group(group, provisional=False)
+                    self._open[spec.name] = _Group(spec)
+        if (first + m) % self._unit == 0:
+            self._shared_cache = None
 
-    def _segment_block(self) -> _Scored:
-        """The (possibly partial) current segment as one block."""
-        if self.config.encode == "independent":
-            features = torch.cat(self._segment_features).to(self.backend.device)
-            return self._independent_blocks(features.reshape(1, -1, features.shape[-1]))[0]
-        assert self._segment_cache is not None and self._segment_colsum is not None
-        n = self._segment_colsum.shape[0]
-        cols = torch.arange(self._init_len, self._init_len + n, device=self.backend.device)
-        layers = self._segment_cache.layers
-        kv = torch.stack([torch.stack((layer.keys[0][:, cols], layer.values[0][:, cols])) for layer in layers])
-        attention = self._segment_colsum.clone()
-        if self.config.causal_correction:
-            attention = attention / torch.arange(n, 0, -1, device=attention.device)
-        return _Scored(kv, cols.clone(), attention)
+    def _shared_columns(self, group: _Group) -> list[torch.Tensor]:
+        """Key indices (= positions) in the shared prefill of each part's tokens so far."""
+        p = self.backend.tokens_per_frame
+        offsets = torch.tensor([f - self._shared_first for f in group.frames], device=self.backend.device) * p
+        return [(self._init_len + offsets[:, None] + idx[None, :]).reshape(-1) for idx in self._parts[group.spec.name]]
 
-    def _store_segment(self, *, provisional: bool) -> None:
-        if not self.config.granularities.segment or not self._segment_frames:
-            return
+    def _store_shared_group(self, group: _Group, *, provisional: bool) -> None:
+        assert self._shared_cache is not None
+        layers = self._shared_cache.layers
+        for part, cols in enumerate(self._shared_columns(group)):
+            kv = torch.stack([torch.stack((layer.keys[0][:, cols], layer.values[0][:, cols])) for layer in layers])
+            attention = group.colsums[part]
+            if self.config.causal_correction:
+                # Block tokens are in position order, so key j is seen by the n - j queries from j on.
+                attention = attention / torch.arange(attention.shape[0], 0, -1, device=attention.device)
+            self._store_group_block(group, part, _Scored(kv, cols.clone(), attention), provisional=provisional)
+
+    def _store_open_groups(self) -> None:
+        """Store every open (incomplete) group as provisional blocks, removed at the next ingest."""
+        pending: list[_Pending] = []
+        for group in self._open.values():
+            if not group.frames:
+                continue
+            if self.config.encode == "independent":
+                pending.extend(self._pending_blocks(group))
+            else:
+                self._store_shared_group(group, provisional=True)
+        self._encode_pending(pending, provisional=True)
+
+    def _store_group_block(self, group: _Group, part: int, block: _Scored, *, provisional: bool) -> None:
         record = self._store(
-            "segment",
-            self._segment_block(),
-            self._segment_frames[0],
-            self._segment_frames[-1],
-            0,
-            self._segment_times[0],
-            self._segment_times[-1],
+            group.spec.name,
+            block,
+            group.frames[0],
+            group.frames[-1],
+            part,
+            group.times[0],
+            group.times[-1],
             provisional=provisional,
         )
         if provisional:
-            self._provisional = record
+            self._provisional.append(record.block_id)
 
     def _store(
         self,
@@ -310,10 +329,10 @@ class MukvMemory(MemoryMethod):
         return queries.reshape(kv_heads, -1, queries.shape[-1]).mean(dim=1).reshape(-1)
 
     def _eligible_index(self, time: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per granularity, ``(ids, representatives)`` of blocks that end at or before ``time``."""
         index = {}
-        for g in GRANULARITIES:
-            if not self.config.granularities.get(g):
-                continue
+        for spec in self.specs:
+            g = spec.name
             ids, reps = self.store.index(g)
             if ids.numel() == 0:
                 continue
@@ -323,8 +342,8 @@ class MukvMemory(MemoryMethod):
         return index
 
     def prepare(self, query: Query) -> AnswerContext:
-        if self._segment_frames and self._provisional is None and self.frames_until(query.time) == self.frames:
-            self._store_segment(provisional=True)
+        if not self._provisional and self.frames_until(query.time) == self.frames:
+            self._store_open_groups()
         cfg = self.config
         index = self._eligible_index(query.time)
         chosen: list[tuple[BlockRecord, float]] = []
@@ -398,9 +417,10 @@ class MukvMemory(MemoryMethod):
         blocks["init"] = 1
         tokens["init"] = self._init_len
         nbytes["init"] = sum(k.nbytes + v.nbytes for k, v in self._init)
-        pending = sum(f.nbytes for f in self._segment_features)
-        if self._segment_cache is not None:
-            pending += sum(layer.keys.nbytes + layer.values.nbytes for layer in self._segment_cache.layers)
+        pending = sum(f.nbytes for group in self._open.values() for f in group.features)
+        pending += sum(c.nbytes for group in self._open.values() for c in group.colsums)
+        if self._shared_cache is not None:
+            pending += sum(layer.keys.nbytes + layer.values.nbytes for layer in self._shared_cache.layers)
         if pending:
             nbytes["pending"] = pending
         return MemoryStats(frames=self.frames, blocks=blocks, tokens=tokens, bytes=nbytes)
