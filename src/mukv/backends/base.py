@@ -94,3 +94,8 @@ class Backend(Protocol):
         """Context manager: forwards inside record the attention of layers ``weights`` (see
         :class:`mukv.compress.attention.AttentionCapture`), and ``query_layer``'s queries."""
         ...
+
+    def attention_hook(self, hook) -> AbstractContextManager:
+        """Context manager: every language-model attention call inside goes through ``hook``
+        (see :class:`mukv.compress.attention.AttentionHook`)."""
+        ...

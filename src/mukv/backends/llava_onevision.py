@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache, LlavaOnevision
 
 from mukv.backends.base import Logits, TextModelSpec
 from mukv.backends.prompts import PromptTemplate
-from mukv.compress.attention import capture_attention
+from mukv.compress.attention import attention_hook, capture_attention
 from mukv.config import BackendConfig
 from mukv.errors import ModelLoadError
 from mukv.video.preprocess import PREPROCESSOR_FILES, FramePreprocessor, as_frames
@@ -229,6 +229,10 @@ class LlavaOnevisionBackend:
     def capture_attention(self, weights: dict[int, float], query_layer: int | None = None):
         """Context manager recording the named layers' attention (see :mod:`mukv.compress.attention`)."""
         return capture_attention(self.model, weights, query_layer)
+
+    def attention_hook(self, hook):
+        """Context manager routing every language-model attention call through ``hook``."""
+        return attention_hook(self.model, hook)
 
     def system_cache(self) -> tuple[DynamicCache, int]:
         """A fresh cache holding the system prompt's KV (computed once, copied per call)."""

@@ -1,10 +1,11 @@
-"""Attention of chosen layers, without switching the model to eager attention.
+"""Attention hooks: see or replace one layer's attention without forking the model.
 
 A custom attention function is registered with transformers' ``AttentionInterface`` (and the
-sdpa mask with ``AttentionMaskInterface``, without which chunked prefill loses causality). It
-runs ordinary sdpa for every layer and, for the layers being scored only, also computes that
-layer's softmax probabilities from the post-RoPE queries and cached keys it receives. No other
-layer's map is materialised.
+sdpa mask with ``AttentionMaskInterface``, without which chunked prefill loses causality). While
+a hook is active (:func:`attention_hook`), every attention call goes to the hook first: it may
+record what it sees (:class:`AttentionCapture` computes the scored layers' probabilities only;
+no other layer's map is materialised) or return its own result (ReKV's per-layer retrieval).
+Otherwise ordinary sdpa runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import AttentionInterface
@@ -21,7 +23,16 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "mukv_scored_sdpa"
-_ACTIVE: ContextVar[AttentionCapture | None] = ContextVar("mukv_attention_capture", default=None)
+_ACTIVE: ContextVar[AttentionHook | None] = ContextVar("mukv_attention_hook", default=None)
+
+
+class AttentionHook(Protocol):
+    """Called for every attention layer while active; return ``None`` to run ordinary sdpa, or
+    ``(output, weights)`` as transformers' attention functions do."""
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs) -> tuple | None: ...
+
+
 _REGISTERED = threading.Lock()
 _registered = False
 
@@ -71,11 +82,17 @@ class AttentionCapture:
     def complete(self) -> bool:
         return self._seen >= set(self.weights)
 
+    def __call__(self, module, query, key, value, attention_mask, **kwargs) -> None:
+        self.record(module.layer_idx, query, key, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5)
+        return None
 
-def _scored_sdpa(module, query, key, value, attention_mask, **kwargs):
-    capture = _ACTIVE.get()
-    if capture is not None:
-        capture.record(module.layer_idx, query, key, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5)
+
+def _hooked_sdpa(module, query, key, value, attention_mask, **kwargs):
+    hook = _ACTIVE.get()
+    if hook is not None:
+        result = hook(module, query, key, value, attention_mask, **kwargs)
+        if result is not None:
+            return result
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -83,29 +100,35 @@ def _register() -> None:
     global _registered
     with _REGISTERED:
         if not _registered:
-            AttentionInterface.register(ATTENTION_NAME, _scored_sdpa)
+            AttentionInterface.register(ATTENTION_NAME, _hooked_sdpa)
             AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
             _registered = True
 
 
 @contextmanager
-def capture_attention(model, weights: dict[int, float], query_layer: int | None = None) -> Iterator[AttentionCapture]:
-    """Within the block, forwards of ``model``'s language model record ``weights``' layers.
+def attention_hook(model, hook: AttentionHook) -> Iterator[AttentionHook]:
+    """Within the block, ``model``'s language-model attention calls go through ``hook``.
 
-    The model's text attention implementation is switched to the scoring sdpa and restored in
+    The model's text attention implementation is switched to the hooked sdpa and restored in
     ``finally``, whatever happens inside.
     """
     _register()
     text_config = model.config.get_text_config()
     previous = text_config._attn_implementation
-    capture = AttentionCapture(weights=dict(weights), query_layer=query_layer)
     model.set_attn_implementation({"text_config": ATTENTION_NAME})
-    token = _ACTIVE.set(capture)
+    token = _ACTIVE.set(hook)
     try:
-        yield capture
+        yield hook
     finally:
         _ACTIVE.reset(token)
         model.set_attn_implementation({"text_config": previous})
+
+
+@contextmanager
+def capture_attention(model, weights: dict[int, float], query_layer: int | None = None) -> Iterator[AttentionCapture]:
+    """Record the attention of ``weights``' layers (and ``query_layer``'s queries) while active."""
+    with attention_hook(model, AttentionCapture(weights=dict(weights), query_layer=query_layer)) as capture:
+        yield capture  # type: ignore[misc]
 
 
 def scored_layers(choice: str, num_layers: int) -> dict[int, float]:

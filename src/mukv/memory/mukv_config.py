@@ -12,6 +12,7 @@ FREQUENCIES = ("fft", "diff")
 QUERIES = ("last_key", "mean_query")
 RETRIEVALS = ("semi_hierarchical", "parallel", "hierarchical")
 ORDERS = ("reference", "temporal")
+PRESET_NAMES = ("paper", "release")
 
 
 def _one_of(value: str, options: tuple[str, ...], name: str) -> None:
@@ -59,6 +60,8 @@ class MukvConfig:
     how many blocks are prefilled in one batch (speed and memory only).
     """
 
+    # The preset the other values started from (recorded with every run); choose it with
+    # ``--preset`` / ``method_config(preset=...)``, not as an override.
     preset: str = "paper"
     segment_frames: int = 4
     granularities: PerGranularityBool = field(default_factory=PerGranularityBool)
@@ -86,6 +89,7 @@ class MukvConfig:
     encode_batch_blocks: int = 16
 
     def __post_init__(self) -> None:
+        _one_of(self.preset, PRESET_NAMES, "preset")
         if self.segment_frames < 1:
             raise ValueError(f"segment_frames: must be >= 1, got {self.segment_frames}")
         if not any(self.granularities.get(g) for g in GRANULARITIES):

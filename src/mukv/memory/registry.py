@@ -42,6 +42,8 @@ def method_config(name: str, overrides: Mapping[str, Any] | None = None, preset:
     """The config of method ``name``: its default (or ``preset``) with ``overrides`` applied
     (dotted keys, typed values or strings)."""
     cls = method_class(name)
+    if overrides and "preset" in overrides:
+        raise ValueError("preset: choose a preset with --preset (method_config(preset=...)), not as an override")
     if preset is None:
         config = cls.config_class()
     else:

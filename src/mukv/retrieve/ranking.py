@@ -107,9 +107,11 @@ def retrieve(
 
     # semi_hierarchical: over-retrieve, then rerank against the top segment candidates' context.
     context = None
-    if segment is not None and segment[0].shape[0] > 0:
+    segment_pool = round(over_retrieve * top_k.get("segment", 0))
+    if segment is not None and segment[0].shape[0] > 0 and segment_pool > 0:
+        # The context is the mean of the top-N among the over-retrieved segment candidates.
         ids, s, reps = segment
-        n = min(rerank_top_n, ids.shape[0])
+        n = min(rerank_top_n, segment_pool, ids.shape[0])
         context = reps[torch.topk(s, n).indices].float().mean(dim=0)
     for g, (ids, s, reps) in sims.items():
         if g == "segment":
