@@ -17,6 +17,8 @@ METHODS = available_methods()
 SMALL = {
     "uniform": {"num_frames": 3},
     "mukv": {"top_k.patch": 3, "top_k.frame": 2, "top_k.segment": 1},
+    "rekv": {"retrieve_blocks": 3, "n_local": 64},
+    "recent": {"num_frames": 4},
 }
 
 
@@ -42,7 +44,7 @@ def test_ingests_answers_and_reports(backend, method):
     assert answer.stop_reason == ("length" if answer.generated_tokens == len(answer.token_ids) else "eos")
     stats = answer.memory
     assert isinstance(stats, MemoryStats) and stats.frames == 7
-    assert stats.total_bytes > 0 and stats.total_tokens >= 7 * backend.tokens_per_frame
+    assert stats.total_bytes > 0 and stats.total_tokens > 0
     assert answer.to_dict()["memory"]["total_bytes"] == stats.total_bytes
     assert session.ask("What is shown?", max_new_tokens=2).timings.encode == 0.0
 
@@ -83,6 +85,11 @@ def test_frames_after_the_question_time_do_not_influence_the_answer(backend, met
     everything.ingest(backend.encode_frames(frames[:8]), times[:8])
     everything.ingest(backend.encode_frames(frames[8:]), times[8:])
     query = Query(text="What is shown?", ids=backend.tokenize("What is shown?"), time=float(times[7]))
+    if not everything.answers_past_questions:
+        # A method that cannot look back must refuse rather than use later frames.
+        with pytest.raises(StreamError):
+            everything.prepare(query)
+        return
     a, b = early.prepare(query), everything.prepare(query)
     assert a.context_tokens == b.context_tokens and a.next_position == b.next_position
     assert [r.first_frame for r in a.retrieved] == [r.first_frame for r in b.retrieved]

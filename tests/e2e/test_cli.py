@@ -86,6 +86,18 @@ def test_ask_mukv_with_preset_and_overrides(video, model_dir):
     assert all(b["score"] is not None for b in record["retrieved"])
 
 
+@pytest.mark.parametrize(("method", "option"), [("rekv", "retrieve_blocks=3"), ("recent", "num_frames=2")])
+def test_ask_with_rekv_and_recent(video, model_dir, method, option):
+    result = mukv(
+        "ask", str(video), "-q", "What?", "--model", str(model_dir), "--method", method, "--set", option, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["method"] == method and record["frames_seen"] == 12
+    if method == "recent":
+        assert [b["first_frame"] for b in record["retrieved"]] == [10, 11]
+
+
 def test_ask_npy_needs_and_uses_a_frame_rate(tmp_path, model_dir):
     array = np.random.default_rng(0).integers(0, 256, (20, 48, 64, 3), dtype=np.uint8)
     path = tmp_path / "clip.npy"

@@ -2,6 +2,7 @@
 
 from mukv.memory import baselines as _baselines  # noqa: F401  (registers full, uniform)
 from mukv.memory import mukv as _mukv  # noqa: F401  (registers mukv)
+from mukv.memory import rekv as _rekv  # noqa: F401  (registers rekv, recent)
 from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
 from mukv.memory.registry import (
     available_methods,

@@ -110,6 +110,8 @@ class MemoryMethod(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # Whether ``prepare`` can answer at a time before the newest frame (a declared capability).
+    answers_past_questions: ClassVar[bool] = True
 
     def __init__(self, backend: Backend, config: Any = None) -> None:
         self.backend = backend

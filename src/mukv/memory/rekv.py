@@ -1,0 +1,357 @@
+"""ReKV (ICLR 2025) and the recent-frames baseline (method.md section 7).
+
+``rekv``: frames are prefilled with sliding-window attention (system prompt + the most recent
+``n_local`` tokens); every block of frames keeps its full KV off the accelerator with, per layer,
+a representative = mean of its un-rotated keys. A question is first run over ``[init | question]``
+while, at each layer, the mean un-rotated question query picks that layer's top ``r`` blocks,
+which are inserted (in time order, re-positioned contiguously) before the question: the layer's
+query already depends on what lower layers retrieved, as in ReKV. The question tokens of that
+pass are then dropped and the engine answers after ``[init | retrieved blocks]``.
+
+``recent``: the last ``num_frames`` frames kept in a rolling sliding-window cache; each frame is
+prefilled once, and a question is answered after ``[init | those frames]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from mukv.errors import StreamError
+from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore
+from mukv.kv.rope import rerotate
+from mukv.kv.window import SlidingWindow
+from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
+from mukv.memory.registry import register_method
+
+
+@dataclass(frozen=True, kw_only=True)
+class RekvConfig:
+    """ReKV options: ``n_local`` window tokens, ``retrieve_blocks`` (``r``) per layer,
+    ``block_frames`` frames per block, and ``layer_shared`` (one decision for all layers, from
+    the sum of every layer's scores, computed without retrieved context)."""
+
+    n_local: int = 15000
+    retrieve_blocks: int = 64
+    block_frames: int = 1
+    layer_shared: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("n_local", "retrieve_blocks", "block_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+def _unrotated_group_query(query: torch.Tensor, positions: torch.Tensor, kv_heads: int, inv_freq) -> torch.Tensor:
+    """Mean over tokens of un-rotated queries ``[1, H, n, D]``, summed within each KV group:
+    ``[Hkv * D]``, so that ``score = q . r`` equals the dot product with KV heads repeated to ``H``."""
+    q = rerotate(query[0].float(), -positions.to(query.device), inv_freq).mean(dim=1)  # [H, D]
+    return q.reshape(kv_heads, -1, q.shape[-1]).sum(dim=1).reshape(-1)
+
+
+@dataclass
+class _LayerRetrieval:
+    """Attention hook of ReKV's retrieval pass: at each layer, choose blocks from the question's
+    queries and insert them between the system prompt and the question."""
+
+    memory: RekvMemory
+    cache: DynamicCache
+    ids: torch.Tensor  # eligible block ids [N], time order
+    reps: torch.Tensor  # [N, L, Hkv * D]
+    forced: list[int]  # provisional block ids included in every layer
+    question_start: int
+    chosen: dict[int, list[int]] = field(default_factory=dict)
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        layer = module.layer_idx
+        memory = self.memory
+        backend = memory.backend
+        n = query.shape[2]
+        positions = torch.arange(self.question_start, self.question_start + n, device=query.device)
+        q = _unrotated_group_query(query, positions, backend.text.num_kv_heads, backend.rope_inv_freq)
+        ids = memory.select(self.ids, self.reps[:, layer] @ q, self.forced)
+        self.chosen[layer] = ids
+        k_blocks, v_blocks = memory.layer_blocks(ids, layer, query.device)
+        init = memory.init_len
+        new_k = torch.cat((key[:, :, :init], k_blocks.to(key.dtype), key[:, :, init:]), dim=2)
+        new_v = torch.cat((value[:, :, :init], v_blocks.to(value.dtype), value[:, :, init:]), dim=2)
+        self.cache.layers[layer].keys, self.cache.layers[layer].values = new_k, new_v
+        total = new_k.shape[2]
+        allowed = torch.ones(n, total, dtype=torch.bool, device=query.device).tril(total - n)
+        return sdpa_attention_forward(module, query, new_k, new_v, allowed[None, None], **kwargs)
+
+
+@dataclass
+class _QueryCollector:
+    """Attention hook recording every layer's queries (for layer-shared retrieval)."""
+
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.queries[module.layer_idx] = query.detach()
+
+
+@register_method
+class RekvMemory(MemoryMethod):
+    """ReKV (see the module docstring)."""
+
+    name = "rekv"
+    config_class = RekvConfig
+
+    def __init__(self, backend, config: RekvConfig | None = None) -> None:
+        super().__init__(backend, config)
+        self.window = SlidingWindow(backend, self.config.n_local)
+        self.init_len = self.window.init_len
+        cache, _ = backend.system_cache()
+        self._init = [(layer.keys, layer.values) for layer in cache.layers]
+        self.store = BlockStore(pin_memory=backend.device.type == "cuda")
+        self._open_frames: list[int] = []
+        self._open_times: list[float] = []
+        self._open_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._provisional: list[int] = []
+
+    # ------------------------------------------------------------------ encoding
+
+    def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
+        for block_id in self._provisional:
+            self.store.remove(block_id)
+        self._provisional = []
+        start = self.frames
+        for i in range(features.shape[0]):
+            # One frame per chunk: each frame's tokens see the system prompt, the window and the
+            # frame's own earlier tokens.
+            kv, positions = self.window.append(features[i : i + 1].to(self.backend.device))
+            self._open_frames.append(start + i)
+            self._open_times.append(float(timestamps[i]))
+            self._open_kv.append((kv, positions))
+            if len(self._open_frames) == self.config.block_frames:
+                self._store_open(provisional=False)
+                self._open_frames, self._open_times, self._open_kv = [], [], []
+
+    def _store_open(self, *, provisional: bool) -> BlockRecord:
+        kv = torch.cat([kv for kv, _ in self._open_kv], dim=3)
+        positions = torch.cat([p for _, p in self._open_kv])
+        # Representatives from un-rotated keys, per layer: [L, Hkv * D].
+        unrotated = rerotate(kv[:, 0], -positions, self.backend.rope_inv_freq)
+        representative = unrotated.float().mean(dim=2).reshape(kv.shape[0], -1)
+        payload = BlockPayload(kv=kv, positions=positions, kept=torch.arange(kv.shape[3]), scores=torch.empty(0))
+        record = self.store.add(
+            granularity="frame" if self.config.block_frames == 1 else "block",
+            first_frame=self._open_frames[0],
+            last_frame=self._open_frames[-1],
+            part=0,
+            start_time=self._open_times[0],
+            end_time=self._open_times[-1],
+            payload=payload,
+            representative=representative,
+            provisional=provisional,
+        )
+        if provisional:
+            self._provisional.append(record.block_id)
+        return record
+
+    # ------------------------------------------------------------------ answering
+
+    def select(self, ids: torch.Tensor, scores: torch.Tensor, forced: list[int]) -> list[int]:
+        """Top ``r`` block ids by ``scores`` (fp32 dot products), ``forced`` ids always included,
+        returned in time order."""
+        r = self.config.retrieve_blocks - len(forced)
+        mask = ~torch.isin(ids, torch.tensor(forced, dtype=torch.long))
+        pool, pool_scores = ids[mask], scores[mask]
+        best = pool[torch.topk(pool_scores, min(max(r, 0), pool.shape[0])).indices].tolist() if r > 0 else []
+        return sorted(best + forced)  # ids grow with time
+
+    def layer_blocks(self, ids: list[int], layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[1, Hkv, R, D]`` of blocks ``ids`` at ``layer``, keys re-rotated to
+        contiguous positions after the system prompt."""
+        if not ids:
+            shape = (1, self.backend.text.num_kv_heads, 0, self.backend.text.head_dim)
+            empty = torch.empty(shape, device=device, dtype=self.backend.dtype)
+            return empty, empty
+        payloads = [self.store.payload(i) for i in ids]
+        kv = torch.cat([p.kv[layer] for p in payloads], dim=2).to(device, non_blocking=True)  # [2, Hkv, R, D]
+        old = torch.cat([p.positions for p in payloads]).to(device)
+        new = torch.arange(self.init_len, self.init_len + old.shape[0], device=device)
+        keys = rerotate(kv[0], new - old, self.backend.rope_inv_freq)
+        return keys.unsqueeze(0), kv[1].unsqueeze(0)
+
+    def _eligible(self, time: float) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, reps = self.store.index(self.store_granularity)
+        if ids.numel() == 0:
+            return ids, reps
+        end_times = torch.tensor([self.store.record(i).end_time for i in ids.tolist()])
+        mask = end_times <= time
+        return ids[mask], reps[mask]
+
+    @property
+    def store_granularity(self) -> str:
+        return "frame" if self.config.block_frames == 1 else "block"
+
+    def prepare(self, query: Query) -> AnswerContext:
+        if self._open_frames and not self._provisional and self.frames_until(query.time) == self.frames:
+            self._store_open(provisional=True)
+        ids, reps = self._eligible(query.time)
+        forced = [i for i in self._provisional if i in set(ids.tolist())]
+        if ids.numel() == 0:
+            return AnswerContext(
+                cache=DynamicCache(ddp_cache_data=self._init), next_position=self.init_len, context_tokens=self.init_len
+            )
+        if self.config.layer_shared:
+            chosen = self._retrieve_shared(query, ids, reps, forced)
+            cache = DynamicCache(
+                ddp_cache_data=[
+                    tuple(
+                        torch.cat((init, block), dim=2)
+                        for init, block in zip(
+                            self._init[layer], self.layer_blocks(chosen, layer, self.backend.device), strict=True
+                        )
+                    )
+                    for layer in range(self.backend.text.num_layers)
+                ]
+            )
+            per_layer = {layer: chosen for layer in range(self.backend.text.num_layers)}
+        else:
+            cache, per_layer = self._retrieve_in_forward(query, ids, reps, forced)
+        length = cache.get_seq_length()
+        union = sorted({i for chosen in per_layer.values() for i in chosen})
+        counts = {i: sum(i in chosen for chosen in per_layer.values()) for i in union}
+        layers = len(per_layer)
+        retrieved = tuple(
+            RetrievedBlock(
+                granularity=(record := self.store.record(i)).granularity,
+                first_frame=record.first_frame,
+                last_frame=record.last_frame,
+                start_time=record.start_time,
+                end_time=record.end_time,
+                tokens=record.tokens,
+                score=counts[i] / layers,  # share of layers that retrieved the block
+                block_id=i,
+            )
+            for i in union
+        )
+        return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
+
+    def _retrieved_tokens(self, ids: torch.Tensor, forced: list[int]) -> int:
+        sizes = sorted((self.store.record(i).tokens for i in ids.tolist() if i not in forced), reverse=True)
+        r = max(self.config.retrieve_blocks - len(forced), 0)
+        return sum(sizes[:r]) + sum(self.store.record(i).tokens for i in forced)
+
+    def _retrieve_in_forward(self, query: Query, ids, reps, forced) -> tuple[DynamicCache, dict[int, list[int]]]:
+        cache = DynamicCache(ddp_cache_data=self._init)
+        # Every layer retrieves the same number of tokens (blocks are equal in size, the
+        # provisional one is in every layer), so the question can sit right after them.
+        start = self.init_len + self._retrieved_tokens(ids, forced)
+        hook = _LayerRetrieval(self, cache, ids, reps, forced, start)
+        n = query.ids.shape[1]
+        positions = torch.arange(start, start + n, device=self.backend.device).unsqueeze(0)
+        with self.backend.attention_hook(hook):
+            self.backend.forward(self.backend.embed_ids(query.ids), cache, positions, logits="none")
+        cache.crop(-n)  # drop the question: the engine appends it again, with its prompt
+        return cache, hook.chosen
+
+    def _retrieve_shared(self, query: Query, ids, reps, forced) -> list[int]:
+        cache = DynamicCache(ddp_cache_data=self._init)
+        n = query.ids.shape[1]
+        positions = torch.arange(self.init_len, self.init_len + n, device=self.backend.device)
+        collector = _QueryCollector()
+        with self.backend.attention_hook(collector):
+            self.backend.forward(self.backend.embed_ids(query.ids), cache, positions.unsqueeze(0), logits="none")
+        kv_heads = self.backend.text.num_kv_heads
+        scores = sum(
+            reps[:, layer] @ _unrotated_group_query(q, positions, kv_heads, self.backend.rope_inv_freq)
+            for layer, q in collector.queries.items()
+        )
+        return self.select(ids, scores, forced)
+
+    def stats(self) -> MemoryStats:
+        blocks: dict[str, int] = {"init": 1}
+        tokens: dict[str, int] = {"init": self.init_len}
+        nbytes: dict[str, int] = {"init": sum(k.nbytes + v.nbytes for k, v in self._init)}
+        for record in self.store.records():
+            g = record.granularity
+            blocks[g] = blocks.get(g, 0) + 1
+            tokens[g] = tokens.get(g, 0) + record.tokens
+            nbytes[g] = nbytes.get(g, 0) + record.nbytes
+        window = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.window.cache.layers)
+        nbytes["window"] = window - nbytes["init"]
+        nbytes["pending"] = sum(kv.nbytes for kv, _ in self._open_kv)
+        return MemoryStats(frames=self.frames, blocks=blocks, tokens=tokens, bytes=nbytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecentConfig:
+    """``num_frames`` most recent frames (recent-frames baseline)."""
+
+    num_frames: int = 16
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames: must be >= 1, got {self.num_frames}")
+
+
+@register_method
+class RecentMemory(MemoryMethod):
+    """The last ``num_frames`` frames in a rolling window cache; nothing is prefilled twice.
+
+    A question at an earlier time than the last frame can be answered only while its frames are
+    still in the window; otherwise :class:`StreamError` is raised.
+    """
+
+    name = "recent"
+    config_class = RecentConfig
+    answers_past_questions = False
+
+    def __init__(self, backend, config: RecentConfig | None = None) -> None:
+        super().__init__(backend, config)
+        self.window = SlidingWindow(backend, self.config.num_frames * backend.tokens_per_frame)
+
+    def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
+        for i in range(features.shape[0]):
+            self.window.append(features[i : i + 1].to(self.backend.device))
+
+    def _window_frames(self) -> range:
+        """Global indices of the frames in the window, oldest first."""
+        held = self.window.length // self.backend.tokens_per_frame
+        return range(self.frames - held, self.frames)
+
+    def prepare(self, query: Query) -> AnswerContext:
+        upto = self.frames_until(query.time)
+        held = self._window_frames()
+        wanted = range(max(0, upto - self.config.num_frames), upto)
+        if wanted and (wanted.start < held.start or wanted.stop > held.stop):
+            raise StreamError(
+                f"recent: frames {wanted.start}-{wanted.stop - 1} for a question at {query.time:.1f}s have left "
+                "the rolling window"
+            )
+        if wanted and wanted.start != held.start:
+            raise StreamError("recent: a question before the newest frame needs frames after it in the window")
+        p = self.backend.tokens_per_frame
+        cache = self.window.prefix(len(wanted) * p)
+        length = self.window.init_len + len(wanted) * p
+        retrieved = tuple(
+            RetrievedBlock(
+                granularity="frame",
+                first_frame=i,
+                last_frame=i,
+                start_time=self.timestamp(i),
+                end_time=self.timestamp(i),
+                tokens=p,
+                block_id=i,
+            )
+            for i in wanted
+        )
+        return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
+
+    def stats(self) -> MemoryStats:
+        init = self.window.init_len
+        per_token = self.backend.text.kv_bytes_per_token(self.backend.dtype)
+        return MemoryStats(
+            frames=self.frames,
+            blocks={"init": 1, "frame": len(self._window_frames())},
+            tokens={"init": init, "frame": self.window.length},
+            bytes={"init": init * per_token, "frame": self.window.length * per_token},
+        )
