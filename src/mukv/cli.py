@@ -281,6 +281,146 @@ def demo(
     run_demo(workdir or Path.home() / ".cache" / "mukv" / "demo", [m.strip() for m in methods_.split(",") if m.strip()])
 
 
+@app.command("eval")
+@_user_errors
+def eval_(
+    benchmark: Annotated[str, typer.Argument(help="rvs-ego, rvs-movie, streamingbench-rt or generic.")],
+    anno: Annotated[Path, typer.Option("--anno", help="Annotation file.")],
+    videos: Annotated[Path, typer.Option("--videos", help="Root directory searched for the videos by file name.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory (created; an interrupted run resumes here).")],
+    model: ModelOption = DEFAULT_MODEL_ID,
+    method: MethodOption = "mukv",
+    preset: PresetOption = None,
+    set_: SetOption = None,
+    fps: FpsOption = 0.5,
+    npy_fps: NpyFpsOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "auto",
+    shard: Annotated[
+        str | None, typer.Option(help="Run shard i of n (i/n, i from 0); merge with `mukv merge`.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Answer at most N questions (quick looks).")] = None,
+    allow_missing: Annotated[bool, typer.Option(help="Run the videos that exist when some are missing.")] = False,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit in tokens.")] = None,
+) -> None:
+    """Run a streaming benchmark: predictions go to OUT/predictions*.jsonl as they arrive."""
+    from tqdm import tqdm
+
+    from mukv.config import parse_assignments
+    from mukv.eval.runner import RunConfig, Shard, run_benchmark
+
+    config = RunConfig(
+        benchmark=benchmark,
+        annotation=str(anno),
+        videos=str(videos),
+        model=model,
+        method=method,
+        preset=preset,
+        overrides=parse_assignments(set_),
+        sample_fps=fps,
+        npy_fps=npy_fps,
+        device=device,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+    )
+    bar = tqdm(unit="question", desc="answering", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(questions, count):
+        bar.total = (bar.total or 0) + count
+        bar.refresh()
+        for question in questions:
+            yield question
+            bar.update(1)
+            rate = bar.format_dict.get("elapsed", 0) / max(bar.n, 1)
+            bar.set_postfix_str(f"{rate:.2f} s/question")
+
+    try:
+        summary = run_benchmark(
+            config, out, shard=Shard.parse(shard), limit=limit, allow_missing=allow_missing, progress=progress
+        )
+    finally:
+        bar.close()
+    typer.echo(
+        f"{summary.answered} answered, {summary.skipped_done} already done"
+        + (f", {len(summary.missing)} videos missing" if summary.missing else "")
+        + f"; predictions in {out}"
+    )
+
+
+@app.command()
+@_user_errors
+def merge(run_dir: Annotated[Path, typer.Argument(help="Run directory with shard files.")]) -> None:
+    """Merge shard prediction files into RUN_DIR/predictions.jsonl."""
+    from mukv.eval.runner import merge_predictions
+
+    path = merge_predictions(run_dir)
+    typer.echo(f"merged into {path}")
+
+
+@app.command("make-benchmark")
+@_user_errors
+def make_benchmark(
+    directory: Annotated[Path, typer.Argument(help="Where to write annotations.json and videos/.")],
+    videos: Annotated[int, typer.Option(help="Number of videos.")] = 2,
+    duration: Annotated[float, typer.Option(help="Seconds per video.")] = 120.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a small synthetic benchmark in the RVS layout (mp4 and .npy videos at 2 fps)."""
+    from mukv.eval.synthetic import write_benchmark
+
+    path = write_benchmark(directory, videos=videos, duration=duration, seed=seed)
+    typer.echo(f"wrote {path} and {directory / 'videos'} (.npy videos are at 2 fps: pass --npy-fps 2)")
+
+
+@app.command()
+@_user_errors
+def judge(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `mukv eval`.")],
+    judge_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL (env MUKV_JUDGE_BASE_URL or OPENAI_BASE_URL).")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Judge model name (env MUKV_JUDGE_MODEL).")] = None,
+    judge_key: Annotated[str | None, typer.Option(help="API key (env MUKV_JUDGE_API_KEY or OPENAI_API_KEY).")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Judge cache file (default: RUN_DIR/judge_cache.jsonl).")] = None,
+    no_judge: Annotated[bool, typer.Option("--no-judge", help="Judge-free metrics only.")] = False,
+) -> None:
+    """Score a run: LLM judge for open-ended answers, accuracy for multiple choice, judge-free metrics."""
+    import os
+
+    from mukv.eval.judge import Judge, JudgeConfig
+    from mukv.eval.scoring import score_run
+
+    judge_client = None
+    configured = judge_url or judge_model or os.environ.get("MUKV_JUDGE_BASE_URL") or os.environ.get("MUKV_JUDGE_MODEL")
+    if not no_judge and configured:
+        overrides = {k: v for k, v in {"base_url": judge_url, "model": judge_model, "api_key": judge_key}.items() if v}
+        judge_client = Judge(JudgeConfig.from_env(**overrides), cache or run_dir / "judge_cache.jsonl")
+    elif not no_judge:
+        typer.secho(
+            "no judge endpoint configured (--judge-url/--judge-model or MUKV_JUDGE_BASE_URL/MUKV_JUDGE_MODEL): "
+            "open-ended answers get judge-free metrics only",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    scores = score_run(run_dir, judge_client)
+    typer.echo(json.dumps(scores, indent=2))
+
+
+@app.command()
+@_user_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+    out: Annotated[Path, typer.Option("--out", help="Where report.md and the plots go.")] = Path("report"),
+    video: Annotated[str | None, typer.Option(help="Video for the retrieval plot (default: the first).")] = None,
+) -> None:
+    """Compare runs: a Markdown table (quality, memory, tokens, speed) and PNG plots."""
+    from mukv.eval.report import write_report
+
+    path = write_report(run_dirs, out, video)
+    typer.echo(path.read_text())
+    typer.echo(f"written to {path}")
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -1,0 +1,1 @@
+"""Streaming benchmark harness: datasets, resumable runner, judges, metrics, reports."""

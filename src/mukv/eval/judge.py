@@ -1,0 +1,451 @@
+"""LLM judge for open-ended answers (the Video-ChatGPT yes/no + 0-5 protocol the papers use).
+
+Any OpenAI-compatible chat-completions endpoint works: ``POST {base_url}/chat/completions`` with
+``{"model", "messages", "temperature": 0}``. The judge answers with a Python-dict string such as
+``{'pred': 'yes', 'score': 4}``; :func:`parse_judge_reply` reads it (JSON or Python literal,
+possibly inside code fences or among other text). Malformed replies, HTTP 429/5xx and connection
+errors are retried with exponential backoff; any other HTTP error fails at once.
+
+Every score is cached in a JSONL file keyed by the SHA-256 of (judge model, prompt version,
+question, answer, prediction), so re-scoring a run costs no request. The judge model's name is
+stored with every score and reported with every aggregate: scores from different judges must
+never be mixed (``docs/evaluation.md``, Scoring).
+
+Only the standard library is used for HTTP (``urllib``).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from http.client import HTTPException
+from pathlib import Path
+from typing import Any, Literal
+
+from mukv.errors import MukvError
+
+__all__ = [
+    "PROMPT_VERSION",
+    "Judge",
+    "JudgeConfig",
+    "JudgeError",
+    "JudgeScore",
+    "build_messages",
+    "cache_key",
+    "parse_judge_reply",
+    "score_open_ended",
+]
+
+#: Part of every cache key: changing the prompt text must change this so old scores are not reused.
+PROMPT_VERSION = "video-chatgpt-qa-v1"
+
+# The Video-ChatGPT quantitative QA evaluation prompt (evaluate_activitynet_qa.py), kept word for
+# word, quirks included (missing line breaks, the double space, the 4.8 example), because the
+# papers' numbers were produced with it.
+SYSTEM_PROMPT = (
+    "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
+    "question-answer pairs. "
+    "Your task is to compare the predicted answer with the correct answer and determine if they match "
+    "meaningfully. Here's how you can accomplish the task:"
+    "------"
+    "##INSTRUCTIONS: "
+    "- Focus on the meaningful match between the predicted answer and the correct answer.\n"
+    "- Consider synonyms or paraphrases as valid matches.\n"
+    "- Evaluate the correctness of the prediction compared to the answer."
+)
+USER_PROMPT = (
+    "Please evaluate the following video-based question-answer pair:\n\n"
+    "Question: {question}\n"
+    "Correct Answer: {answer}\n"
+    "Predicted Answer: {prediction}\n\n"
+    "Provide your evaluation only as a yes/no and score where the score is an integer value between 0 and 5, "
+    "with 5 indicating the highest meaningful match. "
+    "Please generate the response in the form of a Python dictionary string with keys 'pred' and 'score', "
+    "where value of 'pred' is  a string of 'yes' or 'no' and value of 'score' is in INTEGER, not STRING."
+    "DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. "
+    "For example, your response should look like this: {{'pred': 'yes', 'score': 4.8}}."
+)
+
+_MAX_SLEEP = 60.0
+_EXCERPT = 300
+
+
+class JudgeError(MukvError):
+    """The judge could not score an answer: a non-retryable HTTP error, or retries exhausted."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Where and how to reach the judge.
+
+    ``base_url`` is the API root (``https://api.openai.com/v1``, ``http://localhost:8000/v1``);
+    requests go to ``{base_url}/chat/completions``. ``api_key`` may be empty (no
+    ``Authorization`` header). ``max_retries`` is the number of extra attempts after the first,
+    shared by malformed replies and transient HTTP failures; transient failures wait
+    ``backoff * 2**k`` seconds (k = 0, 1, ...; at most 60 s) before the next attempt.
+    """
+
+    base_url: str
+    model: str
+    api_key: str = field(default="", repr=False)
+    timeout: float = 60.0
+    max_retries: int = 4
+    backoff: float = 1.0
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not str(self.base_url).strip():
+            raise ValueError("base_url: must not be empty")
+        if not str(self.model).strip():
+            raise ValueError("model: must not be empty")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout: must be > 0 seconds, got {self.timeout}")
+        if int(self.max_retries) != self.max_retries or self.max_retries < 0:
+            raise ValueError(f"max_retries: must be an integer >= 0, got {self.max_retries}")
+        if not self.backoff >= 0:
+            raise ValueError(f"backoff: must be >= 0 seconds, got {self.backoff}")
+        object.__setattr__(self, "base_url", str(self.base_url).strip().rstrip("/"))
+        object.__setattr__(self, "model", str(self.model).strip())
+        object.__setattr__(self, "api_key", str(self.api_key or "").strip())
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> JudgeConfig:
+        """A configuration from the environment, with ``overrides`` (field names) taking precedence.
+
+        ``base_url`` <- ``MUKV_JUDGE_BASE_URL``, else ``OPENAI_BASE_URL``; ``model`` <-
+        ``MUKV_JUDGE_MODEL``; ``api_key`` <- ``MUKV_JUDGE_API_KEY``, else ``OPENAI_API_KEY``,
+        else empty. Empty variables count as unset. Raises ``ValueError`` naming the option and
+        its variable when the URL or the model is missing, or for an unknown override.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown judge option(s) {unknown}; valid: {sorted(known)}")
+        values = {k: v for k, v in overrides.items() if v is not None}
+
+        def env(*names: str) -> str | None:
+            for name in names:
+                value = os.environ.get(name, "").strip()
+                if value:
+                    return value
+            return None
+
+        if "base_url" not in values:
+            base_url = env("MUKV_JUDGE_BASE_URL", "OPENAI_BASE_URL")
+            if base_url is None:
+                raise ValueError(
+                    "judge base_url is not set: pass base_url or set MUKV_JUDGE_BASE_URL (or OPENAI_BASE_URL)"
+                )
+            values["base_url"] = base_url
+        if "model" not in values:
+            model = env("MUKV_JUDGE_MODEL")
+            if model is None:
+                raise ValueError("judge model is not set: pass model or set MUKV_JUDGE_MODEL")
+            values["model"] = model
+        if "api_key" not in values:
+            values["api_key"] = env("MUKV_JUDGE_API_KEY", "OPENAI_API_KEY") or ""
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class JudgeScore:
+    """One judged answer: the verdict, the 0-5 score, the judge model that gave it, whether it
+    came from the cache, and the judge's raw reply."""
+
+    pred: Literal["yes", "no"]
+    score: int
+    model: str
+    cached: bool
+    raw: str
+
+
+def build_messages(question: str, answer: str, prediction: str) -> list[dict[str, str]]:
+    """The chat messages (system + user) asking the judge to compare ``prediction`` with ``answer``."""
+    user = USER_PROMPT.format(question=question, answer=answer, prediction=prediction)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+# --- reply parsing ---------------------------------------------------------------------------
+
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_FENCE = re.compile(r"```[A-Za-z0-9_-]*\s*(.*?)```", re.DOTALL)
+_FLAT_DICT = re.compile(r"\{[^{}]*\}", re.DOTALL)
+_PRED_FIELD = re.compile(r"""["']?\bpred\b["']?\s*[:=]\s*["']?\s*(yes|no)\b""", re.IGNORECASE)
+_SCORE_FIELD = re.compile(r"""["']?\bscore\b["']?\s*[:=]\s*["']?\s*(-?\d+(?:\.\d+)?)""", re.IGNORECASE)
+
+
+def _verdict(value: Any) -> Literal["yes", "no"] | None:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str):
+        word = value.strip().strip(".!'\" ").lower()
+        if word in ("yes", "no"):
+            return word  # type: ignore[return-value]
+    return None
+
+
+def _score(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and float(value).is_integer() and 0 <= value <= 5:
+        return int(value)
+    return None
+
+
+def _from_mapping(data: Any) -> tuple[Literal["yes", "no"], int] | None:
+    if not isinstance(data, dict):
+        return None
+    lowered = {str(k).strip().lower(): v for k, v in data.items()}
+    pred, score = _verdict(lowered.get("pred")), _score(lowered.get("score"))
+    if pred is None or score is None:
+        return None
+    return pred, score
+
+
+def parse_judge_reply(text: str | None) -> tuple[Literal["yes", "no"], int] | None:
+    """``(pred, score)`` from a judge's reply, or ``None`` when it is malformed.
+
+    Accepts a Python-dict string or JSON object with keys ``pred`` and ``score``
+    (``{'pred': 'yes', 'score': 4}``), possibly inside code fences, after a ``<think>`` block or
+    among other text; as a last resort ``pred: yes ... score: 4`` fields anywhere. ``pred`` is
+    normalised to ``"yes"`` / ``"no"`` (case, surrounding punctuation, booleans); ``score`` must
+    be an integer from 0 to 5 (``4.0`` and ``"4"`` are accepted, ``4.5`` and ``6`` are not).
+    """
+    if not text or not isinstance(text, str):
+        return None
+    text = _THINK.sub(" ", text)
+    pieces = [*_FENCE.findall(text), text]
+    for piece in pieces:
+        for candidate in _FLAT_DICT.findall(piece):
+            for loader in (json.loads, ast.literal_eval):
+                try:
+                    data = loader(candidate)
+                except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                    continue
+                parsed = _from_mapping(data)
+                if parsed is not None:
+                    return parsed
+    pred = _PRED_FIELD.search(text)
+    score = _SCORE_FIELD.search(text)
+    if pred and score:
+        verdict, value = _verdict(pred.group(1)), _score(score.group(1))
+        if verdict is not None and value is not None:
+            return verdict, value
+    return None
+
+
+# --- the judge -------------------------------------------------------------------------------
+
+
+def cache_key(model: str, question: str, answer: str, prediction: str) -> str:
+    """SHA-256 hex digest identifying one judgement (judge model, prompt version and the texts)."""
+    payload = json.dumps([model, PROMPT_VERSION, question, answer, prediction], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class _Transient(Exception):
+    """A failure worth retrying (HTTP 429/5xx, connection error, timeout)."""
+
+
+class Judge:
+    """Scores open-ended answers through an OpenAI-compatible chat endpoint, with a cache.
+
+    ``cache_path`` is a JSONL file (created with its folder when missing; ``None`` keeps the
+    cache in memory only). Each line holds ``key``, ``model``, ``prompt``, ``qid``, ``pred``,
+    ``score`` and ``raw``; a line that cannot be read (an interrupted write) is skipped. Lines
+    are appended with one ``write`` each, so several processes may share the file. Thread-safe.
+    """
+
+    def __init__(self, config: JudgeConfig, cache_path: str | os.PathLike[str] | None = None) -> None:
+        self.config = config
+        self.cache_path = Path(cache_path) if cache_path is not None else None
+        self.requests = 0  # HTTP requests sent by this instance (cache hits send none)
+        self._lock = threading.Lock()
+        self._cache: dict[str, dict[str, Any]] = {}
+        if self.cache_path is not None and self.cache_path.is_file():
+            self._load()
+
+    @property
+    def model(self) -> str:
+        """The judge model's name, reported with every score."""
+        return self.config.model
+
+    def _load(self) -> None:
+        assert self.cache_path is not None
+        with self.cache_path.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    entry = json.loads(line)
+                    key = entry["key"]
+                    if _verdict(entry["pred"]) is None or _score(entry["score"]) is None:
+                        continue
+                except (ValueError, KeyError, TypeError):
+                    continue
+                self._cache[key] = entry
+
+    def _store(self, key: str, entry: dict[str, Any]) -> None:
+        self._cache[key] = entry
+        if self.cache_path is None:
+            return
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # Start on a fresh line if a previous writer was interrupted mid-line.
+            if os.fstat(fd).st_size > 0:
+                with open(self.cache_path, "rb") as handle:
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        line = b"\n" + line
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def judge(self, question: str, answer: str, prediction: str, qid: str | None = None) -> JudgeScore:
+        """Judge ``prediction`` against the reference ``answer`` for ``question``.
+
+        A cached judgement (same judge model and texts) is returned with ``cached=True`` and no
+        request. Raises :class:`JudgeError` (naming ``qid``) on a non-retryable HTTP error or when
+        every attempt failed or gave a malformed reply.
+        """
+        key = cache_key(self.config.model, question, answer, prediction)
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return JudgeScore(
+                pred=_verdict(hit["pred"]) or "no",
+                score=_score(hit["score"]) or 0,
+                model=str(hit.get("model", self.config.model)),
+                cached=True,
+                raw=str(hit.get("raw", "")),
+            )
+        pred, score, raw = self._ask(build_messages(question, answer, prediction), qid, question)
+        entry = {
+            "key": key,
+            "model": self.config.model,
+            "prompt": PROMPT_VERSION,
+            "qid": qid,
+            "pred": pred,
+            "score": score,
+            "raw": raw,
+        }
+        with self._lock:
+            self._store(key, entry)
+        return JudgeScore(pred=pred, score=score, model=self.config.model, cached=False, raw=raw)
+
+    def _ask(
+        self, messages: list[dict[str, str]], qid: str | None, question: str
+    ) -> tuple[Literal["yes", "no"], int, str]:
+        what = f"qid {qid!r}" if qid is not None else f"question {question[:80]!r}"
+        attempts = self.config.max_retries + 1
+        transient_failures = 0
+        last_problem = "no attempt made"
+        for attempt in range(attempts):
+            try:
+                reply = self._post(messages, what)
+            except _Transient as exc:
+                last_problem = str(exc)
+                if attempt + 1 < attempts:
+                    time.sleep(min(_MAX_SLEEP, self.config.backoff * 2**transient_failures))
+                transient_failures += 1
+                continue
+            parsed = parse_judge_reply(reply)
+            if parsed is not None:
+                return parsed[0], parsed[1], reply
+            last_problem = f"malformed reply {reply[:_EXCERPT]!r}"
+        raise JudgeError(
+            f"judge {self.config.model} could not score {what} after {attempts} attempt(s); last: {last_problem}"
+        )
+
+    def _post(self, messages: list[dict[str, str]], what: str) -> str:
+        """One request; the reply's message content ("" when the body is not a chat completion).
+
+        Raises ``_Transient`` for retryable failures and :class:`JudgeError` for the others.
+        """
+        url = f"{self.config.base_url}/chat/completions"
+        body = json.dumps(
+            {"model": self.config.model, "messages": messages, "temperature": self.config.temperature}
+        ).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        with self._lock:
+            self.requests += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            excerpt = _read_excerpt(exc)
+            if exc.code == 429 or exc.code >= 500:
+                raise _Transient(f"HTTP {exc.code}: {excerpt!r}") from exc
+            raise JudgeError(
+                f"judge {self.config.model} at {url} refused {what}: HTTP {exc.code}: {excerpt!r}"
+            ) from exc
+        except (OSError, HTTPException) as exc:  # URLError, connection reset, timeout, bad status line
+            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            data = json.loads(payload)
+            content = data["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return payload.decode("utf-8", errors="replace")
+        return content if isinstance(content, str) else json.dumps(content)
+
+
+def _read_excerpt(exc: urllib.error.HTTPError) -> str:
+    try:
+        return exc.read().decode("utf-8", errors="replace")[:_EXCERPT]
+    except Exception:
+        return ""
+
+
+def _get(record: Any, name: str) -> Any:
+    if isinstance(record, Mapping):
+        return record.get(name)
+    return getattr(record, name, None)
+
+
+def score_open_ended(records: Iterable[Any], judge: Judge) -> dict[str, Any]:
+    """The papers' open-ended metric: the judge's share of ``yes`` and mean 0-5 score.
+
+    ``records`` are prediction records (mappings or objects) with ``question``, ``answer``,
+    ``prediction`` and ``qid``; records with ``choices`` (multiple choice) are skipped. The
+    judge model's name is part of the result and must be reported with it. With no records the
+    means are 0.0 and ``count`` is 0. Raises :class:`JudgeError` when an answer cannot be judged.
+
+    Returns ``{"accuracy": float, "score": float, "judge_model": str, "count": int}``.
+    """
+    verdicts: list[float] = []
+    scores: list[int] = []
+    for record in records:
+        if _get(record, "choices"):
+            continue
+        result = judge.judge(
+            str(_get(record, "question") or ""),
+            str(_get(record, "answer") or ""),
+            str(_get(record, "prediction") or ""),
+            qid=_get(record, "qid"),
+        )
+        verdicts.append(1.0 if result.pred == "yes" else 0.0)
+        scores.append(result.score)
+    count = len(verdicts)
+    return {
+        "accuracy": sum(verdicts) / count if count else 0.0,
+        "score": sum(scores) / count if count else 0.0,
+        "judge_model": judge.model,
+        "count": count,
+    }

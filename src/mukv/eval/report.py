@@ -1,0 +1,247 @@
+"""Comparison of runs: a Markdown table and plots (evaluation.md, "Comparisons worth reporting").
+
+Reads each run directory's ``run.json``, its predictions (merged file, or the shard files) and,
+when ``mukv judge`` has run, its ``scores.json``. Scores of different judge models are never
+mixed: the table names the judge model next to every judge score.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mukv.eval.runner import MERGED_FILE, RUN_FILE, RunError, read_predictions
+
+SCORES_FILE = "scores.json"
+
+
+@dataclass
+class RunData:
+    """One run directory, loaded."""
+
+    path: Path
+    name: str
+    info: dict[str, Any]
+    records: list[dict[str, Any]]
+    scores: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.info.get("config", {}).get("method", "?")
+
+    @property
+    def label(self) -> str:
+        preset = self.info.get("config", {}).get("preset")
+        return f"{self.name} ({self.method}{'/' + preset if preset else ''})"
+
+
+def load_predictions(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's predictions: the merged file if present, else every shard file (deduplicated)."""
+    merged = run_dir / MERGED_FILE
+    if merged.exists():
+        return read_predictions(merged)
+    records: dict[str, dict[str, Any]] = {}
+    for path in sorted(run_dir.glob("predictions.shard-*-of-*.jsonl")):
+        for record in read_predictions(path):
+            records.setdefault(record["qid"], record)
+    return list(records.values())
+
+
+def load_run(run_dir: Path) -> RunData:
+    if not (run_dir / RUN_FILE).is_file():
+        raise RunError(f"{run_dir}: not a run directory (no {RUN_FILE})")
+    info = json.loads((run_dir / RUN_FILE).read_text())
+    records = load_predictions(run_dir)
+    if not records:
+        raise RunError(f"{run_dir}: no predictions yet")
+    scores_path = run_dir / SCORES_FILE
+    scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    return RunData(run_dir, run_dir.name, info, records, scores)
+
+
+def compute_scores(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Judge-free scores of a run: multiple-choice accuracy, exact match / token F1 (labelled
+    judge-free), and retrieval recall against evidence windows."""
+    from mukv.eval.metrics import judge_free_scores, multiple_choice_accuracy, recall_scores
+
+    choice = [r for r in records if r.get("choices")]
+    open_ended = [r for r in records if not r.get("choices")]
+    with_evidence = [r for r in records if r.get("evidence")]
+    return {
+        "multiple_choice": multiple_choice_accuracy(choice) if choice else None,
+        "judge_free": judge_free_scores(open_ended) if open_ended else None,
+        "recall": recall_scores(with_evidence) if with_evidence else None,
+    }
+
+
+def efficiency(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Memory bytes per hour of video, mean answering tokens, encode frames/s, seconds per question."""
+    last: dict[str, dict[str, Any]] = {}
+    for record in records:
+        current = last.get(record["video_id"])
+        if current is None or record["time"] >= current["time"]:
+            last[record["video_id"]] = record
+    hours = sum(r["time"] for r in last.values()) / 3600
+    stored = sum(r["memory"]["total_bytes"] for r in last.values())
+    frames = sum(r["frames_seen"] for r in last.values())
+    encode = sum(r["encode_seconds"] for r in records)
+    n = len(records)
+    return {
+        "bytes_per_hour": stored / hours if hours > 0 else None,
+        "answer_tokens": sum(r["context_tokens"] for r in records) / n,
+        "encode_fps": frames / encode if encode > 0 else None,
+        "seconds_per_question": sum(r["total_seconds"] for r in records) / n,
+        "first_token_seconds": sum(r["first_token_seconds"] for r in records) / n,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(runs: list[RunData]) -> str:
+    """The comparison table; judge scores carry their judge model."""
+    header = (
+        "| run | method | questions | judge acc / score (judge) | MC acc | EM* | F1* | recall hit / cover "
+        "| memory GB/h | answer tokens | encode frames/s | s/question | first token s |"
+    )
+    lines = [header, "|" + "|".join(["---"] * 13) + "|"]
+    for run in runs:
+        scores = run.scores or {}
+        computed = compute_scores(run.records)
+        judge = scores.get("judge")
+        judge_cell = f"{judge['accuracy'] * 100:.1f} / {judge['score']:.2f} ({judge['judge_model']})" if judge else "—"
+        mc = computed["multiple_choice"]
+        free = computed["judge_free"]
+        recall = computed["recall"]
+        eff = efficiency(run.records)
+        hit = _fmt(recall and recall["hit"] * 100, ".1f")
+        recall_cell = f"{hit} / {_fmt(recall and recall['coverage'] * 100, '.1f')}"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    run.name,
+                    run.method + (f"/{run.info['config'].get('preset')}" if run.info["config"].get("preset") else ""),
+                    str(len(run.records)),
+                    judge_cell,
+                    _fmt(mc and mc["overall"] * 100, ".1f"),
+                    _fmt(free and free["exact_match"] * 100, ".1f"),
+                    _fmt(free and free["token_f1"] * 100, ".1f"),
+                    recall_cell,
+                    _fmt(eff["bytes_per_hour"] and eff["bytes_per_hour"] / 1e9, ".2f"),
+                    _fmt(eff["answer_tokens"], ".0f"),
+                    _fmt(eff["encode_fps"], ".2f"),
+                    _fmt(eff["seconds_per_question"], ".2f"),
+                    _fmt(eff["first_token_seconds"], ".2f"),
+                ]
+            )
+            + " |"
+        )
+    lines.append("")
+    lines.append(
+        "*EM and F1 are judge-free (normalised exact match, token F1 against the reference); they are not the "
+        "papers' judge-based metric. Memory is what the method holds at the last question of each video, per hour "
+        "of video seen."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _quality(run: RunData) -> tuple[float | None, str]:
+    judge = (run.scores or {}).get("judge")
+    if judge:
+        return judge["accuracy"] * 100, f"judge accuracy ({judge['judge_model']})"
+    computed = compute_scores(run.records)
+    if computed["multiple_choice"]:
+        return computed["multiple_choice"]["overall"] * 100, "multiple-choice accuracy"
+    if computed["judge_free"]:
+        return computed["judge_free"]["token_f1"] * 100, "token F1 (judge-free)"
+    return None, "quality"
+
+
+def plot_runs(runs: list[RunData], out: Path, video: str | None = None) -> list[Path]:
+    """Write the comparison plots as PNG files into ``out``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = set()
+    for run in runs:
+        quality, label = _quality(run)
+        memory = efficiency(run.records)["bytes_per_hour"]
+        if quality is None or memory is None:
+            continue
+        labels.add(label)
+        ax.scatter(memory / 1e9, quality)
+        ax.annotate(run.label, (memory / 1e9, quality), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("memory held, GB per hour of video")
+    ax.set_ylabel(" / ".join(sorted(labels)) or "quality")
+    ax.set_title("Quality vs memory")
+    fig.tight_layout()
+    written.append(out / "quality_vs_memory.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for run in runs:
+        ordered = sorted(run.records, key=lambda r: r["time"])
+        minutes = [r["time"] / 60 for r in ordered]
+        top.plot(minutes, [r["total_seconds"] for r in ordered], ".", label=run.label, alpha=0.7)
+        bottom.plot(minutes, [r["memory"]["total_bytes"] / 1e9 for r in ordered], ".", label=run.label, alpha=0.7)
+    top.set_ylabel("seconds per question")
+    bottom.set_ylabel("memory held, GB")
+    bottom.set_xlabel("question time, minutes into the video")
+    top.legend(fontsize=7)
+    top.set_title("Cost as the video grows")
+    fig.tight_layout()
+    written.append(out / "cost_vs_length.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    videos = sorted({r["video_id"] for run in runs for r in run.records if r.get("evidence")})
+    chosen = video or (videos[0] if videos else None)
+    if chosen is not None:
+        fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.2 * len(runs) + 0.6), sharex=True, squeeze=False)
+        for ax, run in zip(axes[:, 0], runs, strict=True):
+            records = sorted((r for r in run.records if r["video_id"] == chosen), key=lambda r: r["time"])
+            for y, record in enumerate(records):
+                if record.get("evidence"):
+                    start, end = record["evidence"]
+                    ax.plot([start, end], [y, y], color="tab:green", linewidth=6, alpha=0.35, solid_capstyle="butt")
+                for block in record["retrieved"]:
+                    ax.plot([block["start_time"], block["end_time"] + 0.5], [y, y], color="tab:blue", linewidth=2)
+                ax.plot([record["time"]], [y], marker="|", color="tab:red", markersize=10)
+            ax.set_ylabel(run.label, fontsize=7)
+        axes[-1, 0].set_xlabel(f"seconds into {chosen} (green: evidence, blue: retrieved, red: question time)")
+        fig.tight_layout()
+        written.append(out / f"retrieval_{chosen.replace('/', '_')}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def write_report(run_dirs: list[Path], out: Path, video: str | None = None) -> Path:
+    """Write ``report.md`` and the plots into ``out``; returns the Markdown path."""
+    if not run_dirs:
+        raise ValueError("report: give at least one run directory")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_runs(runs, out, video)
+    models = sorted({run.info.get("config", {}).get("model", "?") for run in runs})
+    benchmarks = sorted({run.info.get("config", {}).get("benchmark", "?") for run in runs})
+    parts = [
+        "# Comparison of runs\n",
+        f"Benchmark: {', '.join(benchmarks)}. Model: {', '.join(models)}.\n",
+        markdown_table(runs),
+    ]
+    parts.extend(f"![{plot.stem}]({plot.name})\n" for plot in plots)
+    path = out / "report.md"
+    path.write_text("\n".join(parts))
+    return path
