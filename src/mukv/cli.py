@@ -273,7 +273,9 @@ def demo(
     workdir: Annotated[
         Path | None, typer.Option(help="Where the demo model and video go (default: ~/.cache/mukv/demo).")
     ] = None,
-    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated memory methods.")] = "full,uniform",
+    methods_: Annotated[
+        str, typer.Option("--methods", help="Comma-separated memory methods.")
+    ] = "mukv,rekv,recent,uniform,full",
 ) -> None:
     """Offline demo: a synthetic video, a tiny model, questions at several times."""
     from mukv.demo import run_demo

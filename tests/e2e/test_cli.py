@@ -166,5 +166,5 @@ def test_demo_runs_offline(tmp_path):
     result = mukv("demo", "--workdir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "random weights" in result.stdout
-    assert result.stdout.count("reference:") == 6  # 3 question times x 2 methods
+    assert result.stdout.count("reference:") == 15  # 3 question times x 5 methods
     assert (tmp_path / "tiny-model" / "config.json").is_file()

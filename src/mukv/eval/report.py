@@ -61,6 +61,17 @@ def load_run(run_dir: Path) -> RunData:
     return RunData(run_dir, run_dir.name, info, records, scores)
 
 
+def sampled_spans(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Retrieved blocks with each span extended by the sampling period, up to the question time:
+    a sampled frame stands for the video until the next sample (without a recorded period,
+    spans are kept as they are)."""
+    period = record.get("sample_period") or 0.0
+    return [
+        block | {"end_time": max(block["end_time"], min(block["end_time"] + period, record["time"]))}
+        for block in record["retrieved"]
+    ]
+
+
 def compute_scores(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Judge-free scores of a run: multiple-choice accuracy, exact match / token F1 (labelled
     judge-free), and retrieval recall against evidence windows."""
@@ -68,7 +79,7 @@ def compute_scores(records: list[dict[str, Any]]) -> dict[str, Any]:
 
     choice = [r for r in records if r.get("choices")]
     open_ended = [r for r in records if not r.get("choices")]
-    with_evidence = [r for r in records if r.get("evidence")]
+    with_evidence = [r | {"retrieved": sampled_spans(r)} for r in records if r.get("evidence")]
     return {
         "multiple_choice": multiple_choice_accuracy(choice) if choice else None,
         "judge_free": judge_free_scores(open_ended) if open_ended else None,
@@ -215,8 +226,8 @@ def plot_runs(runs: list[RunData], out: Path, video: str | None = None) -> list[
                 if record.get("evidence"):
                     start, end = record["evidence"]
                     ax.plot([start, end], [y, y], color="tab:green", linewidth=6, alpha=0.35, solid_capstyle="butt")
-                for block in record["retrieved"]:
-                    ax.plot([block["start_time"], block["end_time"] + 0.5], [y, y], color="tab:blue", linewidth=2)
+                for block in sampled_spans(record):
+                    ax.plot([block["start_time"], block["end_time"]], [y, y], color="tab:blue", linewidth=2)
                 ax.plot([record["time"]], [y], marker="|", color="tab:red", markersize=10)
             ax.set_ylabel(run.label, fontsize=7)
         axes[-1, 0].set_xlabel(f"seconds into {chosen} (green: evidence, blue: retrieved, red: question time)")

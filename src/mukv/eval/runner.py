@@ -186,7 +186,7 @@ def _peak_accelerator_bytes(backend) -> int | None:
     return None
 
 
-def _record(question: Question, answer, backend) -> dict[str, Any]:
+def _record(question: Question, answer, backend, sample_period: float) -> dict[str, Any]:
     t = answer.timings
     prediction = Prediction(
         qid=question.qid,
@@ -213,6 +213,7 @@ def _record(question: Question, answer, backend) -> dict[str, Any]:
         memory=answer.memory.to_dict(),
         peak_rss_bytes=_peak_rss_bytes(),
         peak_accelerator_bytes=_peak_accelerator_bytes(backend),
+        sample_period=sample_period,
     )
     return prediction.model_dump(mode="json")
 
@@ -299,7 +300,7 @@ def run_benchmark(
                             "%s: no frame before %.2fs; answering from the first frame", question.qid, question.time
                         )
                     answer = session.ask(question.question, question.choices, max_new_tokens=config.max_new_tokens)
-                    writer.write(_record(question, answer, backend))
+                    writer.write(_record(question, answer, backend, 1.0 / config.sample_fps))
                     summary.answered += 1
                     budget -= 1
             finally:

@@ -103,3 +103,5 @@ class Prediction(BaseModel):
     memory: dict[str, Any]
     peak_rss_bytes: int
     peak_accelerator_bytes: int | None = None
+    # Seconds between sampled frames: a frame stands for the interval until the next sample.
+    sample_period: float | None = None
