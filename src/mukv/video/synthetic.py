@@ -89,8 +89,8 @@ def frames_of(scenes: list[Scene], fps: float, width: int, height: int) -> Itera
         yield render(scenes[index], width, height), t
 
 
-def write_video(path: str | Path, scenes: list[Scene], *, fps: int = 4, width: int = 160, height: int = 120) -> Path:
-    """Encode the scenes to an H.264 (or MPEG-4 where H.264 is unavailable) video at ``path``."""
+def write_frames(path: str | Path, frames: Iterator[np.ndarray], *, fps: int, width: int, height: int) -> Path:
+    """Encode uint8 RGB frames ``[height, width, 3]`` at ``fps`` to an H.264 (or MPEG-4) video."""
     import av
 
     out = Path(path)
@@ -99,9 +99,15 @@ def write_video(path: str | Path, scenes: list[Scene], *, fps: int = 4, width: i
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for image, _ in frames_of(scenes, fps, width, height):
+        for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return out
+
+
+def write_video(path: str | Path, scenes: list[Scene], *, fps: int = 4, width: int = 160, height: int = 120) -> Path:
+    """Encode the scenes to a video at ``path`` (see :func:`write_frames`)."""
+    images = (image for image, _ in frames_of(scenes, fps, width, height))
+    return write_frames(path, images, fps=fps, width=width, height=height)

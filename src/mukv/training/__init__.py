@@ -1,0 +1,1 @@
+"""Synthetic video streams with known evidence (for training and measuring tiny models)."""
