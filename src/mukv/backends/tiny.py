@@ -80,17 +80,14 @@ def build_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def build_tiny_model(directory: str | Path, *, seed: int = 0, spec: TinyModelSpec | None = None) -> Path:
-    """Write a tiny random LLaVA-OneVision checkpoint to ``directory`` and return its path.
-
-    Deterministic: the same ``seed`` and ``spec`` give byte-identical weights and tokenizer.
-    """
+def create_tiny_model(
+    *, seed: int = 0, spec: TinyModelSpec | None = None, tokenizer: Qwen2Tokenizer | None = None
+) -> tuple[LlavaOnevisionForConditionalGeneration, Qwen2Tokenizer]:
+    """A tiny random LLaVA-OneVision and its tokenizer, in memory (deterministic by ``seed``)."""
     spec = spec or TinyModelSpec()
     if spec.image_size % spec.patch_size:
         raise ValueError(f"image_size: {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.vocab_size)
+    tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
     vision = SiglipVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=2 * spec.vision_hidden,
@@ -130,8 +127,16 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0, spec: TinyModelSpe
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config.eos_token_id = text.eos_token_id
+    return model, tokenizer
+
+
+def save_checkpoint(model, tokenizer, directory: str | Path) -> Path:
+    """Write ``model`` and ``tokenizer`` as a checkpoint directory the normal loading path reads."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    side = model.config.vision_config.image_size
     preprocessing = {
         "do_convert_rgb": True,
         "do_normalize": True,
@@ -145,3 +150,12 @@ def build_tiny_model(directory: str | Path, *, seed: int = 0, spec: TinyModelSpe
     }
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
     return out
+
+
+def build_tiny_model(directory: str | Path, *, seed: int = 0, spec: TinyModelSpec | None = None) -> Path:
+    """Write a tiny random LLaVA-OneVision checkpoint to ``directory`` and return its path.
+
+    Deterministic: the same ``seed`` and ``spec`` give byte-identical weights and tokenizer.
+    """
+    model, tokenizer = create_tiny_model(seed=seed, spec=spec)
+    return save_checkpoint(model, tokenizer, directory)

@@ -1,0 +1,402 @@
+"""Training a tiny LLaVA-OneVision on synthetic streams, on CPU, in three stages.
+
+- stage 0: the vision tower alone learns colour, shape and position through linear heads on the
+  features LLaVA-OneVision feeds its projector (per-frame main object, per-quadrant small one);
+- stage 1: single-frame questions (``frame`` and ``patch`` kinds), tower at a low learning rate;
+- stage 2: a curriculum over clip length (2 .. ``max_frames``, short clips kept in the mix) with
+  all three kinds; half of the batches use a frame-isolated mask (frame tokens see the system
+  prompt and their own frame only, all frames at the same positions, as independently
+  prefilled blocks are) and half ordinary causal attention.
+
+The sequence format is exactly the one :class:`mukv.engine.StreamSession` builds: system
+prompt, 16 visual tokens per frame, the question template, then the one-word answer and
+``<|im_end|>``. Everything is deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mukv.backends.prompts import PromptTemplate
+from mukv.backends.tiny import TinyModelSpec, create_tiny_model, save_checkpoint
+from mukv.training.streams import COLOURS, COMMON_SHAPES, KINDS, RARE_SHAPES, Thing, make_stream, render
+from mukv.video.preprocess import FramePreprocessor
+
+log = logging.getLogger(__name__)
+
+SHAPES = COMMON_SHAPES + RARE_SHAPES
+COLOUR_NAMES = tuple(COLOURS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Sizes, steps and learning rates of the three stages."""
+
+    seed: int = 0
+    spec: TinyModelSpec = field(
+        default_factory=lambda: TinyModelSpec(
+            vision_hidden=128, vision_layers=4, vision_heads=4, text_hidden=256, text_layers=4, text_heads=4
+        )
+    )
+    stage0_steps: int = 1500
+    stage0_batch: int = 32
+    stage0_lr: float = 1e-3
+    stage1_steps: int = 1500
+    stage1_batch: int = 32
+    stage1_lr: float = 5e-4
+    stage2_steps: int = 3000
+    stage2_batch: int = 8
+    stage2_lr: float = 3e-4
+    tower_lr: float = 3e-5
+    max_frames: int = 24
+    isolated_share: float = 0.5
+    eval_clips: int = 60
+
+    def __post_init__(self) -> None:
+        for name in ("stage0_steps", "stage1_steps", "stage2_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0")
+        if self.max_frames < 2:
+            raise ValueError("max_frames: must be >= 2")
+        if not 0.0 <= self.isolated_share <= 1.0:
+            raise ValueError("isolated_share: must be in [0, 1]")
+
+
+# --------------------------------------------------------------------------- stage 0 data
+
+
+def sample_frames(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Frames with a random main object (any shape) and, half the time, a small rare one in a
+    random quadrant; labels for the vision heads."""
+    frames, labels = [], {k: [] for k in ("shape", "colour", "present", "small_colour", "small_shape")}
+    for _ in range(n):
+        main = Thing(
+            SHAPES[int(rng.integers(len(SHAPES)))],
+            COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))],
+            float(rng.uniform(0.4, 0.6)),
+            float(rng.uniform(0.4, 0.6)),
+            float(rng.uniform(0.3, 0.5)),
+        )
+        present = np.zeros(4, dtype=np.int64)
+        small_colour = np.zeros(4, dtype=np.int64)
+        small_shape = np.zeros(4, dtype=np.int64)
+        small = None
+        if rng.random() < 0.5:
+            quadrant = int(rng.integers(4))
+            x = (0.2 if quadrant % 2 == 0 else 0.8) + float(rng.uniform(-0.04, 0.04))
+            y = (0.2 if quadrant < 2 else 0.8) + float(rng.uniform(-0.04, 0.04))
+            shape = int(rng.integers(len(RARE_SHAPES)))
+            colour = int(rng.integers(len(COLOUR_NAMES)))
+            small = Thing(RARE_SHAPES[shape], COLOUR_NAMES[colour], x, y, 0.22)
+            main = Thing(main.shape, main.colour, 0.5, 0.5, 0.3)
+            present[quadrant], small_colour[quadrant], small_shape[quadrant] = 1, colour, shape
+        frames.append(render(main, small, size, rng))
+        labels["shape"].append(SHAPES.index(main.shape))
+        labels["colour"].append(COLOUR_NAMES.index(main.colour))
+        labels["present"].append(present)
+        labels["small_colour"].append(small_colour)
+        labels["small_shape"].append(small_shape)
+    return np.stack(frames), {k: np.asarray(v) for k, v in labels.items()}
+
+
+class VisionHeads(torch.nn.Module):
+    """Linear heads on the vision features: main shape/colour from the mean over patches, small
+    object presence/colour/shape per quadrant from the mean over that quadrant's patches."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shape = torch.nn.Linear(width, len(SHAPES))
+        self.colour = torch.nn.Linear(width, len(COLOUR_NAMES))
+        self.present = torch.nn.Linear(width, 2)
+        self.small_colour = torch.nn.Linear(width, len(COLOUR_NAMES))
+        self.small_shape = torch.nn.Linear(width, len(RARE_SHAPES))
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, patches, width = features.shape
+        side = math.isqrt(patches)
+        grid = features.reshape(n, side, side, width)
+        half = side // 2
+        quadrants = torch.stack(
+            [grid[:, r : r + half, c : c + half].mean(dim=(1, 2)) for r in (0, half) for c in (0, half)], dim=1
+        )
+        pooled = features.mean(dim=1)
+        return {
+            "shape": self.shape(pooled),
+            "colour": self.colour(pooled),
+            "present": self.present(quadrants),
+            "small_colour": self.small_colour(quadrants),
+            "small_shape": self.small_shape(quadrants),
+        }
+
+
+def vision_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The tower output LLaVA-OneVision projects (``vision_feature_layer`` of the config)."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer]
+
+
+def heads_loss(outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    present = labels["present"].bool()
+    loss = F.cross_entropy(outputs["shape"], labels["shape"]) + F.cross_entropy(outputs["colour"], labels["colour"])
+    loss = loss + F.cross_entropy(outputs["present"].reshape(-1, 2), labels["present"].reshape(-1))
+    if present.any():
+        loss = loss + F.cross_entropy(outputs["small_colour"][present], labels["small_colour"][present])
+        loss = loss + F.cross_entropy(outputs["small_shape"][present], labels["small_shape"][present])
+    accuracy = {
+        "shape": (outputs["shape"].argmax(-1) == labels["shape"]).float().mean().item(),
+        "colour": (outputs["colour"].argmax(-1) == labels["colour"]).float().mean().item(),
+        "present": (outputs["present"].argmax(-1) == labels["present"]).float().mean().item(),
+    }
+    if present.any():
+        accuracy["small_shape"] = (
+            (outputs["small_shape"][present].argmax(-1) == labels["small_shape"][present]).float().mean().item()
+        )
+        accuracy["small_colour"] = (
+            (outputs["small_colour"][present].argmax(-1) == labels["small_colour"][present]).float().mean().item()
+        )
+    return loss, accuracy
+
+
+# --------------------------------------------------------------------------- QA data
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # [T, S, S, 3]
+    question: str
+    answer: str
+    kind: str
+
+
+def sample_clip(rng: np.random.Generator, frames: int, kind: str, size: int) -> Clip:
+    """A clip of ``frames`` frames with one question of ``kind`` about it (``frames`` may be 1
+    for the single-frame kinds: the evidence frame alone)."""
+    length = max(frames, 2)
+    stream = make_stream(length, seed=int(rng.integers(2**31)), size=size, kinds=(kind,))
+    (question,) = stream.questions
+    images = stream.frames
+    if frames == 1:
+        images = images[question.first_frame : question.first_frame + 1]
+    return Clip(images, question.question, question.answer, kind)
+
+
+class SequenceBuilder:
+    """Turns clips into training batches in the session's exact sequence format."""
+
+    def __init__(self, model, tokenizer, preprocessor: FramePreprocessor, prompts: PromptTemplate) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+        self.prompts = prompts
+        self.system_ids = self._ids(prompts.system)
+        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        self.tokens_per_frame = math.ceil(grid / 2) ** 2
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def batch(self, clips: list[Clip], *, isolated: bool) -> dict[str, torch.Tensor]:
+        """Embeddings ``[B, L, d]``, labels ``[B, L]`` (-100 outside answers), positions ``[B, L]``
+        and a boolean attention mask ``[B, 1, L, L]``."""
+        lm = self.model.model.language_model
+        embed = lm.get_input_embeddings()
+        t = clips[0].frames.shape[0]
+        assert all(c.frames.shape[0] == t for c in clips), "one clip length per batch"
+        pixels = self.preprocessor(np.concatenate([c.frames for c in clips]))
+        features = self.model.model.get_video_features(
+            pixel_values_videos=pixels.reshape(len(clips), t, *pixels.shape[1:])
+        )
+        visual = features.pooler_output[:, :-1]  # [B, T*P, d]; the trailing newline is not used
+        init = len(self.system_ids)
+        p = self.tokens_per_frame
+        tails = [self._ids(self.prompts.render_question(c.question)) for c in clips]
+        answers = [[*self._ids(c.answer), self.eos] for c in clips]
+        length = init + t * p + max(len(q) + len(a) for q, a in zip(tails, answers, strict=True))
+        b = len(clips)
+        pad = self.tokenizer.pad_token_id
+        text_ids = torch.full((b, length - init - t * p), pad, dtype=torch.long)
+        labels = torch.full((b, length), -100, dtype=torch.long)
+        valid = torch.zeros(b, length, dtype=torch.bool)
+        for i, (q, a) in enumerate(zip(tails, answers, strict=True)):
+            text_ids[i, : len(q) + len(a)] = torch.tensor(q + a)
+            start = init + t * p + len(q)
+            # The token before each answer token predicts it.
+            labels[i, start - 1 : start - 1 + len(a)] = torch.tensor(a)
+            valid[i, : init + t * p + len(q) + len(a)] = True
+        system = embed(torch.tensor(self.system_ids)).unsqueeze(0).expand(b, -1, -1)
+        embeds = torch.cat([system, visual, embed(text_ids)], dim=1)
+        positions = torch.arange(length).unsqueeze(0).repeat(b, 1)
+        allowed = torch.ones(length, length, dtype=torch.bool).tril()
+        if isolated:
+            frame_pos = torch.arange(init, init + p)
+            for f in range(t):
+                rows = slice(init + f * p, init + (f + 1) * p)
+                positions[:, rows] = frame_pos
+                allowed[rows, init : init + t * p] = False
+                allowed[rows, rows] = torch.ones(p, p, dtype=torch.bool).tril()
+        mask = allowed.unsqueeze(0).unsqueeze(0) & valid[:, None, None, :]
+        mask = mask | torch.eye(length, dtype=torch.bool)  # padded rows attend to themselves only
+        return {"embeds": embeds, "labels": labels, "positions": positions, "mask": mask}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy on answer tokens, and per-sample exactness (every answer token right)."""
+        lm = self.model.model.language_model
+        hidden = lm(
+            inputs_embeds=batch["embeds"], attention_mask=batch["mask"], position_ids=batch["positions"]
+        ).last_hidden_state
+        labels = batch["labels"]
+        picked = labels != -100
+        logits = self.model.lm_head(hidden[picked])
+        loss = F.cross_entropy(logits, labels[picked])
+        right = torch.zeros_like(labels, dtype=torch.bool)
+        right[picked] = logits.argmax(-1) == labels[picked]
+        exact = (right | ~picked).all(dim=1)
+        return loss, exact
+
+
+# --------------------------------------------------------------------------- loops
+
+
+def _schedule(step: int, total: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, total: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = _schedule(step, total, group["base_lr"])
+
+
+Report = Callable[[str, int, dict], None]
+
+
+def train_stage0(model, preprocessor, cfg: TrainConfig, rng, report: Report) -> dict:
+    heads = VisionHeads(model.config.vision_config.hidden_size)
+    params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "base_lr": cfg.stage0_lr, "lr": cfg.stage0_lr}], weight_decay=0.01
+    )
+    model.train()
+    stats: dict = {}
+    for step in range(cfg.stage0_steps):
+        _set_lr(optimizer, step, cfg.stage0_steps)
+        frames, labels = sample_frames(rng, cfg.stage0_batch, cfg.spec.image_size)
+        outputs = heads(vision_features(model, preprocessor(frames)))
+        loss, accuracy = heads_loss(outputs, {k: torch.from_numpy(v) for k, v in labels.items()})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == cfg.stage0_steps - 1:
+            stats = {"loss": loss.item(), **accuracy}
+            report("stage0", step, stats)
+    model.eval()
+    with torch.no_grad():
+        frames, labels = sample_frames(np.random.default_rng(cfg.seed + 99), 256, cfg.spec.image_size)
+        _, accuracy = heads_loss(
+            heads(vision_features(model, preprocessor(frames))), {k: torch.from_numpy(v) for k, v in labels.items()}
+        )
+    return accuracy
+
+
+def _qa_optimizer(model, lr: float, tower_lr: float) -> torch.optim.Optimizer:
+    tower = list(model.model.vision_tower.parameters())
+    tower_ids = {id(p) for p in tower}
+    rest = [p for p in model.parameters() if id(p) not in tower_ids]
+    return torch.optim.AdamW(
+        [{"params": rest, "base_lr": lr, "lr": lr}, {"params": tower, "base_lr": tower_lr, "lr": tower_lr}],
+        weight_decay=0.01,
+    )
+
+
+def _clip_lengths(step: int, total: int, max_frames: int, rng) -> int:
+    """Curriculum: the longest length grows linearly from 2 to ``max_frames``; a third of the
+    batches stay short (2-4 frames)."""
+    top = 2 + round((max_frames - 2) * min(1.0, step / max(1, total * 0.7)))
+    if rng.random() < 1 / 3:
+        return int(rng.integers(2, min(4, top) + 1))
+    return int(rng.integers(2, top + 1))
+
+
+def train_qa(builder: SequenceBuilder, cfg: TrainConfig, rng, report: Report, *, stage: int) -> None:
+    model = builder.model
+    steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
+    lr = cfg.stage1_lr if stage == 1 else cfg.stage2_lr
+    optimizer = _qa_optimizer(model, lr, cfg.tower_lr)
+    model.train()
+    window: list[float] = []
+    for step in range(steps):
+        _set_lr(optimizer, step, steps)
+        if stage == 1:
+            frames, kinds, isolated, batch = 1, ("frame", "patch"), False, cfg.stage1_batch
+        else:
+            frames, kinds, batch = _clip_lengths(step, steps, cfg.max_frames, rng), KINDS, cfg.stage2_batch
+            isolated = bool(rng.random() < cfg.isolated_share)
+        clips = [
+            sample_clip(rng, frames, kinds[int(rng.integers(len(kinds)))], cfg.spec.image_size) for _ in range(batch)
+        ]
+        loss, exact = builder.loss(builder.batch(clips, isolated=isolated))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(exact.float().mean().item())
+        if step % 50 == 0 or step == steps - 1:
+            report(
+                f"stage{stage}", step, {"loss": loss.item(), "exact": float(np.mean(window[-50:])), "frames": frames}
+            )
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate(builder: SequenceBuilder, lengths: tuple[int, ...], clips: int, seed: int) -> dict[str, dict[str, float]]:
+    """Answer exactness (every answer token right, i.e. greedy decoding gives the answer) by
+    question kind and clip length, with full causal attention."""
+    rng = np.random.default_rng(seed)
+    results: dict[str, dict[str, float]] = {}
+    size = builder.model.config.vision_config.image_size
+    for length in lengths:
+        kinds = ("frame", "patch") if length == 1 else KINDS
+        for kind in kinds:
+            right = 0
+            for start in range(0, clips, 8):
+                batch = [sample_clip(rng, length, kind, size) for _ in range(min(8, clips - start))]
+                _, exact = builder.loss(builder.batch(batch, isolated=False))
+                right += int(exact.sum())
+            results.setdefault(kind, {})[str(length)] = right / clips
+    return results
+
+
+def train_tiny(out: str | Path, cfg: TrainConfig | None = None, report: Report | None = None) -> dict:
+    """Train all stages and save the checkpoint with a ``training.json`` record into ``out``."""
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model, tokenizer = create_tiny_model(seed=cfg.seed, spec=cfg.spec)
+    preprocessor = FramePreprocessor(size=cfg.spec.image_size)
+    report = report or (lambda stage, step, stats: log.info("%s step %d: %s", stage, step, stats))
+    started = time.time()
+    record: dict = {"config": asdict(cfg)}
+    record["stage0_accuracy"] = train_stage0(model, preprocessor, cfg, rng, report)
+    builder = SequenceBuilder(model, tokenizer, preprocessor, PromptTemplate())
+    train_qa(builder, cfg, rng, report, stage=1)
+    record["stage1_accuracy"] = evaluate(builder, (1,), cfg.eval_clips, cfg.seed + 1)
+    train_qa(builder, cfg, rng, report, stage=2)
+    record["accuracy"] = evaluate(builder, (1, 4, 16), cfg.eval_clips, cfg.seed + 2)
+    record["seconds"] = time.time() - started
+    save_checkpoint(model, tokenizer, out)
+    (Path(out) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
