@@ -62,20 +62,29 @@ def test_attention_importance_in_shared_encoding_uses_the_blocks_own_queries_and
         assert (memory.store.payload(record.block_id).scores - expected).abs().max().item() < 1e-5
 
 
-def test_capture_leaves_outputs_unchanged_and_restores_attention(backend):
+def test_capture_leaves_outputs_unchanged_and_removes_the_hook(backend):
+    from mukv.compress.attention import ATTENTION_NAME
+
     features = backend.encode_frames(make_frames(1)).reshape(1, -1, backend.text.hidden_size)
     cache, init = backend.system_cache()
     positions = torch.arange(init, init + features.shape[1]).unsqueeze(0)
+    backend.model.set_attn_implementation({"text_config": "sdpa"})
     plain = backend.forward(features, cache, positions)
     cache, _ = backend.system_cache()
     with backend.capture_attention({2: 1.0}) as capture:
         captured = backend.forward(features, cache, positions)
     assert torch.equal(plain, captured)
     assert capture.probs.shape == (1, features.shape[1], init + features.shape[1])
-    assert backend.model.config.get_text_config()._attn_implementation == "sdpa"
-    with pytest.raises(RuntimeError, match="boom"), backend.capture_attention({2: 1.0}):
+    assert backend.model.config.get_text_config()._attn_implementation == ATTENTION_NAME
+    recorded = capture.probs
+    cache, _ = backend.system_cache()
+    assert torch.equal(backend.forward(features, cache, positions), plain)  # no hook: plain sdpa
+    assert capture.probs is recorded
+    with pytest.raises(RuntimeError, match="boom"), backend.capture_attention({2: 1.0}) as failed:
         raise RuntimeError("boom")
-    assert backend.model.config.get_text_config()._attn_implementation == "sdpa"
+    cache, _ = backend.system_cache()
+    backend.forward(features, cache, positions)
+    assert failed.probs is None  # the hook was removed despite the exception
 
 
 @pytest.mark.parametrize("encode", ["shared", "independent"])

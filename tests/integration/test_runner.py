@@ -19,6 +19,7 @@ TIMING = {
     "total_seconds",
     "peak_rss_bytes",
     "peak_accelerator_bytes",
+    "frames_encoded",  # counts re-encoding after a resume
 }
 
 

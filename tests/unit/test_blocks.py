@@ -124,7 +124,6 @@ def test_payloads_are_stored_on_cpu_and_unchanged(store):
         assert p.kv.shape == (LAYERS, 2, KV_HEADS, 3, HEAD_DIM)
         assert p.positions.tolist() == [13, 14, 15]
     assert store.record(0).location == "cpu"
-    assert store.pin_memory is False
 
 
 # --- index -------------------------------------------------------------------------------
@@ -252,3 +251,21 @@ def test_quadrant_with_a_non_square_grid_raises(tokens):
 def test_unknown_patch_layout_raises(layout):
     with pytest.raises(ValueError, match="patch_layout"):
         patch_token_indices(16, layout)
+
+
+def test_to_device_concatenates_in_one_copy():
+    from mukv.kv.blocks import to_device
+
+    parts = [torch.arange(6.0).reshape(1, 2, 3), torch.arange(6.0, 10.0).reshape(1, 2, 2)]
+    out = to_device(parts, dim=2, device=torch.device("cpu"))
+    assert torch.equal(out, torch.cat(parts, dim=2))
+
+
+@pytest.mark.gpu
+def test_to_device_stages_through_pinned_memory_on_cuda():
+    from mukv.kv.blocks import to_device
+
+    parts = [torch.randn(2, 3, 4), torch.randn(2, 5, 4)]
+    out = to_device(parts, dim=1, device=torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert out.device.type == "cuda" and torch.equal(out.cpu(), torch.cat(parts, dim=1))

@@ -107,21 +107,26 @@ def _register() -> None:
 
 @contextmanager
 def attention_hook(model, hook: AttentionHook) -> Iterator[AttentionHook]:
-    """Within the block, ``model``'s language-model attention calls go through ``hook``.
+    """Within the block, ``model``'s language-model attention calls (in this thread or task)
+    go through ``hook``; the hook is removed in ``finally``.
 
-    The model's text attention implementation is switched to the hooked sdpa and restored in
-    ``finally``, whatever happens inside.
+    The first use switches the model's text attention to the hooked sdpa and leaves it there:
+    without an active hook it is plain sdpa, and not switching back and forth keeps concurrent
+    sessions sharing one model from turning each other's hooks off.
     """
     _register()
     text_config = model.config.get_text_config()
-    previous = text_config._attn_implementation
-    model.set_attn_implementation({"text_config": ATTENTION_NAME})
+    if text_config._attn_implementation != ATTENTION_NAME:
+        if text_config._attn_implementation != "sdpa":
+            raise ValueError(
+                f"attention hooks need sdpa attention, the model uses {text_config._attn_implementation!r}"
+            )
+        model.set_attn_implementation({"text_config": ATTENTION_NAME})
     token = _ACTIVE.set(hook)
     try:
         yield hook
     finally:
         _ACTIVE.reset(token)
-        model.set_attn_implementation({"text_config": previous})
 
 
 @contextmanager

@@ -38,6 +38,7 @@ class Answer:
 
     ``stop_reason`` is ``"eos"`` when the model ended the answer, ``"length"`` when
     ``max_new_tokens`` cut it. ``generated_tokens`` counts every decoded token, EOS included.
+    ``frames_encoded`` counts the frames ingested since the previous question.
     ``first_logits`` (float32 ``[V]``, the distribution of the first answer token) is kept only
     when asked for, since it is as large as the vocabulary.
     """
@@ -55,6 +56,7 @@ class Answer:
     method: str
     stop_reason: str
     generated_tokens: int
+    frames_encoded: int = 0
     first_logits: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +75,7 @@ class Answer:
             "method": self.method,
             "stop_reason": self.stop_reason,
             "generated_tokens": self.generated_tokens,
+            "frames_encoded": self.frames_encoded,
         }
 
 

@@ -58,6 +58,7 @@ class StreamSession:
         self._time: float | None = None
         self._vision_seconds = 0.0
         self._memory_seconds = 0.0
+        self._frames_encoded = 0
 
     @property
     def time(self) -> float | None:
@@ -102,6 +103,7 @@ class StreamSession:
             self.memory.ingest(features, times)
             self._vision_seconds += encoded - start
             self._memory_seconds += self._clock() - encoded
+            self._frames_encoded += int(tensor.shape[0])
             self._time = float(times[-1])
         return int(tensor.shape[0])
 
@@ -133,9 +135,14 @@ class StreamSession:
         *,
         max_new_tokens: int | None = None,
         output_logits: bool = False,
+        at: float | None = None,
     ) -> Answer:
-        """Answer ``question`` (optionally multiple choice) at the current stream time."""
-        for event in self.ask_stream(question, choices, max_new_tokens=max_new_tokens, output_logits=output_logits):
+        """Answer ``question`` (optionally multiple choice) at time ``at`` (default: the stream
+        time). ``at`` may not be earlier than the newest frame; with ``at`` a question can be
+        asked before any frame arrived (it is then answered from the prompt alone)."""
+        for event in self.ask_stream(
+            question, choices, max_new_tokens=max_new_tokens, output_logits=output_logits, at=at
+        ):
             if isinstance(event, DoneEvent):
                 return event.answer
         raise RuntimeError("decoding ended without a result")  # unreachable: ask_stream always finishes
@@ -147,6 +154,7 @@ class StreamSession:
         *,
         max_new_tokens: int | None = None,
         output_logits: bool = False,
+        at: float | None = None,
     ) -> Iterator[Event]:
         """Like :meth:`ask`, yielding a :class:`TokenEvent` per generated token, then a :class:`DoneEvent`.
 
@@ -159,11 +167,17 @@ class StreamSession:
             max_new_tokens = generation.max_new_tokens if choices is None else generation.max_new_tokens_choice
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if at is not None and not math.isfinite(at):
+            raise ValueError(f"at: must be a finite time in seconds, got {at}")
         with self._lock:
-            if self._time is None:
-                raise StreamError("no frames ingested yet: ingest video before asking")
+            if at is None:
+                if self._time is None:
+                    raise StreamError("no frames ingested yet: ingest video before asking (or pass at=)")
+                at = self._time
+            elif self._time is not None and at < self._time:
+                raise StreamError(f"at: {at:.3f}s is before the newest frame ({self._time:.3f}s)")
             started = self._clock()
-            query = Query(text=question, ids=self.backend.tokenize(question), time=self._time)
+            query = Query(text=question, ids=self.backend.tokenize(question), time=at)
             context = self.memory.prepare(query)
             prepared = self._clock()
             logits: list[torch.Tensor] = []
@@ -199,8 +213,8 @@ class StreamSession:
                 choices=tuple(choices) if choices is not None else None,
                 text=self.backend.decode(answer_ids).strip(),
                 token_ids=tuple(answer_ids),
-                time=self._time,
-                frames_seen=self.memory.frames_until(self._time),
+                time=at,
+                frames_seen=self.memory.frames_until(at),
                 context_tokens=context.context_tokens,
                 timings=Timings(
                     vision=self._vision_seconds,
@@ -214,7 +228,9 @@ class StreamSession:
                 method=self.memory.name,
                 stop_reason="eos" if tokens and tokens[-1] in self.backend.eos_token_ids else "length",
                 generated_tokens=len(tokens),
+                frames_encoded=self._frames_encoded,
                 first_logits=logits[0] if logits else None,
             )
             self._vision_seconds = self._memory_seconds = 0.0
+            self._frames_encoded = 0
         yield DoneEvent(answer)

@@ -40,10 +40,11 @@ class RunData:
 def load_predictions(run_dir: Path) -> list[dict[str, Any]]:
     """The run's predictions: the merged file if present, else every shard file (deduplicated)."""
     merged = run_dir / MERGED_FILE
-    if merged.exists():
+    shards = sorted(run_dir.glob("predictions.shard-*-of-*.jsonl"))
+    if merged.exists() and all(p.stat().st_mtime <= merged.stat().st_mtime for p in shards):
         return read_predictions(merged)
     records: dict[str, dict[str, Any]] = {}
-    for path in sorted(run_dir.glob("predictions.shard-*-of-*.jsonl")):
+    for path in shards:
         for record in read_predictions(path):
             records.setdefault(record["qid"], record)
     return list(records.values())
@@ -94,9 +95,16 @@ def efficiency(records: list[dict[str, Any]]) -> dict[str, float | None]:
         current = last.get(record["video_id"])
         if current is None or record["time"] >= current["time"]:
             last[record["video_id"]] = record
-    hours = sum(r["time"] for r in last.values()) / 3600
+    # n sampled frames stand for n sampling periods of video (older records: the last frame's time).
+    hours = sum(r["frames_seen"] * r["sample_period"] if r.get("sample_period") else r["time"] for r in last.values())
+    hours /= 3600
     stored = sum(r["memory"]["total_bytes"] for r in last.values())
-    frames = sum(r["frames_seen"] for r in last.values())
+    # Frames encoded per record count re-encoding after a resume with its time; older records
+    # without the count fall back to the frames seen.
+    if all("frames_encoded" in r for r in records):
+        frames = sum(r["frames_encoded"] for r in records)
+    else:
+        frames = sum(r["frames_seen"] for r in last.values())
     encode = sum(r["encode_seconds"] for r in records)
     n = len(records)
     return {

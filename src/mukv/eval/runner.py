@@ -145,7 +145,8 @@ def _versions() -> dict[str, str]:
 def _identity(config: RunConfig, method_config: Any) -> dict[str, Any]:
     """The fields that must agree for two processes to write into the same run directory."""
     data = dataclasses.asdict(config)
-    for key in ("device", "dtype", "videos"):
+    # The device and the video root may change between resumes; the numeric precision may not.
+    for key in ("device", "videos"):
         data.pop(key)
     data["method_config"] = dataclasses.asdict(method_config)
     return data
@@ -214,6 +215,7 @@ def _record(question: Question, answer, backend, sample_period: float) -> dict[s
         peak_rss_bytes=_peak_rss_bytes(),
         peak_accelerator_bytes=_peak_accelerator_bytes(backend),
         sample_period=sample_period,
+        frames_encoded=answer.frames_encoded,
     )
     return prediction.model_dump(mode="json")
 
@@ -289,17 +291,10 @@ def run_benchmark(
                     iterator = progress(iterator, len(questions))
                 for question in iterator:
                     session.ingest_source(source, until=question.time)
-                    if session.time is None:
-                        # No frame at or before the question time: take the first frame, the
-                        # earliest possible visual context, and say so in the record.
-                        batch = source.next_batch(1)
-                        if batch is None:
-                            raise RunError(f"{found[video.video_id]}: no frames")
-                        session.ingest(batch.frames, batch.timestamps)
-                        log.warning(
-                            "%s: no frame before %.2fs; answering from the first frame", question.qid, question.time
-                        )
-                    answer = session.ask(question.question, question.choices, max_new_tokens=config.max_new_tokens)
+                    # Asked at the question's time: with no frame by then, from the prompt alone.
+                    answer = session.ask(
+                        question.question, question.choices, max_new_tokens=config.max_new_tokens, at=question.time
+                    )
                     writer.write(_record(question, answer, backend, 1.0 / config.sample_fps))
                     summary.answered += 1
                     budget -= 1

@@ -105,3 +105,5 @@ class Prediction(BaseModel):
     peak_accelerator_bytes: int | None = None
     # Seconds between sampled frames: a frame stands for the interval until the next sample.
     sample_period: float | None = None
+    # Frames encoded since the previous question in this process (re-encoding after a resume included).
+    frames_encoded: int | None = None

@@ -26,7 +26,9 @@ def score_run(run_dir: Path, judge: Judge | None) -> dict[str, Any]:
     if not records:
         raise RunError(f"{run_dir}: no predictions to score")
     scores: dict[str, Any] = compute_scores(records)
-    scores["judge"] = None
+    previous = run_dir / SCORES_FILE
+    # Scoring without a judge keeps an earlier judge result (its cache makes re-judging free anyway).
+    scores["judge"] = json.loads(previous.read_text()).get("judge") if previous.exists() else None
     open_ended = [r for r in records if not r.get("choices")]
     if judge is not None and open_ended:
         scores["judge"] = score_open_ended(open_ended, judge)

@@ -1,9 +1,10 @@
 """Block metadata apart from payload tensors.
 
-A :class:`BlockRecord` is small, immutable bookkeeping (ids, frame span, times, positions,
-bytes). Payloads (the kept K/V of every layer) live in a :class:`BlockStore` addressed by id,
-off the accelerator: pinned CPU memory when the model runs on CUDA, so that assembling a cache
-is one asynchronous copy.
+A :class:`BlockRecord` is small, immutable bookkeeping (ids, frame span, times, bytes).
+Payloads (the kept K/V of every layer) live in a :class:`BlockStore` addressed by id, in CPU
+memory. Assembling a cache gathers the chosen payloads into one pinned staging buffer and copies
+it to the accelerator asynchronously (:func:`to_device`): pinning every block instead would round
+each allocation up to a power of two (up to +74% for a 196-token ReKV frame).
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ class BlockPayload:
         return sum(t.nbytes for t in (self.kv, self.positions, self.kept, self.scores))
 
 
+def to_device(parts: list[torch.Tensor], *, dim: int, device: torch.device) -> torch.Tensor:
+    """Concatenate CPU tensors along ``dim`` onto ``device`` with one copy.
+
+    For CUDA the parts are gathered into a pinned staging buffer and copied asynchronously; the
+    host allocator keeps the buffer alive until the copy has finished.
+    """
+    if device.type != "cuda":
+        return torch.cat(parts, dim=dim).to(device)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    staging = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
+    torch.cat(parts, dim=dim, out=staging)
+    return staging.to(device, non_blocking=True)
+
+
 class BlockStore:
     """Records, payloads and representative vectors of stored blocks, by granularity.
 
@@ -58,8 +74,7 @@ class BlockStore:
     that retrieval is a single matrix product.
     """
 
-    def __init__(self, *, pin_memory: bool = False) -> None:
-        self.pin_memory = pin_memory
+    def __init__(self) -> None:
         self._records: dict[int, BlockRecord] = {}
         self._payloads: dict[int, BlockPayload] = {}
         self._representatives: dict[int, torch.Tensor] = {}
@@ -80,10 +95,8 @@ class BlockStore:
         representative: torch.Tensor,
         provisional: bool = False,
     ) -> BlockRecord:
-        """Store a block (payload moved to CPU, pinned if configured) and return its record."""
+        """Store a block (payload moved to CPU memory) and return its record."""
         kv = payload.kv.to("cpu")
-        if self.pin_memory:
-            kv = kv.pin_memory()
         payload = BlockPayload(
             kv=kv, positions=payload.positions.cpu(), kept=payload.kept.cpu(), scores=payload.scores.cpu()
         )
@@ -99,7 +112,7 @@ class BlockStore:
             end_time=end_time,
             tokens=int(payload.kv.shape[3]),
             nbytes=payload.nbytes + representative.numel() * 4,
-            location="pinned" if self.pin_memory else "cpu",
+            location="cpu",
             provisional=provisional,
         )
         self._records[block_id] = record

@@ -23,6 +23,10 @@ class SlidingWindow:
         self.backend = backend
         self.n_local = n_local
         self.cache, self.init_len = backend.system_cache()
+        # Window keys as computed, and the positions they were computed at: every re-positioning
+        # rotates from these, so rounding never accumulates over many evictions.
+        self._computed_keys: list[torch.Tensor] = [layer.keys[:, :, :0] for layer in self.cache.layers]
+        self._computed_at = torch.empty(0, dtype=torch.long, device=backend.device)
 
     @property
     def length(self) -> int:
@@ -42,6 +46,11 @@ class SlidingWindow:
         kv = torch.stack(
             [torch.stack((layer.keys[0, :, -m:], layer.values[0, :, -m:])) for layer in self.cache.layers]
         ).clone()
+        self._computed_keys = [
+            torch.cat((computed, layer.keys[:, :, -m:]), dim=2)
+            for computed, layer in zip(self._computed_keys, self.cache.layers, strict=True)
+        ]
+        self._computed_at = torch.cat((self._computed_at, positions))
         self._evict()
         return kv, positions
 
@@ -50,13 +59,21 @@ class SlidingWindow:
         if excess <= 0:
             return
         init = self.init_len
-        kept = self.length - excess
-        delta = torch.full((kept,), -excess, device=self.backend.device)
+        self._computed_at = self._computed_at[excess:]
+        delta = torch.arange(init, init + self._computed_at.shape[0], device=self.backend.device) - self._computed_at
         inv_freq = self.backend.rope_inv_freq
-        for layer in self.cache.layers:
-            keys = rerotate(layer.keys[:, :, init + excess :], delta, inv_freq)
+        for i, layer in enumerate(self.cache.layers):
+            self._computed_keys[i] = self._computed_keys[i][:, :, excess:]
+            keys = rerotate(self._computed_keys[i], delta, inv_freq)
             layer.keys = torch.cat((layer.keys[:, :, :init], keys), dim=2)
             layer.values = torch.cat((layer.values[:, :, :init], layer.values[:, :, init + excess :]), dim=2)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held beyond the system prompt: window keys and values plus the keys as computed."""
+        init = self.init_len
+        held = sum(layer.keys[:, :, init:].nbytes + layer.values[:, :, init:].nbytes for layer in self.cache.layers)
+        return held + sum(k.nbytes for k in self._computed_keys)
 
     def prefix(self, tokens: int) -> DynamicCache:
         """A new cache of ``[init | first tokens of the window]`` (views; the window is not changed)."""

@@ -72,8 +72,10 @@ class Query:
 class AnswerContext:
     """An assembled cache to append the question to.
 
-    ``next_position`` is the RoPE position of the first question token (methods that re-use
-    positions, like MuKV's reference order, make it differ from ``context_tokens``).
+    ``next_position`` is the RoPE position of the first question token. Every built-in method
+    uses the cache length, as transformers does by default (so MuKV's ``reference`` order, whose
+    blocks keep overlapping baked-in positions, puts the question after the cache length like the
+    release does); a method may choose otherwise.
     """
 
     cache: DynamicCache

@@ -25,7 +25,7 @@ from mukv.compress.scorers import (
     select_dedup,
     select_tokens,
 )
-from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore
+from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore, to_device
 from mukv.kv.rope import rerotate
 from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
 from mukv.memory.granularity import GranularitySpec, mukv_specs, part_indices, patch_token_indices
@@ -90,7 +90,7 @@ class MukvMemory(MemoryMethod):
         super().__init__(backend, config)
         cfg = self.config
         self.specs = tuple(spec for spec in mukv_specs(cfg.segment_frames) if cfg.granularities.get(spec.name))
-        self.store = BlockStore(pin_memory=backend.device.type == "cuda")
+        self.store = BlockStore()
         cache, self._init_len = backend.system_cache()
         self._init = [(layer.keys, layer.values) for layer in cache.layers]
         self._layers = scored_layers(cfg.attention_layer, backend.text.num_layers)
@@ -135,7 +135,8 @@ class MukvMemory(MemoryMethod):
                 group = self._open[spec.name]
                 group.frames.append(start + i)
                 group.times.append(times[i])
-                group.features.append(features[i].detach())
+                # A copy, so that an open group does not keep the whole ingested batch alive.
+                group.features.append(features[i].detach().clone() if spec.frames > 1 else features[i].detach())
                 if group.complete:
                     pending.extend(self._pending_blocks(group))
                     self._open[spec.name] = _Group(spec)
@@ -149,16 +150,18 @@ class MukvMemory(MemoryMethod):
         ]
 
     def _encode_pending(self, pending: list[_Pending], *, provisional: bool) -> None:
-        """Prefill ``pending`` blocks independently, batching blocks of equal length, and store them."""
-        by_length: dict[int, list[int]] = {}
-        for i, block in enumerate(pending):
-            by_length.setdefault(block.embeds.shape[0], []).append(i)
-        scored: dict[int, _Scored] = {}
-        for indices in by_length.values():
-            blocks = self._independent_blocks(torch.stack([pending[i].embeds for i in indices]))
-            scored.update(zip(indices, blocks, strict=True))
-        for i, block in enumerate(pending):
-            self._store_group_block(block.group, block.part, scored[i], provisional=provisional)
+        """Prefill ``pending`` blocks independently, batching blocks of equal length, and store
+        each batch as soon as it is scored (uncompressed KV never outlives its batch)."""
+        by_length: dict[int, list[_Pending]] = {}
+        for block in pending:
+            by_length.setdefault(block.embeds.shape[0], []).append(block)
+        size = self.config.encode_batch_blocks
+        for blocks in by_length.values():
+            for start in range(0, len(blocks), size):
+                chunk = blocks[start : start + size]
+                scored = self._independent_blocks(torch.stack([b.embeds for b in chunk]))
+                for block, result in zip(chunk, scored, strict=True):
+                    self._store_group_block(block.group, block.part, result, provisional=provisional)
 
     def _batched_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill ``embeds [B, n, d]`` as ``B`` independent blocks after the system prompt.
@@ -320,13 +323,14 @@ class MukvMemory(MemoryMethod):
         embeds = self.backend.embed_ids(ids)
         if self.config.query == "last_key":
             self.backend.forward(embeds, cache, positions, logits="none")
-            return cache.layers[last].keys[0, :, -1].float().reshape(-1)
+            # Representatives live off the accelerator; ranking happens where they are.
+            return cache.layers[last].keys[0, :, -1].float().reshape(-1).cpu()
         with self.backend.capture_attention({}, query_layer=last) as capture:
             self.backend.forward(embeds, cache, positions, logits="none")
         queries = capture.queries[0].mean(dim=1)  # [H, D]
         kv_heads = self.backend.text.num_kv_heads
         # Query heads sharing a KV head are averaged, so the vector lives in the keys' space.
-        return queries.reshape(kv_heads, -1, queries.shape[-1]).mean(dim=1).reshape(-1)
+        return queries.reshape(kv_heads, -1, queries.shape[-1]).mean(dim=1).reshape(-1).cpu()
 
     def _eligible_index(self, time: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per granularity, ``(ids, representatives)`` of blocks that end at or before ``time``."""
@@ -390,10 +394,7 @@ class MukvMemory(MemoryMethod):
         if not records:
             return DynamicCache(ddp_cache_data=self._init), 0
         payloads = [self.store.payload(r.block_id) for r in records]
-        host = torch.cat([p.kv for p in payloads], dim=3)  # [L, 2, Hkv, total, D]
-        if self.store.pin_memory:
-            host = host.pin_memory()
-        kv = host.to(self.backend.device, non_blocking=True)
+        kv = to_device([p.kv for p in payloads], dim=3, device=self.backend.device)  # [L, 2, Hkv, total, D]
         total = kv.shape[3]
         if self.config.order == "temporal":
             old = torch.cat([p.positions for p in payloads]).to(self.backend.device)

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mukv.errors import StreamError
-from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore
+from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore, to_device
 from mukv.kv.rope import rerotate
 from mukv.kv.window import SlidingWindow
 from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
@@ -50,7 +50,8 @@ def _unrotated_group_query(query: torch.Tensor, positions: torch.Tensor, kv_head
     """Mean over tokens of un-rotated queries ``[1, H, n, D]``, summed within each KV group:
     ``[Hkv * D]``, so that ``score = q . r`` equals the dot product with KV heads repeated to ``H``."""
     q = rerotate(query[0].float(), -positions.to(query.device), inv_freq).mean(dim=1)  # [H, D]
-    return q.reshape(kv_heads, -1, q.shape[-1]).sum(dim=1).reshape(-1)
+    # Representatives live off the accelerator; the ranking (and its top-k) happens there.
+    return q.reshape(kv_heads, -1, q.shape[-1]).sum(dim=1).reshape(-1).cpu()
 
 
 @dataclass
@@ -108,7 +109,7 @@ class RekvMemory(MemoryMethod):
         self.init_len = self.window.init_len
         cache, _ = backend.system_cache()
         self._init = [(layer.keys, layer.values) for layer in cache.layers]
-        self.store = BlockStore(pin_memory=backend.device.type == "cuda")
+        self.store = BlockStore()
         self._open_frames: list[int] = []
         self._open_times: list[float] = []
         self._open_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -173,7 +174,7 @@ class RekvMemory(MemoryMethod):
             empty = torch.empty(shape, device=device, dtype=self.backend.dtype)
             return empty, empty
         payloads = [self.store.payload(i) for i in ids]
-        kv = torch.cat([p.kv[layer] for p in payloads], dim=2).to(device, non_blocking=True)  # [2, Hkv, R, D]
+        kv = to_device([p.kv[layer] for p in payloads], dim=2, device=device)  # [2, Hkv, R, D]
         old = torch.cat([p.positions for p in payloads]).to(device)
         new = torch.arange(self.init_len, self.init_len + old.shape[0], device=device)
         keys = rerotate(kv[0], new - old, self.backend.rope_inv_freq)
@@ -276,8 +277,7 @@ class RekvMemory(MemoryMethod):
             blocks[g] = blocks.get(g, 0) + 1
             tokens[g] = tokens.get(g, 0) + record.tokens
             nbytes[g] = nbytes.get(g, 0) + record.nbytes
-        window = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.window.cache.layers)
-        nbytes["window"] = window - nbytes["init"]
+        nbytes["window"] = self.window.nbytes
         nbytes["pending"] = sum(kv.nbytes for kv, _ in self._open_kv)
         return MemoryStats(frames=self.frames, blocks=blocks, tokens=tokens, bytes=nbytes)
 
@@ -353,5 +353,5 @@ class RecentMemory(MemoryMethod):
             frames=self.frames,
             blocks={"init": 1, "frame": len(self._window_frames())},
             tokens={"init": init, "frame": self.window.length},
-            bytes={"init": init * per_token, "frame": self.window.length * per_token},
+            bytes={"init": init * per_token, "frame": self.window.nbytes},
         )
