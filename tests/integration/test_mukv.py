@@ -241,3 +241,42 @@ def test_paper_preset_token_counts_at_196_tokens_per_frame(backend_196):
     assert context.context_tokens - backend_196.system_cache()[1] == 20 * 4 + 32 * 19 + 12 * 627 == 8212
     assert isinstance(context.cache, DynamicCache)
     assert context.cache.get_seq_length() == context.context_tokens
+
+
+@pytest.mark.parametrize("encode", ["independent", "shared"])
+def test_a_question_before_the_newest_frame_gets_the_open_segment_prefix(backend, encode):
+    """Six frames, segments of four, a question at 4.5 s: frame 4 must be in a segment block,
+    and that block equals the one a memory that only saw frames 0-4 builds."""
+    from mukv.memory import Query
+
+    features = backend.encode_frames(make_frames(6, seed=31))
+    times = np.arange(6.0)
+    later = create_memory("mukv", backend, overrides={"encode": encode})
+    later.ingest(features, times)
+    early = create_memory("mukv", backend, overrides={"encode": encode})
+    early.ingest(features[:5], times[:5])
+    query = Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=4.5)
+    a, b = later.prepare(query), early.prepare(query)
+    spans = sorted((r.first_frame, r.last_frame) for r in later.store.records("segment") if r.end_time <= 4.5)
+    assert spans == [(0, 3), (4, 4)]
+    (mine,) = [r for r in later.store.records("segment") if r.first_frame == 4]
+    (theirs,) = [r for r in early.store.records("segment") if r.first_frame == 4]
+    pa, pb = later.store.payload(mine.block_id), early.store.payload(theirs.block_id)
+    assert torch.equal(pa.kept, pb.kept)
+    assert (pa.kv - pb.kv).abs().max().item() < 1e-5 and (pa.scores - pb.scores).abs().max().item() < 1e-5
+    assert a.context_tokens == b.context_tokens
+    # Asking at the newest frame afterwards rebuilds the provisional block for frames 4-5.
+    later.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=5.0))
+    assert sorted((r.first_frame, r.last_frame) for r in later.store.records("segment")) == [(0, 3), (4, 5)]
+
+
+def test_rekv_open_block_prefix_for_an_earlier_question(backend):
+    from mukv.memory import Query
+
+    memory = create_memory("rekv", backend, overrides={"block_frames": 3})
+    memory.ingest(backend.encode_frames(make_frames(5, seed=32)), np.arange(5.0))
+    memory.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=3.5))
+    assert sorted((r.first_frame, r.last_frame, r.provisional) for r in memory.store.records()) == [
+        (0, 2, False),
+        (3, 3, True),
+    ]

@@ -67,19 +67,50 @@ def to_device(parts: list[torch.Tensor], *, dim: int, device: torch.device) -> t
     return staging.to(device, non_blocking=True)
 
 
+class _Index:
+    """Per-granularity ids, representatives and end times in buffers that grow by doubling, so
+    that adding a block is amortised O(1) and a question reads views, never a rebuild."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ids = torch.empty(0, dtype=torch.long)
+        self.end_times = torch.empty(0, dtype=torch.float64)
+        self.reps: torch.Tensor | None = None
+
+    def append(self, block_id: int, end_time: float, representative: torch.Tensor) -> None:
+        if self.reps is None:
+            self.reps = torch.empty((0, *representative.shape), dtype=torch.float32)
+        if self.count == self.ids.shape[0]:
+            capacity = max(16, 2 * self.count)
+            self.ids = torch.cat((self.ids, torch.empty(capacity - self.count, dtype=torch.long)))
+            self.end_times = torch.cat((self.end_times, torch.empty(capacity - self.count, dtype=torch.float64)))
+            grow = torch.empty((capacity - self.count, *representative.shape), dtype=torch.float32)
+            self.reps = torch.cat((self.reps, grow))
+        self.ids[self.count] = block_id
+        self.end_times[self.count] = end_time
+        self.reps[self.count] = representative
+        self.count += 1
+
+    def remove(self, block_id: int) -> None:
+        where = int((self.ids[: self.count] == block_id).nonzero()[0])
+        for name in ("ids", "end_times", "reps"):
+            buffer = getattr(self, name)
+            buffer[where : self.count - 1] = buffer[where + 1 : self.count].clone()
+        self.count -= 1
+
+
 class BlockStore:
     """Records, payloads and representative vectors of stored blocks, by granularity.
 
-    Representatives (``[Hkv*D]`` float32 per block) are kept as one matrix per granularity so
-    that retrieval is a single matrix product.
+    Representatives (float32, one ``[C]`` or ``[L, C]`` tensor per block) are kept as one matrix
+    per granularity so that retrieval is a single matrix product.
     """
 
     def __init__(self) -> None:
         self._records: dict[int, BlockRecord] = {}
         self._payloads: dict[int, BlockPayload] = {}
-        self._representatives: dict[int, torch.Tensor] = {}
         self._by_granularity: dict[str, list[int]] = defaultdict(list)
-        self._matrix: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._index: dict[str, _Index] = defaultdict(_Index)
         self._next_id = 0
 
     def add(
@@ -117,17 +148,15 @@ class BlockStore:
         )
         self._records[block_id] = record
         self._payloads[block_id] = payload
-        self._representatives[block_id] = representative.detach().float().cpu()
         self._by_granularity[granularity].append(block_id)
-        self._matrix.pop(granularity, None)
+        self._index[granularity].append(block_id, end_time, representative.detach().float().cpu())
         return record
 
     def remove(self, block_id: int) -> None:
         record = self._records.pop(block_id)
         del self._payloads[block_id]
-        del self._representatives[block_id]
         self._by_granularity[record.granularity].remove(block_id)
-        self._matrix.pop(record.granularity, None)
+        self._index[record.granularity].remove(block_id)
 
     def record(self, block_id: int) -> BlockRecord:
         return self._records[block_id]
@@ -140,12 +169,18 @@ class BlockStore:
         return [self._records[i] for i in ids]
 
     def index(self, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids [N] long, representatives [N, C] float32)`` of a granularity's blocks."""
-        if granularity not in self._matrix:
-            ids = self._by_granularity.get(granularity, [])
-            reps = torch.stack([self._representatives[i] for i in ids]) if ids else torch.empty(0, 0)
-            self._matrix[granularity] = (torch.tensor(ids, dtype=torch.long), reps)
-        return self._matrix[granularity]
+        """``(ids [N] long, representatives [N, ...] float32)`` of a granularity's blocks (views)."""
+        index = self._index.get(granularity)
+        if index is None or index.reps is None or index.count == 0:
+            return torch.empty(0, dtype=torch.long), torch.empty(0, 0)
+        return index.ids[: index.count], index.reps[: index.count]
+
+    def end_times(self, granularity: str) -> torch.Tensor:
+        """End times ``[N]`` (seconds) of a granularity's blocks, aligned with :meth:`index`."""
+        index = self._index.get(granularity)
+        if index is None:
+            return torch.empty(0, dtype=torch.float64)
+        return index.end_times[: index.count]
 
     def __len__(self) -> int:
         return len(self._records)

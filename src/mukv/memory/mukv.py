@@ -57,10 +57,29 @@ class _Group:
     times: list[float] = field(default_factory=list)
     features: list[torch.Tensor] = field(default_factory=list)  # [P, d] per frame (independent encoding)
     colsums: list[torch.Tensor] = field(default_factory=list)  # per part: attention sums so far (shared)
+    # Per part, what each frame's queries added to the sums (shared): prefixes of the group need it.
+    history: list[list[torch.Tensor]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return len(self.frames) == self.spec.frames
+
+    def prefix(self, count: int) -> _Group:
+        """The group as it was after its first ``count`` frames."""
+        if count >= len(self.frames):
+            return self
+        colsums = []
+        for added in self.history:
+            length = added[count - 1].shape[0]
+            colsums.append(sum(torch.nn.functional.pad(a, (0, length - a.shape[0])) for a in added[:count]))
+        return _Group(
+            self.spec,
+            self.frames[:count],
+            self.times[:count],
+            self.features[:count],
+            colsums,
+            [added[:count] for added in self.history],
+        )
 
 
 @dataclass
@@ -108,13 +127,12 @@ class MukvMemory(MemoryMethod):
         self._shared_cache: DynamicCache | None = None
         self._shared_first = 0
         self._provisional: list[int] = []
+        self._provisional_upto: int | None = None  # frames the provisional blocks were built for
 
     # ------------------------------------------------------------------ encoding
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
-        for block_id in self._provisional:
-            self.store.remove(block_id)
-        self._provisional = []
+        self._drop_provisional()
         start = self.frames
         times = [float(t) for t in timestamps]
         features = features.to(self.backend.device)
@@ -221,8 +239,10 @@ class MukvMemory(MemoryMethod):
                     total = torch.cat((previous, torch.zeros_like(added[previous.shape[0] :]))) + added
                     if part < len(group.colsums):
                         group.colsums[part] = total
+                        group.history[part].append(added)
                     else:
                         group.colsums.append(total)
+                        group.history.append([added])
                 if group.complete:
                     self._store_shared_group(group, provisional=False)
                     self._open[spec.name] = _Group(spec)
@@ -246,16 +266,29 @@ class MukvMemory(MemoryMethod):
                 attention = attention / torch.arange(attention.shape[0], 0, -1, device=attention.device)
             self._store_group_block(group, part, _Scored(kv, cols.clone(), attention), provisional=provisional)
 
-    def _store_open_groups(self) -> None:
-        """Store every open (incomplete) group as provisional blocks, removed at the next ingest."""
+    def _drop_provisional(self) -> None:
+        for block_id in self._provisional:
+            self.store.remove(block_id)
+        self._provisional = []
+        self._provisional_upto = None
+
+    def _store_open_groups(self, upto: int) -> None:
+        """Store the open (incomplete) groups' frames before ``upto`` as provisional blocks,
+        removed at the next ingest or when a question needs another prefix."""
+        if self._provisional_upto == upto:
+            return
+        self._drop_provisional()
+        self._provisional_upto = upto
         pending: list[_Pending] = []
         for group in self._open.values():
-            if not group.frames:
+            count = sum(f < upto for f in group.frames)
+            if count == 0:
                 continue
+            part = group.prefix(count)
             if self.config.encode == "independent":
-                pending.extend(self._pending_blocks(group))
+                pending.extend(self._pending_blocks(part))
             else:
-                self._store_shared_group(group, provisional=True)
+                self._store_shared_group(part, provisional=True)
         self._encode_pending(pending, provisional=True)
 
     def _store_group_block(self, group: _Group, part: int, block: _Scored, *, provisional: bool) -> None:
@@ -340,14 +373,13 @@ class MukvMemory(MemoryMethod):
             ids, reps = self.store.index(g)
             if ids.numel() == 0:
                 continue
-            end_times = torch.tensor([self.store.record(i).end_time for i in ids.tolist()])
-            mask = end_times <= time
+            mask = self.store.end_times(g) <= time
             index[g] = (ids[mask], reps[mask])
         return index
 
     def prepare(self, query: Query) -> AnswerContext:
-        if not self._provisional and self.frames_until(query.time) == self.frames:
-            self._store_open_groups()
+        # Frames of an open group (a partial segment) up to the question time are retrievable too.
+        self._store_open_groups(self.frames_until(query.time))
         cfg = self.config
         index = self._eligible_index(query.time)
         chosen: list[tuple[BlockRecord, float]] = []
@@ -360,8 +392,7 @@ class MukvMemory(MemoryMethod):
                 over_retrieve=cfg.over_retrieve,
                 rerank_weight={g: cfg.rerank_weight.get(g) for g in GRANULARITIES},
                 rerank_top_n=cfg.rerank_top_n,
-                segment_frames={r.block_id: (r.first_frame, r.last_frame) for r in self.store.records("segment")},
-                frame_of={g: {r.block_id: r.first_frame for r in self.store.records(g)} for g in ("frame", "patch")},
+                **self._hierarchy(),
             )
             for ranked in result.chosen.values():
                 chosen.extend(
@@ -387,6 +418,15 @@ class MukvMemory(MemoryMethod):
         )
         length = self._init_len + tokens
         return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
+
+    def _hierarchy(self) -> dict:
+        """Frame spans for ``hierarchical`` retrieval (not built for the other strategies)."""
+        if self.config.retrieval != "hierarchical":
+            return {}
+        return {
+            "segment_frames": {r.block_id: (r.first_frame, r.last_frame) for r in self.store.records("segment")},
+            "frame_of": {g: {r.block_id: r.first_frame for r in self.store.records(g)} for g in ("frame", "patch")},
+        }
 
     def _assemble(self, records: list[BlockRecord]) -> tuple[DynamicCache, int]:
         """``[init | blocks...]`` as a cache on the model's device: one host-to-device copy of all

@@ -114,6 +114,7 @@ class RekvMemory(MemoryMethod):
         self._open_times: list[float] = []
         self._open_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._provisional: list[int] = []
+        self._provisional_count = 0
 
     # ------------------------------------------------------------------ encoding
 
@@ -121,6 +122,7 @@ class RekvMemory(MemoryMethod):
         for block_id in self._provisional:
             self.store.remove(block_id)
         self._provisional = []
+        self._provisional_count = 0
         start = self.frames
         for i in range(features.shape[0]):
             # One frame per chunk: each frame's tokens see the system prompt, the window and the
@@ -133,9 +135,11 @@ class RekvMemory(MemoryMethod):
                 self._store_open(provisional=False)
                 self._open_frames, self._open_times, self._open_kv = [], [], []
 
-    def _store_open(self, *, provisional: bool) -> BlockRecord:
-        kv = torch.cat([kv for kv, _ in self._open_kv], dim=3)
-        positions = torch.cat([p for _, p in self._open_kv])
+    def _store_open(self, *, provisional: bool, count: int | None = None) -> BlockRecord:
+        """Store the open block's first ``count`` frames (all by default)."""
+        count = len(self._open_frames) if count is None else count
+        kv = torch.cat([kv for kv, _ in self._open_kv[:count]], dim=3)
+        positions = torch.cat([p for _, p in self._open_kv[:count]])
         # Representatives from un-rotated keys, per layer: [L, Hkv * D].
         unrotated = rerotate(kv[:, 0], -positions, self.backend.rope_inv_freq)
         representative = unrotated.float().mean(dim=2).reshape(kv.shape[0], -1)
@@ -143,10 +147,10 @@ class RekvMemory(MemoryMethod):
         record = self.store.add(
             granularity="frame" if self.config.block_frames == 1 else "block",
             first_frame=self._open_frames[0],
-            last_frame=self._open_frames[-1],
+            last_frame=self._open_frames[count - 1],
             part=0,
             start_time=self._open_times[0],
-            end_time=self._open_times[-1],
+            end_time=self._open_times[count - 1],
             payload=payload,
             representative=representative,
             provisional=provisional,
@@ -184,8 +188,7 @@ class RekvMemory(MemoryMethod):
         ids, reps = self.store.index(self.store_granularity)
         if ids.numel() == 0:
             return ids, reps
-        end_times = torch.tensor([self.store.record(i).end_time for i in ids.tolist()])
-        mask = end_times <= time
+        mask = self.store.end_times(self.store_granularity) <= time
         return ids[mask], reps[mask]
 
     @property
@@ -193,8 +196,16 @@ class RekvMemory(MemoryMethod):
         return "frame" if self.config.block_frames == 1 else "block"
 
     def prepare(self, query: Query) -> AnswerContext:
-        if self._open_frames and not self._provisional and self.frames_until(query.time) == self.frames:
-            self._store_open(provisional=True)
+        # The open block's frames up to the question time are retrievable too (as one block).
+        upto = self.frames_until(query.time)
+        count = sum(f < upto for f in self._open_frames)
+        if self._provisional_count != count:
+            for block_id in self._provisional:
+                self.store.remove(block_id)
+            self._provisional = []
+            self._provisional_count = count
+            if count:
+                self._store_open(provisional=True, count=count)
         ids, reps = self._eligible(query.time)
         forced = [i for i in self._provisional if i in set(ids.tolist())]
         if ids.numel() == 0:
