@@ -182,5 +182,17 @@ class BlockStore:
             return torch.empty(0, dtype=torch.float64)
         return index.end_times[: index.count]
 
+    def totals(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """Blocks, tokens and bytes held, by granularity."""
+        blocks: dict[str, int] = {}
+        tokens: dict[str, int] = {}
+        nbytes: dict[str, int] = {}
+        for record in self._records.values():
+            g = record.granularity
+            blocks[g] = blocks.get(g, 0) + 1
+            tokens[g] = tokens.get(g, 0) + record.tokens
+            nbytes[g] = nbytes.get(g, 0) + record.nbytes
+        return blocks, tokens, nbytes
+
     def __len__(self) -> int:
         return len(self._records)

@@ -136,6 +136,22 @@ class MemoryMethod(ABC):
     def timestamp(self, index: int) -> float:
         return self._timestamps[index]
 
+    def frame_blocks(self, indices) -> tuple[RetrievedBlock, ...]:
+        """Retrieved-block records for whole frames ``indices`` (methods that use frames as is)."""
+        p = self.backend.tokens_per_frame
+        return tuple(
+            RetrievedBlock(
+                granularity="frame",
+                first_frame=i,
+                last_frame=i,
+                start_time=self.timestamp(i),
+                end_time=self.timestamp(i),
+                tokens=p,
+                block_id=i,
+            )
+            for i in indices
+        )
+
     def ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
         """Add frames: visual tokens ``[T, P, d]`` and their timestamps ``[T]`` (seconds)."""
         if features.ndim != 3 or features.shape[0] != len(timestamps):

@@ -141,19 +141,7 @@ class UniformMemory(MemoryMethod):
             position = prefill(
                 self.backend, cache, embeds.reshape(1, -1, embeds.shape[-1]), position, self.config.prefill_chunk_tokens
             )
-        p = self.backend.tokens_per_frame
-        retrieved = tuple(
-            RetrievedBlock(
-                granularity="frame",
-                first_frame=i,
-                last_frame=i,
-                start_time=self.timestamp(i),
-                end_time=self.timestamp(i),
-                tokens=p,
-                block_id=i,
-            )
-            for i in indices
-        )
+        retrieved = self.frame_blocks(indices)
         return AnswerContext(cache=cache, next_position=position, context_tokens=position, retrieved=retrieved)
 
     def stats(self) -> MemoryStats:

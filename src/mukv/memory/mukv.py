@@ -447,14 +447,7 @@ class MukvMemory(MemoryMethod):
         return DynamicCache(ddp_cache_data=layers), total
 
     def stats(self) -> MemoryStats:
-        blocks: dict[str, int] = {}
-        tokens: dict[str, int] = {}
-        nbytes: dict[str, int] = {}
-        for record in self.store.records():
-            g = record.granularity
-            blocks[g] = blocks.get(g, 0) + 1
-            tokens[g] = tokens.get(g, 0) + record.tokens
-            nbytes[g] = nbytes.get(g, 0) + record.nbytes
+        blocks, tokens, nbytes = self.store.totals()
         blocks["init"] = 1
         tokens["init"] = self._init_len
         nbytes["init"] = sum(k.nbytes + v.nbytes for k, v in self._init)

@@ -280,14 +280,10 @@ class RekvMemory(MemoryMethod):
         return self.select(ids, scores, forced)
 
     def stats(self) -> MemoryStats:
-        blocks: dict[str, int] = {"init": 1}
-        tokens: dict[str, int] = {"init": self.init_len}
-        nbytes: dict[str, int] = {"init": sum(k.nbytes + v.nbytes for k, v in self._init)}
-        for record in self.store.records():
-            g = record.granularity
-            blocks[g] = blocks.get(g, 0) + 1
-            tokens[g] = tokens.get(g, 0) + record.tokens
-            nbytes[g] = nbytes.get(g, 0) + record.nbytes
+        blocks, tokens, nbytes = self.store.totals()
+        blocks["init"] = 1
+        tokens["init"] = self.init_len
+        nbytes["init"] = sum(k.nbytes + v.nbytes for k, v in self._init)
         nbytes["window"] = self.window.nbytes
         nbytes["pending"] = sum(kv.nbytes for kv, _ in self._open_kv)
         return MemoryStats(frames=self.frames, blocks=blocks, tokens=tokens, bytes=nbytes)
@@ -343,18 +339,7 @@ class RecentMemory(MemoryMethod):
         p = self.backend.tokens_per_frame
         cache = self.window.prefix(len(wanted) * p)
         length = self.window.init_len + len(wanted) * p
-        retrieved = tuple(
-            RetrievedBlock(
-                granularity="frame",
-                first_frame=i,
-                last_frame=i,
-                start_time=self.timestamp(i),
-                end_time=self.timestamp(i),
-                tokens=p,
-                block_id=i,
-            )
-            for i in wanted
-        )
+        retrieved = self.frame_blocks(wanted)
         return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
 
     def stats(self) -> MemoryStats:
