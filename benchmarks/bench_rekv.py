@@ -73,14 +73,19 @@ def encode_cost(backend, method: str, frames: int, seed: int) -> dict:
     synchronize(backend.device)
     seconds = time.perf_counter() - start
     stats = session.memory.stats()
-    held = stats.total_bytes - stats.bytes.get("init", 0)
-    visual = stats.total_tokens - stats.tokens.get("init", 0)
+    return {**per_frame(stats.bytes, stats.tokens, frames), "seconds_per_frame": seconds / frames}
+
+
+def per_frame(nbytes: dict, tokens: dict, frames: int) -> dict:
+    """Bytes that grow with the video, per frame; the sliding window (bounded by ``n_local``,
+    the same at any length) and the system prompt are reported apart."""
+    held = sum(v for k, v in nbytes.items() if k not in ("init", "window", "pending"))
+    visual = sum(v for k, v in tokens.items() if k != "init")
     return {
-        "seconds_per_frame": seconds / frames,
-        "frames_per_second": frames / seconds,
         "bytes_per_frame": held / frames,
         "tokens_per_frame": visual / frames,
-        "bytes_by_part": dict(stats.bytes),
+        "window_bytes": nbytes.get("window", 0),
+        "bytes_by_part": dict(nbytes),
     }
 
 
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     record: dict = {"machine": machine_info(args, device, dtype), "command": " ".join(sys.argv)}
     record["encode"] = {m: encode_cost(backend, m, args.frames, args.seed) for m in METHODS}
+    for entry in record["encode"].values():
+        entry["frames_per_second"] = 1 / entry["seconds_per_frame"]
     two_byte = 2 / torch.empty((), dtype=dtype).element_size()
     per_hour = 1800  # frames per hour at 0.5 fps
     for entry in record["encode"].values():
@@ -176,26 +183,33 @@ def write(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "rekv.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+    write_section(out, record)
+
+
+def write_section(out: Path, record: dict) -> None:
     m = record["machine"]
     enc = record["encode"]
     lines = [
-        f"\n## {m.get('date', '')} — {m.get('cpu', m.get('device', ''))}, {m.get('dtype', '')}\n",
+        f"\n## {m.get('date_utc', '')} — {m.get('cpu', m.get('device', ''))}, {m.get('dtype', '')}\n",
         f"- command: `{record['command']}`; run took {record['seconds']:.0f} s",
         f"- machine: {json.dumps({k: m[k] for k in m if k not in ('date',)})}",
         f"- load: {load_line(record['load'])} (timings only count where other processes' share is near 0%)\n",
         "Encode (memory.ingest only, random visual tokens), stored memory per frame and per hour at 0.5 fps:\n",
-        "| method | s/frame | frames/s | ratio to full | tokens/frame | MB/frame | GiB/h | GiB/h at 2-byte K/V |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | s/frame | frames/s | ratio to full | tokens/frame | MB/frame | GiB/h | GiB/h at 2-byte K/V "
+        "| sliding window MB (bounded) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in enc.items():
         lines.append(
             f"| {name} | {e['seconds_per_frame']:.3f} | {e['frames_per_second']:.2f} | "
             f"{e['seconds_per_frame'] / enc['full']['seconds_per_frame']:.2f}x | {e['tokens_per_frame']:.2f} | "
-            f"{e['bytes_per_frame'] / 1e6:.3f} | {e['gib_per_hour']:.2f} | {e['gib_per_hour_2byte']:.2f} |"
+            f"{e['bytes_per_frame'] / 1e6:.3f} | {e['gib_per_hour']:.2f} | {e['gib_per_hour_2byte']:.2f} | "
+            f"{e.get('window_bytes', 0) / 1e6:.1f} |"
         )
     lines += [
         "",
-        "`recent` holds 16 frames whatever the length, so its per-frame storage is not per hour of video.",
+        "`recent` holds only its rolling window (16 frames at any length); ReKV's window (at most n_local tokens) "
+        "is bounded too and reported apart from the per-frame blocks.",
         "",
         f"Seconds per question ({record['machine'].get('dtype')}, {len(record['lengths'])} lengths, EOS off, medians; "
         "synthetic stores of the exact block sizes):\n",
@@ -225,6 +239,23 @@ def write(out: Path, record: dict) -> None:
             )
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def rewrite_last(out: Path) -> None:
+    """Recompute the derived columns of the last recorded run and append its section again."""
+    records = [json.loads(line) for line in (out / "rekv.jsonl").read_text().splitlines()]
+    record = records[-1]
+    frames = 8
+    for entry in record["encode"].values():
+        tokens = {"frame": entry["tokens_per_frame"] * frames}
+        entry.update(per_frame(entry["bytes_by_part"], tokens, frames))
+        entry["frames_per_second"] = 1 / entry["seconds_per_frame"]
+        two_byte = 2 / 4 if record["machine"].get("dtype") == "float32" else 1.0
+        entry["gib_per_hour"] = entry["bytes_per_frame"] * 1800 / 2**30
+        entry["gib_per_hour_2byte"] = entry["gib_per_hour"] * two_byte
+    (out / "rekv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*records[:-1], record]))
+    (out / "rekv.md").write_text("")
+    write_section(out, record)
 
 
 if __name__ == "__main__":
