@@ -34,10 +34,11 @@ What it measures
        tokens in the paper preset) with random K/V, real positions, random representatives and the
        right frame spans and timestamps; ``full`` a random K/V cache of ``init + frames * 196``
        tokens; ``uniform`` random visual features (it re-prefills ``num_frames`` = 32 sampled
-       frames at every question, so its cost does not depend on the length). Then
-       ``session.ask`` is timed ``--repeats`` times (retrieval + assembly + answer prefill +
-       decoding). A ``full`` length whose cache (held three times over while decoding: the stored
-       cache, plus the old and new copy of each ``DynamicCache`` concatenation) does not fit in the
+       frames at every question, so its cost does not depend on the length). Then, after
+       ``--warmup-asks`` untimed two-token questions, ``session.ask`` is timed ``--repeats`` times
+       (retrieval + assembly + answer prefill + decoding). A ``full`` length whose cache (held
+       three times over while decoding: the stored cache, plus the old and new copy of each
+       ``DynamicCache`` concatenation) does not fit in ``--memory-headroom`` of the
        free memory is skipped, and the reason recorded.
 
     End-of-sequence is disabled (``backend.eos_token_ids`` emptied) unless ``--keep-eos``, so every
