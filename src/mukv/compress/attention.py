@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -50,12 +50,10 @@ class AttentionCapture:
     query_layer: int | None = None
     probs: torch.Tensor | None = None
     queries: torch.Tensor | None = None
-    _seen: set[int] = field(default_factory=set)
 
     def reset(self) -> None:
         self.probs = None
         self.queries = None
-        self._seen.clear()
 
     def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float):
         if layer == self.query_layer:
@@ -77,10 +75,6 @@ class AttentionCapture:
             scores = scores + mask.float()
         probs = torch.softmax(scores, dim=-1).mean(dim=1) * weight
         self.probs = probs if self.probs is None else self.probs + probs
-        self._seen.add(layer)
-
-    def complete(self) -> bool:
-        return self._seen >= set(self.weights)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs) -> None:
         self.record(module.layer_idx, query, key, attention_mask, kwargs.get("scaling") or query.shape[-1] ** -0.5)

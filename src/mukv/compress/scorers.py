@@ -8,7 +8,6 @@ All functions are pure tensor code, testable on hand-made inputs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -97,14 +96,3 @@ def select_dedup(
     dominated = torch.triu(similar, diagonal=1).any(dim=0)
     survivors = order[~dominated][:keep]
     return survivors.sort().values
-
-
-@dataclass(frozen=True)
-class TokenScores:
-    """Scores of one block: per-token ``attention``, ``frequency`` and ``fused`` ``[n]``, and the
-    ``kept`` token indices ``[keep]`` (ascending)."""
-
-    attention: torch.Tensor
-    frequency: torch.Tensor
-    fused: torch.Tensor
-    kept: torch.Tensor

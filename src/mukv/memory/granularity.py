@@ -30,14 +30,6 @@ class GranularitySpec:
         if self.frames < 1 or self.parts < 1:
             raise ValueError(f"granularity {self.name}: frames and parts must be >= 1")
 
-    def group_of(self, frame: int) -> int:
-        """The group (global frame index // frames) a frame belongs to."""
-        return frame // self.frames
-
-    def tokens_per_block(self, tokens_per_frame: int, layout: str = "raster") -> list[int]:
-        """Tokens of each part's block (before compression)."""
-        return [self.frames * len(idx) for idx in part_indices(tokens_per_frame, self.parts, layout)]
-
 
 def mukv_specs(segment_frames: int) -> tuple[GranularitySpec, ...]:
     """MuKV's granularities (method.md section 2): patch (P/4 tokens), frame, segment (F frames)."""
