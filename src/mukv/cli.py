@@ -25,7 +25,10 @@ app = typer.Typer(
     help="Answer questions about long, live video streams with a KV-cache memory.",
 )
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hugging Face hub id or local checkpoint directory.")]
+ModelOption = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Hugging Face hub id, local checkpoint directory, or mukv-tiny (shipped)."),
+]
 MethodOption = Annotated[str, typer.Option("--method", help="Memory method (see `mukv methods`).")]
 FpsOption = Annotated[float, typer.Option("--fps", help="Frames sampled per second of video.")]
 NpyFpsOption = Annotated[float | None, typer.Option("--npy-fps", help="Frame rate of an .npy frame array.")]
@@ -271,16 +274,27 @@ def methods() -> None:
 @_user_errors
 def demo(
     workdir: Annotated[
-        Path | None, typer.Option(help="Where the demo model and video go (default: ~/.cache/mukv/demo).")
+        Path | None, typer.Option(help="Where the demo video goes (default: ~/.cache/mukv/demo).")
     ] = None,
     methods_: Annotated[
         str, typer.Option("--methods", help="Comma-separated memory methods.")
     ] = "mukv,rekv,recent,uniform,full",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Checkpoint (default: mukv-tiny, shipped and trained on such streams).")
+    ] = "mukv-tiny",
+    frames: Annotated[int, typer.Option(help="Length of the generated stream in frames (one every 2 s).")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the generated stream.")] = 0,
 ) -> None:
-    """Offline demo: a synthetic video, a tiny model, questions at several times."""
+    """Offline demo: a generated stream, questions asked as it plays, answers next to the reference."""
     from mukv.demo import run_demo
 
-    run_demo(workdir or Path.home() / ".cache" / "mukv" / "demo", [m.strip() for m in methods_.split(",") if m.strip()])
+    run_demo(
+        workdir or Path.home() / ".cache" / "mukv" / "demo",
+        [m.strip() for m in methods_.split(",") if m.strip()],
+        model=model,
+        frames=frames,
+        seed=seed,
+    )
 
 
 @app.command("eval")
@@ -433,6 +447,9 @@ def train_tiny_command(
     stage2_steps: Annotated[int, typer.Option(help="Clip-curriculum QA steps.")] = 3000,
     max_frames: Annotated[int, typer.Option(help="Longest training clip.")] = 24,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="A saved stage-1 checkpoint (OUT/stages/stage1): run stage 2 only from it.")
+    ] = None,
 ) -> None:
     """Train a tiny LLaVA-OneVision on synthetic streams (CPU: about an hour with the defaults)."""
     import torch
@@ -454,7 +471,7 @@ def train_tiny_command(
         values = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
         typer.echo(f"[{time.time() - started:7.0f}s] {stage} step {step}: {values}")
 
-    record = train_tiny(out, config, report)
+    record = train_tiny(out, config, report, resume=resume)
     typer.echo(json.dumps({k: record[k] for k in ("stage0_accuracy", "stage1_accuracy", "accuracy")}, indent=2))
 
 

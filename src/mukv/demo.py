@@ -1,75 +1,105 @@
 """``mukv demo``: a self-contained, offline walk through the streaming pipeline.
 
-Generates a short synthetic video of coloured shapes, builds a tiny random LLaVA-OneVision, and
-asks questions at several times with each memory method. The tiny model is untrained, so its
-answers are nonsense: the demo shows the pipeline (sampling, encoding, memory, retrieval,
-timing), not answer quality. Real answers need a real checkpoint (``--model``).
+Generates a synthetic stream (coloured shapes; a few rare targets whose questions have known
+answers and evidence frames), writes it as an mp4, plays it into a session for each memory
+method and asks every question at its time. Answers are printed next to the reference, and the
+time spans the method put in the answering cache next to the evidence span.
+
+The default model is ``mukv-tiny``, the checkpoint shipped with the package and trained on such
+streams, so the answers are meant to be right; any other checkpoint can be passed with
+``--model`` (a random tiny model from ``mukv tiny-model`` answers nonsense).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import typer
 
-from mukv.video.synthetic import Scene, make_scenes, write_video
+from mukv.memory.base import RetrievedBlock
+from mukv.training.streams import SyntheticStream, make_stream, write_stream_video
 
 log = logging.getLogger(__name__)
 
-DURATION = 48.0
+DEFAULT_FRAMES = 64
 SAMPLE_FPS = 0.5
-QUESTION_TIMES = (16.0, 32.0, 48.0)
+DEFAULT_MODEL = "mukv-tiny"
 
 
-def _reference(scenes: list[Scene], time: float) -> str:
-    last = [s for s in scenes if s.start <= time][-1]
-    return f"{last.colour} {last.shape}"
+def merge_spans(blocks: Sequence[RetrievedBlock], period: float) -> list[tuple[float, float]]:
+    """Time spans ``[(start, end)]`` covered by ``blocks``, where a frame at ``t`` covers
+    ``[t, t + period)`` and touching spans are merged (sorted by start)."""
+    spans = sorted((b.start_time, b.end_time + period) for b in blocks)
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1] + 1e-6:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
 
 
-def run_demo(workdir: Path, methods: list[str]) -> None:
-    """Run the demo in ``workdir`` (model and video are built there once and reused)."""
-    from mukv.backends import build_tiny_model, load_backend
+def _format_spans(spans: list[tuple[float, float]], limit: int = 5) -> str:
+    text = ", ".join(f"{s:.0f}-{e:.0f}s" for s, e in spans[:limit])
+    return text + (f", ... ({len(spans)} spans)" if len(spans) > limit else "")
+
+
+def _evidence_span(stream: SyntheticStream, first: int, last: int) -> tuple[float, float]:
+    return float(stream.timestamps[first]), float(stream.timestamps[last]) + 1 / SAMPLE_FPS
+
+
+def run_demo(
+    workdir: Path, methods: list[str], *, model: str = DEFAULT_MODEL, frames: int = DEFAULT_FRAMES, seed: int = 0
+) -> dict[str, int]:
+    """Run the demo in ``workdir`` (the video is written there). Returns the number of right
+    answers per method."""
+    from mukv.backends import load_backend
     from mukv.engine import StreamSession
+    from mukv.eval.metrics import exact_match
     from mukv.memory import available_methods
     from mukv.video import open_video
 
     unknown = [m for m in methods if m not in available_methods()]
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {unknown or methods}; available: {', '.join(available_methods())}")
+    if frames < 8:
+        raise ValueError(f"--frames: need at least 8, got {frames}")
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = workdir / "tiny-model"
-    if not (model_dir / "config.json").is_file():
-        typer.echo(f"building a tiny random LLaVA-OneVision in {model_dir} ...")
-        build_tiny_model(model_dir, seed=0)
-    scenes = make_scenes(DURATION, scene_seconds=8.0, seed=0)
-    video = write_video(workdir / "shapes.mp4", scenes)
-    typer.echo(f"synthetic video: {video} ({DURATION:.0f} s, one coloured shape every 8 s)")
-    typer.secho(
-        "NOTE: the tiny model has random weights, so its answers are nonsense. This demo shows the\n"
-        "streaming pipeline working offline; for real answers pass a real checkpoint, e.g.\n"
-        "  mukv ask VIDEO -q 'What happened?' --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-        fg=typer.colors.YELLOW,
+    stream = make_stream(frames, seed=seed, fps=SAMPLE_FPS)
+    video = write_stream_video(workdir / f"stream_{seed}_{frames}.mp4", stream)
+    questions = sorted(stream.questions, key=lambda q: q.ask_frame)
+    typer.echo(
+        f"synthetic stream: {video} ({frames} frames at {SAMPLE_FPS} fps = {frames / SAMPLE_FPS:.0f} s; "
+        f"{len(questions)} questions asked as the video plays)"
     )
-    backend = load_backend(model_dir)
-    question = "What colour was the last shape?"
+    backend = load_backend(model)
+    typer.echo(f"model: {backend.model_id}")
+    right: dict[str, int] = {}
     for method in methods:
         typer.secho(f"\n== method: {method}", bold=True)
         session = StreamSession(backend, method)
         source = open_video(video, sample_fps=SAMPLE_FPS)
-        for at in QUESTION_TIMES:
+        right[method] = 0
+        for q in questions:
+            at = float(stream.timestamps[q.ask_frame])
             session.ingest_source(source, until=at)
-            answer = session.ask(question, max_new_tokens=12)
-            spans = ", ".join(f"{b.start_time:.0f}-{b.end_time:.0f}s" for b in answer.retrieved[:6])
+            answer = session.ask(q.question, max_new_tokens=8)
+            correct = exact_match(answer.text, q.answer) == 1.0
+            right[method] += correct
+            mark = typer.style("right", fg=typer.colors.GREEN) if correct else typer.style("wrong", fg=typer.colors.RED)
             typer.echo(
-                f"t={answer.time:4.0f}s  frames={answer.frames_seen:3d}  reference: {_reference(scenes, at):16s}"
-                f"  answer: {answer.text!r}"
+                f"t={at:4.0f}s  [{q.kind:5s}] {q.question:52s} "
+                f"reference: {q.answer:7s} answer: {answer.text!r:10s} {mark}"
             )
-            first_ms = answer.timings.first_token * 1e3
-            more = " ..." if len(answer.retrieved) > 6 else ""
+            evidence = _evidence_span(stream, q.first_frame, q.last_frame)
             typer.secho(
-                f"         {answer.context_tokens} cache tokens, first token {first_ms:.0f} ms, "
-                f"memory {answer.memory.total_bytes / 1024:.0f} KiB, frames used: {spans}{more}",
+                f"         evidence {evidence[0]:.0f}-{evidence[1]:.0f}s; in the answering cache: "
+                f"{_format_spans(merge_spans(answer.retrieved, 1 / SAMPLE_FPS))} "
+                f"({answer.context_tokens} tokens, first token {answer.timings.first_token * 1e3:.0f} ms)",
                 dim=True,
             )
-    typer.echo("\nDone. See `mukv --help` for ask, chat and the other commands.")
+        typer.echo(f"{method}: {right[method]}/{len(questions)} right")
+    typer.echo("\nDone. See `mukv --help` for ask, chat, eval and the other commands.")
+    return right

@@ -162,9 +162,19 @@ def test_methods_lists_options():
     assert "keep_ratio.patch=0.1" in result.stdout
 
 
-def test_demo_runs_offline(tmp_path):
-    result = mukv("demo", "--workdir", str(tmp_path))
+def test_demo_answers_with_the_shipped_model_offline(tmp_path):
+    result = mukv("demo", "--workdir", str(tmp_path), "--methods", "mukv,full")
     assert result.returncode == 0, result.stderr
-    assert "random weights" in result.stdout
-    assert result.stdout.count("reference:") == 15  # 3 question times x 5 methods
-    assert (tmp_path / "tiny-model" / "config.json").is_file()
+    assert "model: mukv-tiny" in result.stdout
+    assert result.stdout.count("reference:") == 6  # 3 questions x 2 methods
+    assert result.stdout.count("in the answering cache:") == 6
+    # The demo stream's questions are short-range for these methods: every answer is right.
+    assert "mukv: 3/3 right" in result.stdout and "full: 3/3 right" in result.stdout
+    assert list(tmp_path.glob("*.mp4"))
+
+
+def test_demo_refuses_unknown_methods_and_short_streams(tmp_path):
+    result = mukv("demo", "--workdir", str(tmp_path), "--methods", "mukv,nope")
+    assert result.returncode != 0 and "nope" in result.stderr
+    result = mukv("demo", "--workdir", str(tmp_path), "--frames", "3")
+    assert result.returncode != 0 and "--frames" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mukv.backends.prompts import PromptTemplate
@@ -65,3 +66,31 @@ def test_stage0_and_full_pipeline_smoke(tmp_path):
     model, _ = create_tiny_model(seed=0, spec=SMALL)
     accuracy = train_stage0(model, FramePreprocessor(size=112), cfg, np.random.default_rng(0), lambda *_: None)
     assert {"shape", "colour", "present"} <= set(accuracy)
+    stages = tmp_path / "stages"
+    assert (stages / "stage0" / "config.json").is_file() and (stages / "stage1" / "config.json").is_file()
+
+
+def test_resume_runs_stage_two_from_the_stage_one_weights(tmp_path):
+    cfg = TrainConfig(spec=SMALL, stage0_steps=2, stage1_steps=2, stage2_steps=0, max_frames=3, eval_clips=1)
+    first = train_tiny(tmp_path / "a", cfg, report=lambda *_: None)
+    stage1 = tmp_path / "a" / "stages" / "stage1"
+    # No stage-2 steps: the resumed model must be exactly the stage-1 one.
+    resumed = train_tiny(tmp_path / "b", cfg, report=lambda *_: None, resume=stage1)
+    assert resumed["resumed_from"]["path"] == str(stage1)
+    assert resumed["stage0_accuracy"] == first["stage0_accuracy"]
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    a = LlavaOnevisionForConditionalGeneration.from_pretrained(stage1).state_dict()
+    b = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "b").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    from mukv.backends.tiny import save_checkpoint
+
+    other, tokenizer = create_tiny_model(seed=0, spec=TinyModelSpec(text_hidden=32, text_layers=1))
+    save_checkpoint(other, tokenizer, tmp_path / "other")
+    (tmp_path / "other" / "training.json").write_text("{}")
+    cfg = TrainConfig(spec=SMALL, stage2_steps=0, max_frames=3, eval_clips=1)
+    with pytest.raises(RuntimeError, match=r"size mismatch|Missing|Unexpected"):
+        train_tiny(tmp_path / "b", cfg, report=lambda *_: None, resume=tmp_path / "other")

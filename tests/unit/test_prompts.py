@@ -44,3 +44,19 @@ def test_special_tokens_of_the_system_prompt_are_single_tokens(backend):
     end = backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert ids[0] == start
     assert ids.count(start) == 2 and ids.count(end) == 1
+
+
+def test_tiny_tokenizer_chat_template_is_the_session_format():
+    # The tiny model is trained in the session's format; its chat template must render exactly that.
+    from mukv.backends.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    prompts = PromptTemplate()
+    question = "What colour was the star?"
+    video_turn = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    rendered = tokenizer.apply_chat_template(video_turn, tokenize=False, add_generation_prompt=True)
+    assert rendered == prompts.system + "<video>" + prompts.render_question(question)
+    answered = tokenizer.apply_chat_template([*video_turn, {"role": "assistant", "content": "red"}], tokenize=False)
+    assert answered == prompts.system + "<video>" + prompts.render_question(question) + "red<|im_end|>"
+    explicit = [{"role": "system", "content": "You are a helpful assistant."}, *video_turn]
+    assert tokenizer.apply_chat_template(explicit, tokenize=False, add_generation_prompt=True) == rendered

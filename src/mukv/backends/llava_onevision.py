@@ -22,6 +22,7 @@ from mukv.backends.prompts import PromptTemplate
 from mukv.compress.attention import attention_hook, capture_attention
 from mukv.config import BackendConfig
 from mukv.errors import ModelLoadError
+from mukv.models import shipped_model_dir
 from mukv.video.preprocess import PREPROCESSOR_FILES, FramePreprocessor, as_frames
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A local directory for ``model``: the directory itself, or a hub snapshot.
+    """A local directory for ``model``: the directory itself, a checkpoint shipped with the
+    package (``mukv-tiny``; a local directory of the same name wins, as it does over hub ids), or
+    a hub snapshot.
 
     Raises :class:`ModelLoadError` naming both the local path and the hub id that were tried.
     """
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    shipped = shipped_model_dir(model)
+    if shipped is not None:
+        return shipped
     if path.exists():
         raise ModelLoadError(f"model {model!r}: {path.resolve()} is a file; expected a model directory")
     from huggingface_hub import snapshot_download

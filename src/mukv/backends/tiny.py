@@ -22,13 +22,24 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>"
-    "{% elif content['type'] == 'video' %}<video>{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+# The chat format the tiny model is trained in, which is the session's prompt format
+# (:class:`mukv.backends.prompts.PromptTemplate`, the Qwen2 format of the MuKV/ReKV releases with
+# the space after ``system`` and ``user``): no newline between turns, visual placeholders right
+# after ``user ``, each text part after a newline. One line, no whitespace control, so that no
+# newline is added or lost; a test renders it against the session's prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system {{ '\\n' }}You are a helpful assistant.<|im_end|>{% endif %}"
+    "<|im_start|>{{ message['role'] }}{% if message['role'] == 'user' %} "
+    "{% elif message['role'] == 'system' %} {{ '\\n' }}{% else %}{{ '\\n' }}{% endif %}"
+    "{% if message['content'] is string %}"
+    "{% if message['role'] == 'user' %}{{ '\\n' }}{% endif %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<image>{% elif content['type'] == 'video' %}<video>"
+    "{% elif content['type'] == 'text' %}{% if message['role'] == 'user' %}{{ '\\n' }}{% endif %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
 )
 
 # Training text for the tiny tokenizer: enough English to give it real merges. Fixed, so the
@@ -76,7 +87,7 @@ def build_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
     )
     corpus = list(_CORPUS) * 4
     tokenizer = base.train_new_from_iterator(corpus, vocab_size=vocab_size, new_special_tokens=SPECIAL_TOKENS)
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mukv.compress.scorers import keep_count
+from mukv.memory.granularity import mukv_specs
+
 GRANULARITIES = ("patch", "frame", "segment")
 PATCH_LAYOUTS = ("raster", "quadrant")
 ENCODE_MODES = ("independent", "shared")
@@ -120,6 +123,17 @@ class MukvConfig:
             raise ValueError(f"rerank_top_n: must be >= 1, got {self.rerank_top_n}")
         if self.encode_batch_blocks < 1:
             raise ValueError(f"encode_batch_blocks: must be >= 1, got {self.encode_batch_blocks}")
+
+    def answer_tokens(self, tokens_per_frame: int) -> int:
+        """Most visual tokens placed in the answering cache: ``top_k`` blocks per enabled
+        granularity times the tokens each block keeps (8,212 for the paper preset at P = 196,
+        664 at P = 16). Streams shorter than the ``top_k`` blocks give fewer."""
+        total = 0
+        for spec in mukv_specs(self.segment_frames):
+            if self.granularities.get(spec.name):
+                block_tokens = spec.frames * tokens_per_frame // spec.parts
+                total += self.top_k.get(spec.name) * keep_count(block_tokens, self.keep_ratio.get(spec.name))
+        return total
 
 
 def paper_preset() -> MukvConfig:

@@ -173,6 +173,21 @@ def make_stream(
     return SyntheticStream(frames, timestamps, main, small, questions)
 
 
+VIDEO_FPS = 2
+
+
+def write_stream_video(path: str | Path, stream: SyntheticStream) -> Path:
+    """Encode ``stream`` as a ``VIDEO_FPS`` mp4 with each stream frame held for its period, so
+    that sampling the video at the stream's rate returns the stream's frames at its timestamps."""
+    period = float(stream.timestamps[1] - stream.timestamps[0]) if len(stream.timestamps) > 1 else 2.0
+    repeat = round(VIDEO_FPS * period)
+    if repeat < 1 or abs(repeat - VIDEO_FPS * period) > 1e-9:
+        raise ValueError(f"fps: must divide {VIDEO_FPS}, got {1 / period}")
+    side = stream.frames.shape[1]
+    held = (image for image in stream.frames for _ in range(repeat))
+    return write_frames(path, held, fps=VIDEO_FPS, width=side, height=side)
+
+
 def write_stream_benchmark(
     directory: str | Path, *, streams: int = 4, num_frames: int = 64, seed: int = 0, fps: float = 0.5
 ) -> Path:
@@ -182,18 +197,15 @@ def write_stream_benchmark(
 
     Returns the annotation path; run it with ``mukv eval rvs-ego --anno ... --fps <fps>``.
     """
-    video_fps = 2
-    repeat = round(video_fps / fps)
-    if repeat < 1 or abs(repeat * fps - video_fps) > 1e-9:
-        raise ValueError(f"fps: must divide {video_fps}, got {fps}")
+    repeat = round(VIDEO_FPS / fps)
+    if repeat < 1 or abs(repeat * fps - VIDEO_FPS) > 1e-9:
+        raise ValueError(f"fps: must divide {VIDEO_FPS}, got {fps}")
     root = Path(directory)
     records = []
     for k in range(streams):
         stream = make_stream(num_frames, seed=seed * 10_000 + k, fps=fps)
         video_id = f"stream_{k:03d}"
-        side = stream.frames.shape[1]
-        held = (image for image in stream.frames for _ in range(repeat))
-        write_frames(root / "videos" / f"{video_id}.mp4", held, fps=video_fps, width=side, height=side)
+        write_stream_video(root / "videos" / f"{video_id}.mp4", stream)
         conversations = [
             {
                 "question": q.question,

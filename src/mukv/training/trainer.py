@@ -380,8 +380,12 @@ def evaluate(builder: SequenceBuilder, lengths: tuple[int, ...], clips: int, see
     return results
 
 
-def train_tiny(out: str | Path, cfg: TrainConfig | None = None, report: Report | None = None) -> dict:
-    """Train all stages and save the checkpoint with a ``training.json`` record into ``out``."""
+def train_tiny(
+    out: str | Path, cfg: TrainConfig | None = None, report: Report | None = None, *, resume: str | Path | None = None
+) -> dict:
+    """Train all stages and save the checkpoint with a ``training.json`` record into ``out``;
+    each finished stage is also saved under ``out/stages/``. With ``resume`` (a saved stage-1
+    checkpoint directory) only stage 2 runs, starting from its weights."""
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -389,14 +393,38 @@ def train_tiny(out: str | Path, cfg: TrainConfig | None = None, report: Report |
     preprocessor = FramePreprocessor(size=cfg.spec.image_size)
     report = report or (lambda stage, step, stats: log.info("%s step %d: %s", stage, step, stats))
     started = time.time()
+    out = Path(out)
     record: dict = {"config": asdict(cfg)}
-    record["stage0_accuracy"] = train_stage0(model, preprocessor, cfg, rng, report)
+
+    def checkpoint(name: str) -> None:
+        # Each finished stage is kept, so a later stage can be re-run (``resume``) without the
+        # earlier ones.
+        save_checkpoint(model, tokenizer, out / "stages" / name)
+        (out / "stages" / name / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
     builder = SequenceBuilder(model, tokenizer, preprocessor, PromptTemplate())
-    train_qa(builder, cfg, rng, report, stage=1)
-    record["stage1_accuracy"] = evaluate(builder, (1,), cfg.eval_clips, cfg.seed + 1)
+    if resume is None:
+        record["stage0_accuracy"] = train_stage0(model, preprocessor, cfg, rng, report)
+        checkpoint("stage0")
+        train_qa(builder, cfg, rng, report, stage=1)
+        record["stage1_accuracy"] = evaluate(builder, (1,), cfg.eval_clips, cfg.seed + 1)
+        checkpoint("stage1")
+    else:
+        previous = json.loads((Path(resume) / "training.json").read_text())
+        for key in ("stage0_accuracy", "stage1_accuracy"):
+            record[key] = previous.get(key)
+        record["resumed_from"] = {"path": str(resume), "config": previous.get("config")}
+        load_weights(model, Path(resume))
     train_qa(builder, cfg, rng, report, stage=2)
     record["accuracy"] = evaluate(builder, (1, 4, 16), cfg.eval_clips, cfg.seed + 2)
     record["seconds"] = time.time() - started
     save_checkpoint(model, tokenizer, out)
-    (Path(out) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def load_weights(model, directory: Path) -> None:
+    """Load a saved checkpoint's weights into ``model`` (same architecture), strictly, through
+    the normal loading path (which knows the stored key layout)."""
+    saved = type(model).from_pretrained(directory)
+    model.load_state_dict(saved.state_dict(), strict=True)
