@@ -448,8 +448,12 @@ def train_tiny_command(
     max_frames: Annotated[int, typer.Option(help="Longest training clip.")] = 24,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     resume: Annotated[
-        Path | None, typer.Option(help="A saved stage-1 checkpoint (OUT/stages/stage1): run stage 2 only from it.")
+        Path | None,
+        typer.Option(help="A saved checkpoint (OUT/stages/stage1, or a finished run): run stage 2 only from it."),
     ] = None,
+    isolated_order: Annotated[
+        bool, typer.Option(help="Also ask order questions in frame-isolated batches (unanswerable there).")
+    ] = False,
 ) -> None:
     """Train a tiny LLaVA-OneVision on synthetic streams (CPU: about an hour with the defaults)."""
     import torch
@@ -464,6 +468,7 @@ def train_tiny_command(
         stage1_steps=stage1_steps,
         stage2_steps=stage2_steps,
         max_frames=max_frames,
+        isolated_order=isolated_order,
     )
     started = time.time()
 

@@ -6,7 +6,8 @@
 - stage 2: a curriculum over clip length (2 .. ``max_frames``, short clips kept in the mix) with
   all three kinds; half of the batches use a frame-isolated mask (frame tokens see the system
   prompt and their own frame only, all frames at the same positions, as independently
-  prefilled blocks are) and half ordinary causal attention.
+  prefilled blocks are; no order questions there, since such frames carry no order) and half
+  ordinary causal attention.
 
 The sequence format is exactly the one :class:`mukv.engine.StreamSession` builds: system
 prompt, 16 visual tokens per frame, the question template, then the one-word answer and
@@ -60,6 +61,9 @@ class TrainConfig:
     tower_lr: float = 3e-5
     max_frames: int = 24
     isolated_share: float = 0.5
+    # Order questions in frame-isolated batches too (they are unanswerable there: the frames carry
+    # no order). Off by default; the first stage-2 run of the shipped checkpoint had it on.
+    isolated_order: bool = False
     eval_clips: int = 60
 
     def __post_init__(self) -> None:
@@ -345,6 +349,10 @@ def train_qa(builder: SequenceBuilder, cfg: TrainConfig, rng, report: Report, *,
         else:
             frames, kinds, batch = _clip_lengths(step, steps, cfg.max_frames, rng), KINDS, cfg.stage2_batch
             isolated = bool(rng.random() < cfg.isolated_share)
+            if isolated and not cfg.isolated_order:
+                # Isolated frames sit at the same positions and do not see each other, so their
+                # order is not in the sequence: an order question would only teach guessing.
+                kinds = tuple(k for k in KINDS if k != "order")
         clips = [
             sample_clip(rng, frames, kinds[int(rng.integers(len(kinds)))], cfg.spec.image_size) for _ in range(batch)
         ]
@@ -420,7 +428,100 @@ def train_tiny(
     record["seconds"] = time.time() - started
     save_checkpoint(model, tokenizer, out)
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(record))
     return record
+
+
+def _train_command(cfg: dict, out: str, resume: str | None = None) -> str:
+    parts = [f"mukv train-tiny {out}"]
+    if resume:
+        parts.append(f"--resume {resume}")
+    parts.append(f"--seed {cfg['seed']}")
+    if not resume:
+        parts.append(f"--stage0-steps {cfg['stage0_steps']} --stage1-steps {cfg['stage1_steps']}")
+    parts.append(f"--stage2-steps {cfg['stage2_steps']} --max-frames {cfg['max_frames']}")
+    if cfg.get("isolated_order"):
+        parts.append("--isolated-order")
+    return " ".join(parts)
+
+
+def _stage2_line(cfg: dict) -> str:
+    order = "all kinds in both" if cfg.get("isolated_order") else "order questions only in the causal ones"
+    return (
+        f"stage 2: clips of 2 to {cfg['max_frames']} frames (curriculum, a third of the batches 2-4 frames), "
+        f"{cfg['stage2_steps']} steps of {cfg['stage2_batch']}, lr {cfg['stage2_lr']:g}; "
+        f"{cfg['isolated_share']:.0%} of the batches frame-isolated (frames see the system prompt and "
+        f"themselves, at the same positions, as independently encoded blocks do), the rest causal; {order}"
+    )
+
+
+def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
+    """A Markdown model card from a ``training.json`` record: sizes, data, stages, steps, seeds,
+    the commands that reproduce it, and the measured accuracy per question kind and clip length."""
+    cfg = record["config"]
+    spec = cfg["spec"]
+    resumed = record.get("resumed_from")
+    first = (resumed or {}).get("config") or cfg
+    if resumed:
+        commands = [
+            f"1. `{_train_command(first, 'RUN1')}`",
+            f"2. `{_train_command(cfg, 'OUT', resume='RUN1')}` (stage 2 again, from run 1's final weights)",
+        ]
+        stage2 = [f"- run 1 {_stage2_line(first)}", f"- run 2 {_stage2_line(cfg)}"]
+    else:
+        commands = [f"`{_train_command(cfg, 'OUT')}`"]
+        stage2 = [f"- {_stage2_line(cfg)}"]
+    lines = [
+        f"# {name}",
+        "",
+        "A tiny LLaVA-OneVision (the real `transformers` classes: SigLIP vision tower, 2x2 bilinear",
+        "pooling, Qwen2 language model) trained on CPU on synthetic video streams",
+        "(`mukv.training.streams`): coloured common shapes, with rare targets whose questions have",
+        "one-word answers and known evidence frames. It is the offline demo model of `mukv` and the",
+        "testbed of its accuracy study; it knows nothing about real video.",
+        "",
+        "## Architecture",
+        "",
+        f"- {spec['image_size']} px frames, patch {spec['patch_size']}: "
+        f"{math.ceil(spec['image_size'] // spec['patch_size'] / 2) ** 2} visual tokens per frame",
+        f"- vision: {spec['vision_layers']} layers, width {spec['vision_hidden']}, {spec['vision_heads']} heads",
+        f"- language: {spec['text_layers']} layers, width {spec['text_hidden']}, {spec['text_heads']} heads, "
+        f"{spec['text_kv_heads']} KV heads, RoPE theta {spec['rope_theta']:g}, vocabulary {spec['vocab_size']} "
+        "(byte-level BPE trained on a fixed corpus)",
+        "- chat template: exactly the session's prompt (the Qwen2 format of the MuKV/ReKV releases)",
+        "",
+        "## Training",
+        "",
+        "Reproduce with:",
+        "",
+        *commands,
+        "",
+        "Every stream and clip is generated from the seed; weights are initialised from it.",
+        "",
+        f"- stage 0: vision tower alone with linear colour/shape/position heads, "
+        f"{first['stage0_steps']} steps of {first['stage0_batch']} frames, lr {first['stage0_lr']:g}",
+        f"- stage 1: single-frame questions (`frame`, `patch`), {first['stage1_steps']} steps of "
+        f"{first['stage1_batch']}, lr {first['stage1_lr']:g}, tower lr {first['tower_lr']:g}",
+        *stage2,
+        f"- wall time{' of the last run' if resumed else ''}: {record.get('seconds', float('nan')) / 60:.0f} min",
+        "",
+        "## Measured accuracy",
+        "",
+        "Greedy answer exactly right (every answer token), full causal context, fresh clips "
+        f"({cfg['eval_clips']} per cell, seed {cfg['seed'] + 2}); length 1 is the evidence frame alone.",
+        "",
+    ]
+    accuracy = record.get("accuracy", {})
+    lengths = sorted({int(t) for by_length in accuracy.values() for t in by_length})
+    lines += ["| kind | " + " | ".join(f"{t} frame{'s' if t > 1 else ''}" for t in lengths) + " |"]
+    lines += ["|---|" + "---:|" * len(lengths)]
+    for kind, by_length in accuracy.items():
+        cells = [f"{by_length[str(t)]:.2f}" if str(t) in by_length else "-" for t in lengths]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    stage0 = record.get("stage0_accuracy") or {}
+    if stage0:
+        lines += ["", "Vision heads after stage 0: " + ", ".join(f"{k} {v:.2f}" for k, v in stage0.items()) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def load_weights(model, directory: Path) -> None:
