@@ -24,6 +24,7 @@ from mukv.training.streams import SyntheticStream, make_stream, write_stream_vid
 log = logging.getLogger(__name__)
 
 DEFAULT_FRAMES = 64
+MIN_FRAMES, MAX_FRAMES = 8, 4096
 SAMPLE_FPS = 0.5
 DEFAULT_MODEL = "mukv-tiny"
 
@@ -61,11 +62,18 @@ def run_demo(
     from mukv.memory import available_methods
     from mukv.video import open_video
 
-    unknown = [m for m in methods if m not in available_methods()]
-    if unknown or not methods:
-        raise ValueError(f"--methods: unknown {unknown or methods}; available: {', '.join(available_methods())}")
-    if frames < 8:
-        raise ValueError(f"--frames: need at least 8, got {frames}")
+    available = available_methods()
+    if not methods:
+        raise ValueError(f"--methods: none given; available: {', '.join(available)}")
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        raise ValueError(f"--methods: unknown {', '.join(unknown)}; available: {', '.join(available)}")
+    methods = list(dict.fromkeys(methods))  # each once, in the order given
+    if not MIN_FRAMES <= frames <= MAX_FRAMES:
+        raise ValueError(f"--frames: must be in {MIN_FRAMES}..{MAX_FRAMES}, got {frames}")
+    if seed < 0:
+        raise ValueError(f"--seed: must be >= 0, got {seed}")
+    backend = load_backend(model)  # before any work, so a bad --model fails first
     workdir.mkdir(parents=True, exist_ok=True)
     stream = make_stream(frames, seed=seed, fps=SAMPLE_FPS)
     video = write_stream_video(workdir / f"stream_{seed}_{frames}.mp4", stream)
@@ -74,7 +82,6 @@ def run_demo(
         f"synthetic stream: {video} ({frames} frames at {SAMPLE_FPS} fps = {frames / SAMPLE_FPS:.0f} s; "
         f"{len(questions)} questions asked as the video plays)"
     )
-    backend = load_backend(model)
     typer.echo(f"model: {backend.model_id}")
     right: dict[str, int] = {}
     for method in methods:

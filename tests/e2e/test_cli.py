@@ -178,3 +178,6 @@ def test_demo_refuses_unknown_methods_and_short_streams(tmp_path):
     assert result.returncode != 0 and "nope" in result.stderr
     result = mukv("demo", "--workdir", str(tmp_path), "--frames", "3")
     assert result.returncode != 0 and "--frames" in result.stderr
+    result = mukv("demo", "--workdir", str(tmp_path), "--model", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "could not load model" in result.stderr
+    assert not list(tmp_path.glob("*.mp4"))  # nothing written before the model loaded

@@ -85,12 +85,50 @@ def test_resume_runs_stage_two_from_the_stage_one_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+def test_resume_checks_the_checkpoint_before_training(tmp_path):
+    import json
+    from dataclasses import asdict
+
     from mukv.backends.tiny import save_checkpoint
 
-    other, tokenizer = create_tiny_model(seed=0, spec=TinyModelSpec(text_hidden=32, text_layers=1))
-    save_checkpoint(other, tokenizer, tmp_path / "other")
-    (tmp_path / "other" / "training.json").write_text("{}")
     cfg = TrainConfig(spec=SMALL, stage2_steps=0, max_frames=3, eval_clips=1)
+    with pytest.raises(FileNotFoundError, match="not a saved training checkpoint"):
+        train_tiny(tmp_path / "b", cfg, report=lambda *_: None, resume=tmp_path / "nowhere")
+    other_spec = TinyModelSpec(text_hidden=32, text_layers=1)
+    other, tokenizer = create_tiny_model(seed=0, spec=other_spec)
+    save_checkpoint(other, tokenizer, tmp_path / "other")
+    record = tmp_path / "other" / "training.json"
+    record.write_text(json.dumps({"config": {"spec": asdict(other_spec)}}))
+    with pytest.raises(ValueError, match="stage 1 has not run"):
+        train_tiny(tmp_path / "b", cfg, report=lambda *_: None, resume=tmp_path / "other")
+    record.write_text(json.dumps({"config": {"spec": asdict(other_spec)}, "stage1_accuracy": {}}))
+    with pytest.raises(ValueError, match="trained with model sizes"):
+        train_tiny(tmp_path / "b", cfg, report=lambda *_: None, resume=tmp_path / "other")
+    # A record that lies about its sizes is still caught by the strict weight load.
+    record.write_text(json.dumps({"config": {"spec": asdict(SMALL)}, "stage1_accuracy": {}}))
     with pytest.raises(RuntimeError, match=r"size mismatch|Missing|Unexpected"):
         train_tiny(tmp_path / "b", cfg, report=lambda *_: None, resume=tmp_path / "other")
+
+
+def test_model_card_names_the_commands_that_reproduce_a_resumed_run():
+    from mukv.training.trainer import model_card
+
+    first = {**asdict_config(TrainConfig(spec=SMALL))}
+    first.pop("isolated_order")  # a record from before the option: order questions were in isolated batches
+    record = {
+        "config": asdict_config(TrainConfig(spec=SMALL, seed=1, stage2_steps=7)),
+        "resumed_from": {"path": "/x", "stage": "final", "config": first},
+        "accuracy": {"frame": {"1": 1.0, "16": 0.95}, "order": {"16": 0.5}},
+        "seconds": 60.0,
+    }
+    card = model_card(record)
+    assert "1. `mukv train-tiny RUN1 --seed 0 --stage0-steps 1500" in card and "--isolated-order`" in card
+    assert "2. `mukv train-tiny OUT --resume RUN1 --seed 1 --stage2-steps 7 --max-frames 24`" in card
+    assert "| order | - | 0.50 |" in card and "| frame | 1.00 | 0.95 |" in card
+
+
+def asdict_config(cfg: TrainConfig) -> dict:
+    import json
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(cfg)))

@@ -262,3 +262,15 @@ def test_release_accounting_at_196():
     assert kept == {"patch": 34, "frame": 98, "segment": 235}
     assert 4 * kept["patch"] + kept["frame"] + kept["segment"] / cfg.segment_frames == 292.75
     assert sum(cfg.top_k.get(g) * kept[g] for g in GRANULARITIES) == 49 * 34 + 12 * 98 + 3 * 235 == 3547
+
+
+def test_answer_tokens_of_the_presets():
+    from mukv.memory.mukv_config import MukvConfig, release_preset
+
+    # 20 x 4 + 32 x 19 + 12 x 627 at P = 196 (the paper's 8.2K); 20 x 1 + 32 x 1 + 12 x 51 at P = 16.
+    assert MukvConfig().answer_tokens(196) == 8212
+    assert MukvConfig().answer_tokens(16) == 664
+    # 49 x 34 + 12 x 98 + 3 x 235
+    assert release_preset().answer_tokens(196) == 49 * 34 + 12 * 98 + 3 * 235
+    off = MukvConfig(granularities=PerGranularityBool(patch=False, frame=False, segment=True))
+    assert off.answer_tokens(16) == 12 * 51

@@ -13,6 +13,14 @@ from mukv.errors import ModelLoadError
 
 _ROOT = Path(__file__).resolve().parent
 SHIPPED_MODELS: tuple[str, ...] = ("mukv-tiny",)
+# What loading needs; a partial installation is reported by name instead of failing later.
+REQUIRED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+)
 
 
 def shipped_model_dir(name: str) -> Path | None:
@@ -24,11 +32,11 @@ def shipped_model_dir(name: str) -> Path | None:
     if name not in SHIPPED_MODELS:
         return None
     directory = _ROOT / name
-    missing = [f for f in ("config.json", "model.safetensors") if not (directory / f).is_file()]
+    missing = [f for f in REQUIRED_FILES if not (directory / f).is_file()]
     if missing:
         raise ModelLoadError(
-            f"model {name!r} ships with mukv but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-            f"missing under {directory}; "
-            "reinstall the package (pip install --force-reinstall mukv)"
+            f"model {name!r} ships with mukv but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+            f"missing under {directory}: the installation is incomplete; reinstall mukv from its source "
+            "(for a checkout: pip install --force-reinstall -e .)"
         )
     return directory

@@ -395,6 +395,7 @@ def train_tiny(
     each finished stage is also saved under ``out/stages/``. With ``resume`` (a saved stage-1
     checkpoint directory) only stage 2 runs, starting from its weights."""
     cfg = cfg or TrainConfig()
+    previous = _previous_record(Path(resume), cfg) if resume is not None else None
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model, tokenizer = create_tiny_model(seed=cfg.seed, spec=cfg.spec)
@@ -418,10 +419,15 @@ def train_tiny(
         record["stage1_accuracy"] = evaluate(builder, (1,), cfg.eval_clips, cfg.seed + 1)
         checkpoint("stage1")
     else:
-        previous = json.loads((Path(resume) / "training.json").read_text())
         for key in ("stage0_accuracy", "stage1_accuracy"):
             record[key] = previous.get(key)
-        record["resumed_from"] = {"path": str(resume), "config": previous.get("config")}
+        record["resumed_from"] = {
+            "path": str(resume),
+            # A finished run has stage-2 accuracy; a stages/stage1 checkpoint does not.
+            "stage": "final" if "accuracy" in previous else "stage1",
+            "config": previous.get("config"),
+            "resumed_from": previous.get("resumed_from"),
+        }
         load_weights(model, Path(resume))
     train_qa(builder, cfg, rng, report, stage=2)
     record["accuracy"] = evaluate(builder, (1, 4, 16), cfg.eval_clips, cfg.seed + 2)
@@ -440,13 +446,14 @@ def _train_command(cfg: dict, out: str, resume: str | None = None) -> str:
     if not resume:
         parts.append(f"--stage0-steps {cfg['stage0_steps']} --stage1-steps {cfg['stage1_steps']}")
     parts.append(f"--stage2-steps {cfg['stage2_steps']} --max-frames {cfg['max_frames']}")
-    if cfg.get("isolated_order"):
+    # Records from before the option existed had order questions in isolated batches too.
+    if cfg.get("isolated_order", True):
         parts.append("--isolated-order")
     return " ".join(parts)
 
 
 def _stage2_line(cfg: dict) -> str:
-    order = "all kinds in both" if cfg.get("isolated_order") else "order questions only in the causal ones"
+    order = "all kinds in both" if cfg.get("isolated_order", True) else "order questions only in the causal ones"
     return (
         f"stage 2: clips of 2 to {cfg['max_frames']} frames (curriculum, a third of the batches 2-4 frames), "
         f"{cfg['stage2_steps']} steps of {cfg['stage2_batch']}, lr {cfg['stage2_lr']:g}; "
@@ -463,9 +470,12 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
     resumed = record.get("resumed_from")
     first = (resumed or {}).get("config") or cfg
     if resumed:
+        final = resumed.get("stage", "final") == "final"
+        source = "RUN1" if final else "RUN1/stages/stage1"
         commands = [
             f"1. `{_train_command(first, 'RUN1')}`",
-            f"2. `{_train_command(cfg, 'OUT', resume='RUN1')}` (stage 2 again, from run 1's final weights)",
+            f"2. `{_train_command(cfg, 'OUT', resume=source)}` (stage 2 "
+            + ("again, from run 1's final weights)" if final else "from run 1's stage-1 weights)"),
         ]
         stage2 = [f"- run 1 {_stage2_line(first)}", f"- run 2 {_stage2_line(cfg)}"]
     else:
@@ -522,6 +532,23 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
     if stage0:
         lines += ["", "Vision heads after stage 0: " + ", ".join(f"{k} {v:.2f}" for k, v in stage0.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _previous_record(resume: Path, cfg: TrainConfig) -> dict:
+    """The ``training.json`` of a checkpoint to resume from, checked before any work starts."""
+    record_path = resume / "training.json"
+    if not record_path.is_file() or not (resume / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"--resume {resume}: not a saved training checkpoint (needs training.json and model.safetensors; "
+            "use OUT/stages/stage1 or a finished OUT of `mukv train-tiny`)"
+        )
+    previous = json.loads(record_path.read_text())
+    if previous.get("stage1_accuracy") is None:
+        raise ValueError(f"--resume {resume}: stage 1 has not run for this checkpoint (use OUT/stages/stage1)")
+    spec = (previous.get("config") or {}).get("spec")
+    if spec != json.loads(json.dumps(asdict(cfg.spec))):
+        raise ValueError(f"--resume {resume}: trained with model sizes {spec}, not {asdict(cfg.spec)}")
+    return previous
 
 
 def load_weights(model, directory: Path) -> None:
