@@ -454,6 +454,7 @@ def train_tiny_command(
     isolated_order: Annotated[
         bool, typer.Option(help="Also ask order questions in frame-isolated batches (unanswerable there).")
     ] = False,
+    clip_targets: Annotated[int, typer.Option(help="Rare targets per stage-2 clip (1-3, one per kind).")] = 3,
 ) -> None:
     """Train a tiny LLaVA-OneVision on synthetic streams (CPU: about an hour with the defaults)."""
     import torch
@@ -469,6 +470,7 @@ def train_tiny_command(
         stage2_steps=stage2_steps,
         max_frames=max_frames,
         isolated_order=isolated_order,
+        clip_targets=clip_targets,
     )
     started = time.time()
 

@@ -132,3 +132,30 @@ def asdict_config(cfg: TrainConfig) -> dict:
     from dataclasses import asdict
 
     return json.loads(json.dumps(asdict(cfg)))
+
+
+def test_clips_carry_one_rare_target_per_kind(monkeypatch):
+    import mukv.training.trainer as trainer
+
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(trainer_make_stream(*args, **kwargs))
+        return made[-1]
+
+    trainer_make_stream = trainer.make_stream
+    monkeypatch.setattr(trainer, "make_stream", recording)
+    rng = np.random.default_rng(3)
+    for kind in ("frame", "patch", "order"):
+        clip = sample_clip(rng, 8, kind, 112, targets=3)
+        stream = made[-1]
+        assert sorted(q.kind for q in stream.questions) == ["frame", "order", "patch"]
+        assert clip.kind == kind and clip.question == next(q.question for q in stream.questions if q.kind == kind)
+        assert np.array_equal(clip.frames, stream.frames)
+    assert len(sample_clip(rng, 8, "patch", 112, targets=1) and made[-1].questions) == 1
+    single = sample_clip(rng, 1, "patch", 112, targets=3)
+    assert single.frames.shape[0] == 1
+    with pytest.raises(ValueError, match="targets"):
+        sample_clip(rng, 8, "frame", 112, targets=4)
+    with pytest.raises(ValueError, match="clip_targets"):
+        TrainConfig(clip_targets=0)

@@ -64,6 +64,9 @@ class TrainConfig:
     # Order questions in frame-isolated batches too (they are unanswerable there: the frames carry
     # no order). Off by default; the first stage-2 run of the shipped checkpoint had it on.
     isolated_order: bool = False
+    # Rare targets per stage-2 and evaluation clip (one per kind); the first two stage-2 runs of
+    # the shipped checkpoint used 1, which left the model unable to tell rare shapes apart.
+    clip_targets: int = 3
     eval_clips: int = 60
 
     def __post_init__(self) -> None:
@@ -74,6 +77,8 @@ class TrainConfig:
             raise ValueError("max_frames: must be >= 2")
         if not 0.0 <= self.isolated_share <= 1.0:
             raise ValueError("isolated_share: must be in [0, 1]")
+        if not 1 <= self.clip_targets <= len(KINDS):
+            raise ValueError(f"clip_targets: must be in 1..{len(KINDS)}")
 
 
 # --------------------------------------------------------------------------- stage 0 data
@@ -182,12 +187,17 @@ class Clip:
     kind: str
 
 
-def sample_clip(rng: np.random.Generator, frames: int, kind: str, size: int) -> Clip:
+def sample_clip(rng: np.random.Generator, frames: int, kind: str, size: int, *, targets: int = 3) -> Clip:
     """A clip of ``frames`` frames with one question of ``kind`` about it (``frames`` may be 1
-    for the single-frame kinds: the evidence frame alone)."""
+    for the single-frame kinds: the evidence frame alone). The clip holds up to ``targets`` rare
+    targets (one per question kind, as the evaluation streams do), so the model has to tell the
+    asked-for shape from the other rare ones."""
+    if not 1 <= targets <= len(KINDS):
+        raise ValueError(f"targets: must be in 1..{len(KINDS)}, got {targets}")
     length = max(frames, 2)
-    stream = make_stream(length, seed=int(rng.integers(2**31)), size=size, kinds=(kind,))
-    (question,) = stream.questions
+    others = [k for k in KINDS if k != kind]
+    stream = make_stream(length, seed=int(rng.integers(2**31)), size=size, kinds=(kind, *others[: targets - 1]))
+    question = stream.questions[0]
     images = stream.frames
     if frames == 1:
         images = images[question.first_frame : question.first_frame + 1]
@@ -353,8 +363,10 @@ def train_qa(builder: SequenceBuilder, cfg: TrainConfig, rng, report: Report, *,
                 # Isolated frames sit at the same positions and do not see each other, so their
                 # order is not in the sequence: an order question would only teach guessing.
                 kinds = tuple(k for k in KINDS if k != "order")
+        targets = 1 if stage == 1 else cfg.clip_targets
         clips = [
-            sample_clip(rng, frames, kinds[int(rng.integers(len(kinds)))], cfg.spec.image_size) for _ in range(batch)
+            sample_clip(rng, frames, kinds[int(rng.integers(len(kinds)))], cfg.spec.image_size, targets=targets)
+            for _ in range(batch)
         ]
         loss, exact = builder.loss(builder.batch(clips, isolated=isolated))
         optimizer.zero_grad(set_to_none=True)
@@ -370,7 +382,9 @@ def train_qa(builder: SequenceBuilder, cfg: TrainConfig, rng, report: Report, *,
 
 
 @torch.no_grad()
-def evaluate(builder: SequenceBuilder, lengths: tuple[int, ...], clips: int, seed: int) -> dict[str, dict[str, float]]:
+def evaluate(
+    builder: SequenceBuilder, lengths: tuple[int, ...], clips: int, seed: int, *, targets: int = 3
+) -> dict[str, dict[str, float]]:
     """Answer exactness (every answer token right, i.e. greedy decoding gives the answer) by
     question kind and clip length, with full causal attention."""
     rng = np.random.default_rng(seed)
@@ -381,7 +395,7 @@ def evaluate(builder: SequenceBuilder, lengths: tuple[int, ...], clips: int, see
         for kind in kinds:
             right = 0
             for start in range(0, clips, 8):
-                batch = [sample_clip(rng, length, kind, size) for _ in range(min(8, clips - start))]
+                batch = [sample_clip(rng, length, kind, size, targets=targets) for _ in range(min(8, clips - start))]
                 _, exact = builder.loss(builder.batch(batch, isolated=False))
                 right += int(exact.sum())
             results.setdefault(kind, {})[str(length)] = right / clips
@@ -430,7 +444,7 @@ def train_tiny(
         }
         load_weights(model, Path(resume))
     train_qa(builder, cfg, rng, report, stage=2)
-    record["accuracy"] = evaluate(builder, (1, 4, 16), cfg.eval_clips, cfg.seed + 2)
+    record["accuracy"] = evaluate(builder, (1, 4, 16), cfg.eval_clips, cfg.seed + 2, targets=cfg.clip_targets)
     record["seconds"] = time.time() - started
     save_checkpoint(model, tokenizer, out)
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -446,19 +460,23 @@ def _train_command(cfg: dict, out: str, resume: str | None = None) -> str:
     if not resume:
         parts.append(f"--stage0-steps {cfg['stage0_steps']} --stage1-steps {cfg['stage1_steps']}")
     parts.append(f"--stage2-steps {cfg['stage2_steps']} --max-frames {cfg['max_frames']}")
-    # Records from before the option existed had order questions in isolated batches too.
+    # Records from before these options existed: order questions in isolated batches, one target.
     if cfg.get("isolated_order", True):
         parts.append("--isolated-order")
+    if cfg.get("clip_targets", 1) != 3:
+        parts.append(f"--clip-targets {cfg.get('clip_targets', 1)}")
     return " ".join(parts)
 
 
 def _stage2_line(cfg: dict) -> str:
     order = "all kinds in both" if cfg.get("isolated_order", True) else "order questions only in the causal ones"
+    targets = cfg.get("clip_targets", 1)
     return (
         f"stage 2: clips of 2 to {cfg['max_frames']} frames (curriculum, a third of the batches 2-4 frames), "
         f"{cfg['stage2_steps']} steps of {cfg['stage2_batch']}, lr {cfg['stage2_lr']:g}; "
         f"{cfg['isolated_share']:.0%} of the batches frame-isolated (frames see the system prompt and "
-        f"themselves, at the same positions, as independently encoded blocks do), the rest causal; {order}"
+        f"themselves, at the same positions, as independently encoded blocks do), the rest causal; {order}; "
+        f"{targets} rare target{'s' if targets > 1 else ''} per clip"
     )
 
 
@@ -467,19 +485,27 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
     the commands that reproduce it, and the measured accuracy per question kind and clip length."""
     cfg = record["config"]
     spec = cfg["spec"]
-    resumed = record.get("resumed_from")
-    first = (resumed or {}).get("config") or cfg
-    if resumed:
-        final = resumed.get("stage", "final") == "final"
-        source = "RUN1" if final else "RUN1/stages/stage1"
-        commands = [
-            f"1. `{_train_command(first, 'RUN1')}`",
-            f"2. `{_train_command(cfg, 'OUT', resume=source)}` (stage 2 "
-            + ("again, from run 1's final weights)" if final else "from run 1's stage-1 weights)"),
-        ]
-        stage2 = [f"- run 1 {_stage2_line(first)}", f"- run 2 {_stage2_line(cfg)}"]
-    else:
-        commands = [f"`{_train_command(cfg, 'OUT')}`"]
+    # The lineage, first run first: each resumed run records the one it started from.
+    runs = [record]
+    while runs[-1].get("resumed_from"):
+        runs.append(runs[-1]["resumed_from"])
+    runs.reverse()
+    first = runs[0]["config"]
+    resumed = len(runs) > 1
+    commands, stage2 = [], []
+    for k, run in enumerate(runs, start=1):
+        out = "OUT" if k == len(runs) else f"RUN{k}"
+        if k == 1:
+            commands.append(f"{k}. `{_train_command(run['config'], out)}`")
+        else:
+            # runs[k - 2] describes run k - 1, including which of its checkpoints run k loaded.
+            final = runs[k - 2].get("stage", "final") == "final"
+            source = f"RUN{k - 1}" if final else f"RUN{k - 1}/stages/stage1"
+            how = f"again, from run {k - 1}'s final weights" if final else f"from run {k - 1}'s stage-1 weights"
+            commands.append(f"{k}. `{_train_command(run['config'], out, resume=source)}` (stage 2 {how})")
+        stage2.append(f"- run {k} {_stage2_line(run['config'])}")
+    if not resumed:
+        commands = [commands[0].removeprefix("1. ")]
         stage2 = [f"- {_stage2_line(cfg)}"]
     lines = [
         f"# {name}",
@@ -518,7 +544,8 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
         "## Measured accuracy",
         "",
         "Greedy answer exactly right (every answer token), full causal context, fresh clips "
-        f"({cfg['eval_clips']} per cell, seed {cfg['seed'] + 2}); length 1 is the evidence frame alone.",
+        f"({cfg['eval_clips']} per cell, seed {cfg['seed'] + 2}, up to {cfg.get('clip_targets', 1)} rare "
+        "target(s) per clip); length 1 is the evidence frame alone.",
         "",
     ]
     accuracy = record.get("accuracy", {})
