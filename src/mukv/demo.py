@@ -1,8 +1,8 @@
 """``mukv demo``: a self-contained, offline walk through the streaming pipeline.
 
-Generates a synthetic stream (coloured shapes; a few rare targets whose questions have known
-answers and evidence frames), writes it as an mp4, plays it into a session for each memory
-method and asks every question at its time. Answers are printed next to the reference, and the
+Generates two synthetic streams (coloured shapes; rare targets whose questions have known
+answers and evidence frames), writes them as mp4 videos, plays them into a session for each
+memory method and asks every question at its time. Answers are printed next to the reference, and the
 time spans the method put in the answering cache next to the evidence span.
 
 The default model is ``mukv-tiny``, the checkpoint shipped with the package and trained on such
@@ -19,7 +19,7 @@ from pathlib import Path
 import typer
 
 from mukv.memory.base import RetrievedBlock
-from mukv.training.streams import SyntheticStream, make_stream, write_stream_video
+from mukv.training.streams import SyntheticStream, eval_kinds, make_stream, write_stream_video
 
 log = logging.getLogger(__name__)
 
@@ -75,38 +75,42 @@ def run_demo(
         raise ValueError(f"--seed: must be >= 0, got {seed}")
     backend = load_backend(model)  # before any work, so a bad --model fails first
     workdir.mkdir(parents=True, exist_ok=True)
-    stream = make_stream(frames, seed=seed, fps=SAMPLE_FPS)
-    video = write_stream_video(workdir / f"stream_{seed}_{frames}.mp4", stream)
-    questions = sorted(stream.questions, key=lambda q: q.ask_frame)
+    # Two streams, each with one large and one small rare target (eval_kinds), so that every
+    # question kind is asked.
+    seeds = (seed, seed + 1)
+    streams = [make_stream(frames, seed=k, fps=SAMPLE_FPS, kinds=eval_kinds(k)) for k in seeds]
+    videos = [write_stream_video(workdir / f"stream_{k}_{frames}.mp4", s) for k, s in zip(seeds, streams, strict=True)]
+    count = sum(len(s.questions) for s in streams)
     typer.echo(
-        f"synthetic stream: {video} ({frames} frames at {SAMPLE_FPS} fps = {frames / SAMPLE_FPS:.0f} s; "
-        f"{len(questions)} questions asked as the video plays)"
+        f"synthetic streams: {', '.join(str(v) for v in videos)} ({frames} frames each at {SAMPLE_FPS} fps = "
+        f"{frames / SAMPLE_FPS:.0f} s; {count} questions asked as the videos play)"
     )
     typer.echo(f"model: {backend.model_id}")
     right: dict[str, int] = {}
     for method in methods:
         typer.secho(f"\n== method: {method}", bold=True)
-        session = StreamSession(backend, method)
-        source = open_video(video, sample_fps=SAMPLE_FPS)
         right[method] = 0
-        for q in questions:
-            at = float(stream.timestamps[q.ask_frame])
-            session.ingest_source(source, until=at)
-            answer = session.ask(q.question, max_new_tokens=8)
-            correct = exact_match(answer.text, q.answer) == 1.0
-            right[method] += correct
-            mark = typer.style("right", fg=typer.colors.GREEN) if correct else typer.style("wrong", fg=typer.colors.RED)
-            typer.echo(
-                f"t={at:4.0f}s  [{q.kind:5s}] {q.question:52s} "
-                f"reference: {q.answer:7s} answer: {answer.text!r:10s} {mark}"
-            )
-            evidence = _evidence_span(stream, q.first_frame, q.last_frame)
-            typer.secho(
-                f"         evidence {evidence[0]:.0f}-{evidence[1]:.0f}s; in the answering cache: "
-                f"{_format_spans(merge_spans(answer.retrieved, 1 / SAMPLE_FPS))} "
-                f"({answer.context_tokens} tokens, first token {answer.timings.first_token * 1e3:.0f} ms)",
-                dim=True,
-            )
-        typer.echo(f"{method}: {right[method]}/{len(questions)} right")
+        for number, (stream, video) in enumerate(zip(streams, videos, strict=True), start=1):
+            session = StreamSession(backend, method)
+            source = open_video(video, sample_fps=SAMPLE_FPS)
+            for q in sorted(stream.questions, key=lambda q: q.ask_frame):
+                at = float(stream.timestamps[q.ask_frame])
+                session.ingest_source(source, until=at)
+                answer = session.ask(q.question, max_new_tokens=8)
+                correct = exact_match(answer.text, q.answer) == 1.0
+                right[method] += correct
+                mark = typer.style(*(("right", typer.colors.GREEN) if correct else ("wrong", typer.colors.RED)))
+                typer.echo(
+                    f"stream {number} t={at:4.0f}s  [{q.kind:5s}] {q.question:50s} "
+                    f"reference: {q.answer:7s} answer: {answer.text!r:10s} {mark}"
+                )
+                evidence = _evidence_span(stream, q.first_frame, q.last_frame)
+                typer.secho(
+                    f"{'':17s}evidence {evidence[0]:.0f}-{evidence[1]:.0f}s; in the answering cache: "
+                    f"{_format_spans(merge_spans(answer.retrieved, 1 / SAMPLE_FPS))} "
+                    f"({answer.context_tokens} tokens, first token {answer.timings.first_token * 1e3:.0f} ms)",
+                    dim=True,
+                )
+        typer.echo(f"{method}: {right[method]}/{count} right")
     typer.echo("\nDone. See `mukv --help` for ask, chat, eval and the other commands.")
     return right
