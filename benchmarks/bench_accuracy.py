@@ -44,8 +44,9 @@ import torch
 
 import mukv
 from bench_encode_ask import LoadMonitor, load_line, machine_info
+from mukv.config import apply_overrides
 from mukv.eval.metrics import exact_match
-from mukv.memory.mukv_config import MukvConfig
+from mukv.memory.mukv_config import GRANULARITIES, MukvConfig
 from mukv.training.streams import KINDS, eval_kinds, make_stream
 from mukv.video import from_array
 
@@ -54,26 +55,36 @@ FPS = 0.5
 REKV_WINDOW_FRAMES = 76
 
 
-def configurations(budget_frames: int, tokens_per_frame: int) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Study name -> (method, overrides)."""
+def configurations(
+    budget_frames: int, tokens_per_frame: int, mukv_top_k: dict[str, int] | None = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Study name -> (method, overrides). ``mukv_top_k`` overrides MuKV's per-granularity
+    ``top_k`` (a scaled budget); the other methods get ``budget_frames``."""
+    window = REKV_WINDOW_FRAMES * tokens_per_frame
+    mukv = {f"top_k.{g}": k for g, k in (mukv_top_k or {}).items()}
     return {
         "full": ("full", {}),
         "uniform": ("uniform", {"num_frames": budget_frames}),
         "recent": ("recent", {"num_frames": budget_frames}),
-        "rekv": ("rekv", {"retrieve_blocks": budget_frames, "n_local": REKV_WINDOW_FRAMES * tokens_per_frame}),
+        "rekv": ("rekv", {"retrieve_blocks": budget_frames, "n_local": window}),
         "rekv layer_shared=true": (
             "rekv",
-            {
-                "retrieve_blocks": budget_frames,
-                "n_local": REKV_WINDOW_FRAMES * tokens_per_frame,
-                "layer_shared": True,
-            },
+            {"retrieve_blocks": budget_frames, "n_local": window, "layer_shared": True},
         ),
-        "mukv": ("mukv", {}),
-        "mukv encode=shared": ("mukv", {"encode": "shared"}),
-        "mukv order=temporal": ("mukv", {"order": "temporal"}),
-        "mukv query=mean_query": ("mukv", {"query": "mean_query"}),
+        "mukv": ("mukv", {**mukv}),
+        "mukv encode=shared": ("mukv", {**mukv, "encode": "shared"}),
+        "mukv order=temporal": ("mukv", {**mukv, "order": "temporal"}),
+        "mukv query=mean_query": ("mukv", {**mukv, "query": "mean_query"}),
     }
+
+
+def scaled_mukv(scale: float) -> tuple[MukvConfig, dict[str, int] | None]:
+    """The paper preset with every ``top_k`` multiplied by ``scale`` (rounded, at least 1)."""
+    paper = MukvConfig()
+    if scale == 1.0:
+        return paper, None
+    top_k = {g: max(1, round(paper.top_k.get(g) * scale)) for g in GRANULARITIES}
+    return apply_overrides(paper, {f"top_k.{g}": k for g, k in top_k.items()}), top_k
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="accuracy", help="file stem of the records, summary and plot")
     parser.add_argument("--summarise", action="store_true", help="only rebuild the summary and plot")
+    parser.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="multiply MuKV's top_k by this (the other methods' budget follows its answering tokens)",
+    )
     return parser.parse_args(argv)
 
 
@@ -201,7 +218,9 @@ def summarise(records: list[dict], meta: dict) -> tuple[str, dict]:
         return rows
 
     lines = [
-        f"Budget: {meta['budget_tokens']} visual tokens (MuKV paper preset) = B = {budget} frames for uniform, "
+        f"Budget: {meta['budget_tokens']} visual tokens (MuKV paper preset"
+        + (f" with top_k {meta['mukv_top_k']}" if meta.get("mukv_top_k") else "")
+        + f") = B = {budget} frames for uniform, "
         f"recent and rekv; P = {meta['tokens_per_frame']} tokens per frame. Random recall baseline k/T with k = B."
     ]
     lines += section(
@@ -276,9 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     meta_path = args.out / f"{args.name}.meta.json"
     backend = mukv.load_backend(args.model)
     p = backend.tokens_per_frame
-    budget_tokens = MukvConfig().answer_tokens(p)
+    if args.budget_scale <= 0:
+        sys.exit(f"--budget-scale: must be > 0, got {args.budget_scale}")
+    mukv_config, mukv_top_k = scaled_mukv(args.budget_scale)
+    budget_tokens = mukv_config.answer_tokens(p)
     budget_frames = max(1, round(budget_tokens / p))
-    configs = configurations(budget_frames, p)
+    configs = configurations(budget_frames, p, mukv_top_k)
     chosen = list(configs) if args.configs is None else [c.strip() for c in args.configs.split(",")]
     unknown = [c for c in chosen if c not in configs]
     if unknown:
@@ -288,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         "tokens_per_frame": p,
         "budget_tokens": budget_tokens,
         "budget_frames": budget_frames,
+        "mukv_top_k": mukv_top_k,
         "configs": list(configs),
         "plan": plan,
     }
