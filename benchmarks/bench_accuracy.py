@@ -221,7 +221,7 @@ def summarise(records: list[dict], meta: dict) -> tuple[str, dict]:
         f"Budget: {meta['budget_tokens']} visual tokens (MuKV paper preset"
         + (f" with top_k {meta['mukv_top_k']}" if meta.get("mukv_top_k") else "")
         + f") = B = {budget} frames for uniform, "
-        f"recent and rekv; P = {meta['tokens_per_frame']} tokens per frame. Random recall baseline k/T with k = B."
+        f"recent and rekv; P = {meta['tokens_per_frame']} tokens per frame."
     ]
     lines += section(
         "Answer accuracy (all kinds; n questions per cell in brackets):", lambda r: f"{r['accuracy']:.2f} ({r['n']})"
