@@ -462,24 +462,26 @@ def markdown_section(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, record: dict[str, Any]) -> tuple[Path, Path]:
+def append_results(out: Path, stem: str, intro: str, record: dict[str, Any], section: str) -> tuple[Path, Path]:
+    """Append ``record`` to ``out/stem.jsonl`` and ``section`` to ``out/stem.md`` (which starts
+    with ``intro`` when it is new)."""
     out.mkdir(parents=True, exist_ok=True)
-    jsonl = out / "encode_ask.jsonl"
+    jsonl, md = out / f"{stem}.jsonl", out / f"{stem}.md"
     with jsonl.open("a") as fh:
         fh.write(json.dumps(record, sort_keys=True) + "\n")
-    md = out / "encode_ask.md"
-    header = (
-        ""
-        if md.exists()
-        else (
-            "# encode_frames and ask at LLaVA-OneVision 0.5B sizes (random weights)\n\n"
-            "Appended by `benchmarks/bench_encode_ask.py`, one section per run; the same records are in "
-            "`encode_ask.jsonl`. Random weights: speed and memory only, the answers are nonsense.\n\n"
-        )
-    )
+    header = "" if md.exists() else intro  # decided before opening, which creates the file
     with md.open("a") as fh:
-        fh.write(header + markdown_section(record))
+        fh.write(header + section)
     return jsonl, md
+
+
+def write_results(out: Path, record: dict[str, Any]) -> tuple[Path, Path]:
+    intro = (
+        "# encode_frames and ask at LLaVA-OneVision 0.5B sizes (random weights)\n\n"
+        "Appended by `benchmarks/bench_encode_ask.py`, one section per run; the same records are in "
+        "`encode_ask.jsonl`. Random weights: speed and memory only, the answers are nonsense.\n\n"
+    )
+    return append_results(out, "encode_ask", intro, record, markdown_section(record))
 
 
 # --------------------------------------------------------------------------- main

@@ -80,6 +80,7 @@ from transformers import DynamicCache
 import mukv
 from bench_encode_ask import (
     MODEL_ID,
+    append_results,
     build_backend,
     busy_cpu_seconds,
     fmt,
@@ -1135,23 +1136,12 @@ def markdown_section(record: dict[str, Any], tables: dict[str, Any]) -> str:
 
 
 def write_results(out: Path, record: dict[str, Any], tables: dict[str, Any]) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = out / "memory.jsonl"
-    with jsonl.open("a") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
-    md = out / "memory.md"
-    header = (
-        ""
-        if md.exists()
-        else (
-            "# Memory methods side by side at LLaVA-OneVision 0.5B sizes (random weights)\n\n"
-            "Appended by `benchmarks/bench_memory.py`, one section per run; the same records are in "
-            "`memory.jsonl`. Random weights and random visual features: speed and memory only.\n\n"
-        )
+    intro = (
+        "# Memory methods side by side at LLaVA-OneVision 0.5B sizes (random weights)\n\n"
+        "Appended by `benchmarks/bench_memory.py`, one section per run; the same records are in "
+        "`memory.jsonl`. Random weights and random visual features: speed and memory only.\n\n"
     )
-    with md.open("a") as fh:
-        fh.write(header + markdown_section(record, tables))
-    return jsonl, md
+    return append_results(out, "memory", intro, record, markdown_section(record, tables))
 
 
 def notes(record: dict[str, Any]) -> list[str]:

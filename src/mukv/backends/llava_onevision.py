@@ -51,6 +51,13 @@ def resolve_device(device: str) -> torch.device:
     return parsed
 
 
+def video_tokens_per_frame(image_size: int, patch_size: int) -> int:
+    """Visual tokens per video frame: ``get_video_features`` pools the grid x grid patch
+    features bilinearly to ``ceil(grid / 2) ** 2`` (196 at 384 px / patch 14, 16 at 112 px)."""
+    grid = image_size // patch_size
+    return math.ceil(grid / 2) ** 2
+
+
 def resolve_model_dir(model: str) -> Path:
     """A local directory for ``model``: the directory itself, a checkpoint shipped with the
     package (``mukv-tiny``; a local directory of the same name wins, as it does over hub ids), or
@@ -115,9 +122,7 @@ class LlavaOnevisionBackend:
             max_positions=text.max_position_embeddings,
             rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
         )
-        grid = config.vision_config.image_size // config.vision_config.patch_size
-        # get_video_features pools the grid x grid patch features bilinearly to ceil(grid/2)^2.
-        self.tokens_per_frame = math.ceil(grid / 2) ** 2
+        self.tokens_per_frame = video_tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._system: tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None = None
 

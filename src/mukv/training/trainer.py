@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mukv.backends.llava_onevision import video_tokens_per_frame
 from mukv.backends.prompts import PromptTemplate
 from mukv.backends.tiny import TinyModelSpec, create_tiny_model, save_checkpoint
 from mukv.training.streams import COLOURS, COMMON_SHAPES, KINDS, RARE_SHAPES, Thing, make_stream, render
@@ -214,8 +215,8 @@ class SequenceBuilder:
         self.prompts = prompts
         self.system_ids = self._ids(prompts.system)
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        self.tokens_per_frame = math.ceil(grid / 2) ** 2
+        vision = model.config.vision_config
+        self.tokens_per_frame = video_tokens_per_frame(vision.image_size, vision.patch_size)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -406,8 +407,8 @@ def train_tiny(
     out: str | Path, cfg: TrainConfig | None = None, report: Report | None = None, *, resume: str | Path | None = None
 ) -> dict:
     """Train all stages and save the checkpoint with a ``training.json`` record into ``out``;
-    each finished stage is also saved under ``out/stages/``. With ``resume`` (a saved stage-1
-    checkpoint directory) only stage 2 runs, starting from its weights."""
+    each finished stage is also saved under ``out/stages/``. With ``resume`` (``out/stages/stage1``
+    of an earlier run, or a finished run's ``out``) only stage 2 runs, starting from its weights."""
     cfg = cfg or TrainConfig()
     previous = _previous_record(Path(resume), cfg) if resume is not None else None
     torch.manual_seed(cfg.seed)
@@ -519,7 +520,7 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
         "## Architecture",
         "",
         f"- {spec['image_size']} px frames, patch {spec['patch_size']}: "
-        f"{math.ceil(spec['image_size'] // spec['patch_size'] / 2) ** 2} visual tokens per frame",
+        f"{video_tokens_per_frame(spec['image_size'], spec['patch_size'])} visual tokens per frame",
         f"- vision: {spec['vision_layers']} layers, width {spec['vision_hidden']}, {spec['vision_heads']} heads",
         f"- language: {spec['text_layers']} layers, width {spec['text_hidden']}, {spec['text_heads']} heads, "
         f"{spec['text_kv_heads']} KV heads, RoPE theta {spec['rope_theta']:g}, vocabulary {spec['vocab_size']} "
