@@ -7,9 +7,12 @@ is instant. User errors (bad paths, values, model ids) print one line and exit w
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -59,8 +62,34 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_VERBOSE = False
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show the warnings of the libraries underneath (transformers, ...).")
+    ] = False,
+) -> None:
+    global _VERBOSE
+    _VERBOSE = verbose
+
+
 def _quiet_libraries() -> None:
-    """Hide transformers' weight-loading progress bars; the CLI shows its own progress."""
+    """Keep third-party warnings and progress bars out of the output a person reads (``--verbose``
+    shows them); this package's own warnings are printed as ``warning: ...`` lines."""
+    root = logging.getLogger()
+    if not root.handlers:  # a program embedding the CLI (or a test harness) keeps its own logging
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        if not _VERBOSE:
+            handler.addFilter(lambda record: record.name == "mukv" or record.name.startswith("mukv."))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    if _VERBOSE:
+        return
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"mukv(\.|$)")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -82,15 +111,29 @@ def _open_session(
 
 
 def _ingest_with_progress(session, source, until: float | None, fps: float) -> int:
-    """Ingest up to ``until`` with a progress bar over the frames expected by then."""
+    """Ingest up to ``until`` with a progress bar over the frames expected by then; the bar is
+    finished (on a line of its own) before anything else is printed."""
     from tqdm import tqdm
 
     expected = source.expected_frames
     if until is not None:
         by_then = int(until * fps) + 1
         expected = by_then if expected is None else min(expected, by_then)
-    with tqdm(total=expected, unit="frame", desc="encoding", file=sys.stderr, leave=False) as bar:
-        return session.ingest_source(source, until, progress=bar.update)
+    with tqdm(total=expected, unit="frame", desc="encoding", file=sys.stderr, leave=True) as bar:
+        count = session.ingest_source(source, until, progress=bar.update)
+        bar.total = count  # the estimate may be off: the bar ends at what was encoded
+        bar.refresh()
+    return count
+
+
+def _check_time(value: float | None, name: str) -> None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name}: must be a finite number of seconds >= 0, got {value}")
+
+
+def _check_max_new_tokens(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {value}")
 
 
 def _print_answer(answer, as_json: bool) -> None:
@@ -130,14 +173,22 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record per answer.")] = False,
 ) -> None:
     """Answer questions about VIDEO at time --at, from frames up to then only."""
-    from mukv.backends.prompts import validate_question
+    from mukv.backends.prompts import PromptTemplate, validate_question
     from mukv.video import open_source
 
+    # Everything is checked before the model loads and the video is encoded.
     questions = [validate_question(q) for q in question]
-    if at is not None and at < 0:
-        raise ValueError(f"--at: must be >= 0 seconds, got {at}")
+    for text in questions:
+        PromptTemplate().render_question(text, choice)  # choices: count, empty options
+    _check_time(at, "--at")
+    _check_max_new_tokens(max_new_tokens)
     source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
+    if at is not None and source.duration is not None and at > source.duration + 1.0 / fps:
+        source.close()
+        raise ValueError(f"--at: {at:g} s is after the end of {video.name} ({source.duration:.1f} s)")
     session = _open_session(model, method, device, dtype, set_, preset)
+    for text in questions:
+        session.check_question(text, choice, max_new_tokens=max_new_tokens)
     _ingest_with_progress(session, source, at, fps)
     for text in questions:
         _print_answer(session.ask(text, choice, max_new_tokens=max_new_tokens), as_json)
@@ -164,8 +215,9 @@ def chat(
     """
     from mukv.video import open_source
 
-    if speed <= 0:
-        raise ValueError(f"--speed: must be > 0, got {speed}")
+    if not speed > 0 or not math.isfinite(speed):
+        raise ValueError(f"--speed: must be a positive number, got {speed}")
+    _check_max_new_tokens(max_new_tokens)
     source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
     session = _open_session(model, method, device, dtype, set_, preset)
     stop = threading.Event()
@@ -184,10 +236,18 @@ def chat(
     player.start()
     typer.echo("Streaming. Type a question and press Enter (/time, /quit).")
     try:
-        for line in sys.stdin:
+        for raw in sys.stdin.buffer:
             if failure:
                 raise failure[0]
-            text = line.strip()
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                typer.secho(
+                    f"error: that line is not UTF-8 text (byte {exc.start}); type it again",
+                    fg=typer.colors.RED,
+                    err=True,
+                )
+                continue
             if not text:
                 continue
             if text in ("/quit", "/exit"):
@@ -317,9 +377,16 @@ def eval_(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Answer at most N questions (quick looks).")] = None,
     allow_missing: Annotated[bool, typer.Option(help="Run the videos that exist when some are missing.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Run again the videos and questions that failed in earlier runs (failures.jsonl).")
+    ] = False,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit in tokens.")] = None,
 ) -> None:
-    """Run a streaming benchmark: predictions go to OUT/predictions*.jsonl as they arrive."""
+    """Run a streaming benchmark: predictions go to OUT/predictions*.jsonl as they arrive.
+
+    One process owns a run directory (per shard) at a time; an interrupted run resumes where it
+    stopped; a video that fails to decode is recorded in OUT/failures*.jsonl and the run goes on.
+    """
     from tqdm import tqdm
 
     from mukv.config import parse_assignments
@@ -352,24 +419,52 @@ def eval_(
 
     try:
         summary = run_benchmark(
-            config, out, shard=Shard.parse(shard), limit=limit, allow_missing=allow_missing, progress=progress
+            config,
+            out,
+            shard=Shard.parse(shard),
+            limit=limit,
+            allow_missing=allow_missing,
+            retry_failed=retry_failed,
+            progress=progress,
         )
     finally:
         bar.close()
+    for failure in summary.failed:
+        affected = f"{failure['stage']}, {len(failure['qids'])} question(s)"
+        typer.secho(
+            f"failed: {failure['video_id']} ({affected}): {failure['reason']}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     typer.echo(
         f"{summary.answered} answered, {summary.skipped_done} already done"
         + (f", {len(summary.missing)} videos missing" if summary.missing else "")
+        + (
+            f", {summary.failed_questions} questions failed ({len(summary.failed_videos)} videos)"
+            if summary.failed
+            else ""
+        )
+        + (f" ({summary.skipped_failed} skipped: use --retry-failed)" if summary.skipped_failed else "")
         + f"; predictions in {out}"
     )
 
 
 @app.command()
 @_user_errors
-def merge(run_dir: Annotated[Path, typer.Argument(help="Run directory with shard files.")]) -> None:
-    """Merge shard prediction files into RUN_DIR/predictions.jsonl."""
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with shard files.")],
+    allow_partial: Annotated[
+        bool, typer.Option(help="Merge even when shards or questions are missing (they are listed).")
+    ] = False,
+) -> None:
+    """Merge shard prediction files into RUN_DIR/predictions.jsonl (records already there are kept).
+
+    Refuses while a shard is being written, and when shards or questions are missing unless
+    --allow-partial.
+    """
     from mukv.eval.runner import merge_predictions
 
-    path = merge_predictions(run_dir)
+    path = merge_predictions(run_dir, allow_partial=allow_partial)
     typer.echo(f"merged into {path}")
 
 
@@ -397,6 +492,10 @@ def judge(
     ] = None,
     judge_model: Annotated[str | None, typer.Option(help="Judge model name (env MUKV_JUDGE_MODEL).")] = None,
     judge_key: Annotated[str | None, typer.Option(help="API key (env MUKV_JUDGE_API_KEY or OPENAI_API_KEY).")] = None,
+    judge_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds per judge request attempt, in total (env MUKV_JUDGE_TIMEOUT; default 60)."),
+    ] = None,
     cache: Annotated[Path | None, typer.Option(help="Judge cache file (default: RUN_DIR/judge_cache.jsonl).")] = None,
     no_judge: Annotated[bool, typer.Option("--no-judge", help="Judge-free metrics only.")] = False,
 ) -> None:
@@ -409,7 +508,8 @@ def judge(
     judge_client = None
     configured = judge_url or judge_model or os.environ.get("MUKV_JUDGE_BASE_URL") or os.environ.get("MUKV_JUDGE_MODEL")
     if not no_judge and configured:
-        overrides = {k: v for k, v in {"base_url": judge_url, "model": judge_model, "api_key": judge_key}.items() if v}
+        given = {"base_url": judge_url, "model": judge_model, "api_key": judge_key, "timeout": judge_timeout}
+        overrides = {k: v for k, v in given.items() if v is not None and v != ""}
         judge_client = Judge(JudgeConfig.from_env(**overrides), cache or run_dir / "judge_cache.jsonl")
     elif not no_judge:
         typer.secho(

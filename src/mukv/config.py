@@ -120,6 +120,14 @@ def apply_overrides(config: C, overrides: Mapping[str, Any]) -> C:
         if name not in names:
             raise ValueError(f"{name}: unknown field of {type(config).__name__}; valid: {', '.join(names)}")
     for name, value in direct.items():
+        current = getattr(config, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, str):
+            # A nested config (one value per granularity, say) is set field by field.
+            parts = [f"{name}.{f.name}" for f in dataclasses.fields(current)]
+            raise ValueError(
+                f"{name}: holds one value per {', '.join(f.name for f in dataclasses.fields(current))}; "
+                f"set them one by one, e.g. --set {parts[0]}={value} (fields: {', '.join(parts)})"
+            )
         changes[name] = _convert(value, hints[name], name) if isinstance(value, str) else value
     for name, sub in grouped.items():
         current = getattr(config, name)

@@ -137,7 +137,8 @@ def test_judge_scores_a_run_through_a_local_endpoint(bench, model_dir, tmp_path,
     assert first.returncode == 0, first.stderr
     scores = json.loads((out / "scores.json").read_text())
     questions = len((out / "predictions.jsonl").read_text().splitlines())
-    assert scores["judge"] == {"accuracy": 1.0, "score": 4.0, "judge_model": MODEL, "count": questions}
+    judge = {"accuracy": 1.0, "score": 4.0, "judge_model": MODEL, "count": questions}
+    assert scores["judge"] == judge | {"covers": scores["records"]}  # every open-ended record is judged
     assert scores["recall"]["count"] == questions and scores["judge_free"]["count"] == questions
     assert len(endpoint.requests) == questions
     assert mukv(*args).returncode == 0

@@ -1,20 +1,23 @@
 """The LLM judge against a real local OpenAI-compatible endpoint (``http.server`` in a thread).
 
-Each test scripts the server's replies (good, fenced, malformed, HTTP errors, slow) and counts
-the requests it receives. Backoff is 0 so everything finishes in about a second.
+Each test scripts the server's replies (good, fenced, malformed, HTTP errors, slow, trickled one
+byte at a time, oversized) and counts the requests it receives. Backoff is 0 so everything
+finishes in a few seconds; calls that could hang run in a thread with a time limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -31,12 +34,16 @@ PREDICTION = "They hold a red mug."
 @dataclass
 class Reply:
     """One scripted response: a chat completion whose message is ``content``, or a raw
-    ``status`` / ``body``; ``delay`` seconds before answering."""
+    ``status`` / ``body``; ``delay`` seconds before answering. ``trickle`` sends one byte every
+    0.2 s until the server stops, inside the response ``"headers"`` or ``"body"``. ``stream``
+    sends that many bytes fast, without a Content-Length, then closes the connection."""
 
     content: str | None = None
     status: int = 200
     body: str | None = None
     delay: float = 0.0
+    trickle: Literal["headers", "body"] | None = None
+    stream: int = 0
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Endpoint:
     default: Reply = field(default_factory=lambda: Reply(content="{'pred': 'yes', 'score': 4}"))
     requests: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)  # ends trickling replies
 
     def queue(self, *replies: Reply) -> None:
         self.script.extend(replies)
@@ -84,6 +92,11 @@ def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
                 time.sleep(reply.delay)
             if self.path != "/v1/chat/completions":
                 reply = Reply(status=404, body='{"error": "not found"}')
+            if reply.trickle or reply.stream:
+                self.close_connection = True
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client left
+                    self.send_raw(reply)
+                return
             payload = completion(reply.content) if reply.content is not None else (reply.body or "").encode()
             try:
                 self.send_response(reply.status)
@@ -93,6 +106,23 @@ def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                 pass
+
+        def send_raw(self, reply: Reply) -> None:
+            if reply.trickle == "headers":
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Padding: ")  # a header line that never ends
+            else:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")  # no Content-Length: the body runs to EOF
+                self.end_headers()
+            if reply.stream:
+                for _ in range(0, reply.stream, 1 << 16):
+                    self.wfile.write(b" " * (1 << 16))
+                return
+            if reply.trickle == "body":
+                self.wfile.write(b'{"choices": [')
+            while not endpoint.stop.wait(0.2):
+                self.wfile.write(b" ")
 
         def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
             pass
@@ -113,6 +143,7 @@ def endpoint(monkeypatch) -> Iterator[Endpoint]:
     try:
         yield state
     finally:
+        state.stop.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
@@ -122,6 +153,29 @@ def config(endpoint: Endpoint, **overrides: Any) -> JudgeConfig:
     values: dict[str, Any] = {"base_url": endpoint.url, "model": MODEL, "backoff": 0.0, "timeout": 5.0}
     values.update(overrides)
     return JudgeConfig(**values)
+
+
+def call_within(endpoint: Endpoint, limit: float, call: Callable[[], Any]) -> tuple[Any, float]:
+    """``(result or raised exception, seconds taken)`` of ``call`` run in a thread; fails the test
+    (and stops the server's trickling so the thread can end) when it takes longer than ``limit``."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    start = time.monotonic()
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(limit)
+    elapsed = time.monotonic() - start
+    if worker.is_alive():
+        endpoint.stop.set()
+        worker.join(5)
+        pytest.fail(f"the judge did not return within {limit} s")
+    return outcome[0], elapsed
 
 
 # --- replies -------------------------------------------------------------------------------
@@ -231,6 +285,36 @@ def test_timeout_is_retried(endpoint):
     assert len(endpoint.requests) == 2
 
 
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_trickling_server_is_cut_off_by_the_total_timeout(endpoint, where):
+    endpoint.default = Reply(trickle=where)
+    judge = Judge(config(endpoint, timeout=1.0, max_retries=1))
+    outcome, elapsed = call_within(endpoint, 10.0, lambda: judge.judge(QUESTION, ANSWER, PREDICTION, qid="q5"))
+    assert isinstance(outcome, JudgeError), outcome
+    assert re.search(rf"judge {MODEL} could not score qid 'q5' after 2 attempt.*timed out.*1 s", str(outcome))
+    assert elapsed < 10.0  # a bound for the test: each of the 2 attempts ends after 1 s
+    assert judge.requests == 2 and len(endpoint.requests) == 2
+
+
+def test_trickled_attempt_is_retried(endpoint):
+    endpoint.queue(Reply(trickle="body"))
+    judge = Judge(config(endpoint, timeout=1.0))
+    outcome, _ = call_within(endpoint, 10.0, lambda: judge.judge(QUESTION, ANSWER, PREDICTION))
+    assert isinstance(outcome, JudgeScore), outcome
+    assert (outcome.pred, outcome.score) == ("yes", 4)
+    assert len(endpoint.requests) == 2
+
+
+@pytest.mark.parametrize("reply", [Reply(body="x" * (11 << 20)), Reply(stream=11 << 20)], ids=["length", "stream"])
+def test_oversized_reply_fails_at_once(endpoint, reply):
+    endpoint.default = reply
+    judge = Judge(config(endpoint))
+    outcome, _ = call_within(endpoint, 10.0, lambda: judge.judge(QUESTION, ANSWER, PREDICTION, qid="q6"))
+    assert isinstance(outcome, JudgeError), outcome
+    assert re.search(rf"judge {MODEL} .*larger than 10 MiB for qid 'q6'", str(outcome))
+    assert len(endpoint.requests) == 1
+
+
 def test_connection_refused_gives_up(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -319,6 +403,7 @@ ENV_NAMES = (
     "MUKV_JUDGE_API_KEY",
     "OPENAI_BASE_URL",
     "OPENAI_API_KEY",
+    "MUKV_JUDGE_TIMEOUT",
 )
 
 
@@ -354,6 +439,26 @@ def test_from_env_overrides_win_and_key_may_be_empty(clean_env):
     assert (cfg.model, cfg.api_key, cfg.backoff, cfg.max_retries) == ("local-judge", "", 0.0, 1)
 
 
+def test_from_env_reads_the_timeout(clean_env):
+    clean_env.setenv("MUKV_JUDGE_BASE_URL", "http://judge.local/v1")
+    clean_env.setenv("MUKV_JUDGE_MODEL", "gpt-x")
+    clean_env.setenv("MUKV_JUDGE_TIMEOUT", " 2.5 ")
+    assert JudgeConfig.from_env().timeout == 2.5
+    assert JudgeConfig.from_env(timeout=7).timeout == 7  # the override wins
+    assert JudgeConfig.from_env(timeout=None).timeout == 2.5  # an unset option does not
+    clean_env.setenv("MUKV_JUDGE_TIMEOUT", "")  # blank counts as unset
+    assert JudgeConfig.from_env().timeout == 60.0
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "10s"])
+def test_from_env_rejects_a_bad_timeout(clean_env, value):
+    clean_env.setenv("MUKV_JUDGE_BASE_URL", "http://judge.local/v1")
+    clean_env.setenv("MUKV_JUDGE_MODEL", "gpt-x")
+    clean_env.setenv("MUKV_JUDGE_TIMEOUT", value)
+    with pytest.raises(ValueError, match=rf"MUKV_JUDGE_TIMEOUT.*{re.escape(repr(value))}"):
+        JudgeConfig.from_env()
+
+
 def test_from_env_names_what_is_missing(clean_env):
     clean_env.setenv("MUKV_JUDGE_MODEL", "gpt-x")
     with pytest.raises(ValueError, match=r"base_url.*MUKV_JUDGE_BASE_URL"):
@@ -369,7 +474,15 @@ def test_from_env_names_what_is_missing(clean_env):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"timeout": 0}, {"max_retries": -1}, {"backoff": -1.0}, {"base_url": " "}, {"model": ""}],
+    [
+        {"timeout": 0},
+        {"timeout": float("inf")},
+        {"timeout": float("nan")},
+        {"max_retries": -1},
+        {"backoff": -1.0},
+        {"base_url": " "},
+        {"model": ""},
+    ],
 )
 def test_config_validation(overrides):
     values = {"base_url": "http://x/v1", "model": "m", **overrides}

@@ -119,8 +119,22 @@ def test_bad_shard_specs(text):
         Shard.parse(text)
 
 
+def prediction_record(qid: str = "v/0", prediction: str = "x", **changes) -> dict:
+    """A complete predictions.jsonl record (as the runner writes it)."""
+    video_id = qid.rpartition("/")[0]
+    record = {
+        "qid": qid, "video_id": video_id, "question": "What?", "answer": "A cat.", "prediction": prediction,
+        "method": "full", "time": 4.0, "frames_seen": 3, "encode_seconds": 0.5, "vision_seconds": 0.2,
+        "memory_seconds": 0.3, "prepare_seconds": 0.01, "first_token_seconds": 0.1, "total_seconds": 0.2,
+        "context_tokens": 60, "generated_tokens": 2, "stop_reason": "eos", "retrieved": [],
+        "memory": {"frames": 3, "blocks": {}, "tokens": {}, "bytes": {}, "total_bytes": 1000, "total_tokens": 60},
+        "peak_rss_bytes": 1, "sample_period": 2.0, "frames_encoded": 3,
+    }  # fmt: skip
+    return record | changes
+
+
 def test_merge_rejects_conflicting_duplicates(tmp_path):
-    record = {"qid": "v/0", "prediction": "x"}
+    record = prediction_record()
     (tmp_path / "predictions.shard-0-of-2.jsonl").write_text(json.dumps(record) + "\n")
     (tmp_path / "predictions.shard-1-of-2.jsonl").write_text(json.dumps(record | {"prediction": "y"}) + "\n")
     with pytest.raises(RunError, match="answered differently"):

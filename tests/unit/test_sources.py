@@ -552,6 +552,7 @@ def test_from_array_non_increasing_timestamps_fail_when_read(timestamps):
 
 def test_from_array_non_increasing_timestamps_fail_within_a_batch():
     stream = from_array(indexed_frames(3), timestamps=[0, 1, 1])
+    assert stream.next_batch(8).timestamps.tolist() == [0, 1]  # the good frames first
     with pytest.raises(VideoError, match="timestamps must increase"):
         stream.next_batch(8)
 
@@ -748,13 +749,57 @@ def test_push_stream_until_leaves_later_frames():
     assert stream.next_batch(10).timestamps.tolist() == [2.0]
 
 
-def test_push_stream_non_increasing_timestamps_fail_when_read():
+def test_push_stream_refuses_a_non_increasing_timestamp_at_push():
     stream = PushStream(name="live")
     stream.push(solid(0), 1.0)
-    stream.push(solid(1), 1.0)
-    stream.end()
     with pytest.raises(VideoError, match="live: timestamps must increase"):
-        stream.next_batch(4)
+        stream.push(solid(1), 1.0)
+    stream.end()
+    assert stream.next_batch(4).timestamps.tolist() == [1.0]
+
+
+def test_push_stream_a_rejected_frame_costs_no_good_frame():
+    stream = PushStream(name="live")
+    stream.push(solid(1), 1.0)
+    with pytest.raises(VideoError, match=r"timestamps must increase \(0.5 after 1.0\)"):
+        stream.push(solid(2), 0.5)
+    stream.push(solid(3), 2.0)
+    stream.end()
+    batch = stream.next_batch(8)
+    assert batch.timestamps.tolist() == [1.0, 2.0]
+    assert [int(i[0, 0, 0]) for i in batch.frames] == [1, 3]
+
+
+@pytest.mark.parametrize("timestamp", [math.nan, math.inf, -math.inf, "1.0", None, True])
+def test_push_stream_refuses_a_timestamp_that_is_not_a_finite_number(timestamp):
+    stream = PushStream(name="live")
+    with pytest.raises(VideoError, match="not a finite number of seconds"):
+        stream.push(solid(0), timestamp)
+    assert stream.available() == 0
+
+
+def test_a_bad_frame_in_a_stream_is_reported_after_the_good_frames_before_it():
+    frames = iter([(solid(1), 1.0), (solid(2), 0.5), (solid(3), 2.0)])
+    stream = FrameStream(frames, name="gen")
+    assert stream.next_batch(8).timestamps.tolist() == [1.0]
+    with pytest.raises(VideoError, match="gen: timestamps must increase"):
+        stream.next_batch(8)
+    assert stream.next_batch(8).timestamps.tolist() == [2.0]
+
+
+def test_a_decoding_error_mid_stream_comes_after_the_frames_decoded_before_it():
+    def frames():
+        yield solid(1), 0.0
+        yield solid(2), 2.0
+        raise VideoError("clip.mp4: decoding failed after the frame at 2.0 s")
+
+    stream = FrameStream(frames(), name="clip.mp4")
+    batch = stream.next_batch(8)
+    assert batch.timestamps.tolist() == [0.0, 2.0]
+    assert stream.error is not None
+    with pytest.raises(VideoError, match=r"decoding failed after the frame at 2\.0 s"):
+        stream.next_batch(8)
+    assert stream.next_batch(8) is None and stream.exhausted and stream.error is None
 
 
 def test_push_stream_timeout_returns_none():

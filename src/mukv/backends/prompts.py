@@ -53,9 +53,13 @@ class PromptTemplate:
 
 
 def validate_question(question: str) -> str:
-    """Strip ``question`` and reject an empty one with ``ValueError``."""
+    """Strip ``question`` and reject an empty one, or one that is not text, with ``ValueError``."""
     if not isinstance(question, str):
         raise ValueError(f"question: expected text, got {type(question).__name__}")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as exc:  # undecodable bytes (a terminal in another encoding) arrive as surrogates
+        raise ValueError(f"question: not valid UTF-8 text (at character {exc.start})") from None
     stripped = question.strip()
     if not stripped:
         raise ValueError("question: must not be empty")

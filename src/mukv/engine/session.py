@@ -54,11 +54,15 @@ class StreamSession:
         else:
             self.memory = create_memory(method, backend, method_config, overrides)
         self.config = config or SessionConfig()
-        self._lock = threading.RLock()
+        # A plain lock, not an RLock: ``ask_stream`` holds it across ``yield``, and a generator may
+        # be advanced by a different thread than the one that started it (a web server's worker
+        # threads do this); an RLock can only be released by its owner thread.
+        self._lock = threading.Lock()
         self._time: float | None = None
         self._vision_seconds = 0.0
         self._memory_seconds = 0.0
         self._frames_encoded = 0
+        self._system_tokens: int | None = None
 
     @property
     def time(self) -> float | None:
@@ -128,6 +132,56 @@ class StreamSession:
                 progress(len(batch))
         return total
 
+    def check_question(
+        self, question: str, choices: Sequence[str] | None = None, *, max_new_tokens: int | None = None
+    ) -> None:
+        """Raise ``ValueError`` if :meth:`ask` would refuse this question (empty or undecodable text,
+        bad choices, a bad ``max_new_tokens``, or more tokens than the model's context can take).
+        Costs one tokenization: call it before encoding a video for a question."""
+        self._checked(question, choices, max_new_tokens)
+
+    def _checked(
+        self, question: str, choices: Sequence[str] | None, max_new_tokens: int | None
+    ) -> tuple[str, torch.Tensor, int]:
+        """The stripped question, its prompt's token ids ``[1, n]`` and the answer length limit.
+
+        Checked before any work: a question longer than the model's context would otherwise run
+        the retrieval pass and the prefill over it before failing (or exhaust memory)."""
+        question = validate_question(question)
+        prompt = self.backend.prompts.render_question(question, choices)
+        generation = self.config.generation
+        if max_new_tokens is None:
+            max_new_tokens = generation.max_new_tokens if choices is None else generation.max_new_tokens_choice
+        limit = self.backend.text.max_positions
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens: expected an integer, got {max_new_tokens!r}")
+        if not 1 <= max_new_tokens < limit:
+            raise ValueError(
+                f"max_new_tokens: must be between 1 and {limit - 1} (the model's context), got {max_new_tokens}"
+            )
+        return question, self._question_ids(prompt, max_new_tokens), max_new_tokens
+
+    def _question_ids(self, prompt: str, max_new_tokens: int) -> torch.Tensor:
+        """Token ids ``[1, n]`` of the question ``prompt``; ``ValueError`` when they cannot fit in the
+        model's context next to the system prompt and ``max_new_tokens``. A text many times longer in
+        characters than that room is refused before it is tokenized."""
+        if self._system_tokens is None:
+            self._system_tokens = int(self.backend.tokenize(self.backend.prompts.system).shape[1])
+        limit = self.backend.text.max_positions
+        room = limit - self._system_tokens - max_new_tokens
+        where = (
+            f"the model's context is {limit:,} positions; the system prompt takes {self._system_tokens:,} and "
+            f"max_new_tokens={max_new_tokens:,}, leaving {max(room, 0):,} for the question"
+        )
+        if len(prompt) > 16 * max(room, 1):
+            raise ValueError(
+                f"question: {len(prompt):,} characters is longer than the model's context can take ({where})"
+            )
+        ids = self.backend.tokenize(prompt)
+        if ids.shape[1] > room:
+            raise ValueError(f"question: {ids.shape[1]:,} tokens is longer than the model's context can take ({where})")
+        return ids
+
     def ask(
         self,
         question: str,
@@ -160,13 +214,7 @@ class StreamSession:
 
         The stream is locked until the generator finishes or is closed.
         """
-        question = validate_question(question)
-        prompt = self.backend.prompts.render_question(question, choices)
-        generation = self.config.generation
-        if max_new_tokens is None:
-            max_new_tokens = generation.max_new_tokens if choices is None else generation.max_new_tokens_choice
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        question, prompt_ids, max_new_tokens = self._checked(question, choices, max_new_tokens)
         if at is not None and not math.isfinite(at):
             raise ValueError(f"at: must be a finite time in seconds, got {at}")
         with self._lock:
@@ -179,6 +227,14 @@ class StreamSession:
             started = self._clock()
             query = Query(text=question, ids=self.backend.tokenize(question), time=at)
             context = self.memory.prepare(query)
+            needed = context.next_position + prompt_ids.shape[1] + max_new_tokens
+            limit = self.backend.text.max_positions
+            if needed > limit:
+                raise ValueError(
+                    f"question: the answering context holds {context.next_position} tokens; with the question's "
+                    f"{prompt_ids.shape[1]} and max_new_tokens={max_new_tokens} it needs {needed} positions, more than "
+                    f"the model's {limit} (use a smaller retrieval budget, a shorter question or fewer new tokens)"
+                )
             prepared = self._clock()
             logits: list[torch.Tensor] = []
             decoder = IncrementalDecoder(self.backend)
@@ -188,7 +244,7 @@ class StreamSession:
             for token in greedy_decode(
                 self.backend,
                 context.cache,
-                self.backend.tokenize(prompt),
+                prompt_ids,
                 context.next_position,
                 max_new_tokens,
                 logits if output_logits else None,

@@ -3,8 +3,13 @@
 Any OpenAI-compatible chat-completions endpoint works: ``POST {base_url}/chat/completions`` with
 ``{"model", "messages", "temperature": 0}``. The judge answers with a Python-dict string such as
 ``{'pred': 'yes', 'score': 4}``; :func:`parse_judge_reply` reads it (JSON or Python literal,
-possibly inside code fences or among other text). Malformed replies, HTTP 429/5xx and connection
-errors are retried with exponential backoff; any other HTTP error fails at once.
+possibly inside code fences or among other text). Malformed replies, HTTP 429/5xx, connection
+errors and timed-out requests are retried with exponential backoff; any other HTTP error, and a
+reply larger than 10 MiB, fails at once.
+
+``JudgeConfig.timeout`` bounds each request as a whole (connect, TLS handshake, sending, the
+response headers and body), however slowly the server sends its bytes: every socket operation
+is given only the time left until the request's deadline.
 
 Every score is cached in a JSONL file keyed by the SHA-256 of (judge model, prompt version,
 question, answer, prediction), so re-scoring a run costs no request. The judge model's name is
@@ -17,10 +22,15 @@ Only the standard library is used for HTTP (``urllib``).
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import http.client
+import io
 import json
+import math
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -77,6 +87,10 @@ USER_PROMPT = (
 
 _MAX_SLEEP = 60.0
 _EXCERPT = 300
+#: Largest response body accepted from the judge; a chat completion holding a 0-5 verdict is a
+#: few hundred bytes, so anything past this is a misconfigured endpoint, not a reply.
+MAX_REPLY_BYTES = 10 * 1024 * 1024
+_CHUNK = 64 * 1024
 
 
 class JudgeError(MukvError):
@@ -92,6 +106,13 @@ class JudgeConfig:
     ``Authorization`` header). ``max_retries`` is the number of extra attempts after the first,
     shared by malformed replies and transient HTTP failures; transient failures wait
     ``backoff * 2**k`` seconds (k = 0, 1, ...; at most 60 s) before the next attempt.
+
+    ``timeout`` is the total number of seconds one request attempt may take: connecting,
+    sending, and receiving the whole response (headers and body), however slowly the server
+    sends. An attempt that runs out of time is a transient failure and is retried like an HTTP
+    503. A question therefore takes at most about ``(max_retries + 1) * timeout`` seconds plus
+    the backoff sleeps (defaults: 5 attempts of 60 s plus 1 + 2 + 4 + 8 s of backoff).
+    Name resolution (DNS) is left to the operating system and is not bounded by ``timeout``.
     """
 
     base_url: str
@@ -107,8 +128,8 @@ class JudgeConfig:
             raise ValueError("base_url: must not be empty")
         if not str(self.model).strip():
             raise ValueError("model: must not be empty")
-        if not self.timeout > 0:
-            raise ValueError(f"timeout: must be > 0 seconds, got {self.timeout}")
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"timeout: must be a finite number of seconds > 0, got {self.timeout}")
         if int(self.max_retries) != self.max_retries or self.max_retries < 0:
             raise ValueError(f"max_retries: must be an integer >= 0, got {self.max_retries}")
         if not self.backoff >= 0:
@@ -123,8 +144,10 @@ class JudgeConfig:
 
         ``base_url`` <- ``MUKV_JUDGE_BASE_URL``, else ``OPENAI_BASE_URL``; ``model`` <-
         ``MUKV_JUDGE_MODEL``; ``api_key`` <- ``MUKV_JUDGE_API_KEY``, else ``OPENAI_API_KEY``,
-        else empty. Empty variables count as unset. Raises ``ValueError`` naming the option and
-        its variable when the URL or the model is missing, or for an unknown override.
+        else empty; ``timeout`` <- ``MUKV_JUDGE_TIMEOUT`` (seconds per request attempt), else 60.
+        Empty variables count as unset. Raises ``ValueError`` naming the option and its variable
+        when the URL or the model is missing or the timeout is not a number of seconds > 0, or
+        for an unknown override.
         """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
@@ -153,6 +176,16 @@ class JudgeConfig:
             values["model"] = model
         if "api_key" not in values:
             values["api_key"] = env("MUKV_JUDGE_API_KEY", "OPENAI_API_KEY") or ""
+        if "timeout" not in values:
+            text = env("MUKV_JUDGE_TIMEOUT")
+            if text is not None:
+                try:
+                    timeout = float(text)
+                except ValueError:
+                    timeout = math.nan
+                if not (timeout > 0 and math.isfinite(timeout)):
+                    raise ValueError(f"MUKV_JUDGE_TIMEOUT: expected a number of seconds > 0, got {text!r}")
+                values["timeout"] = timeout
         return cls(**values)
 
 
@@ -259,6 +292,141 @@ def cache_key(model: str, question: str, answer: str, prediction: str) -> str:
 
 class _Transient(Exception):
     """A failure worth retrying (HTTP 429/5xx, connection error, timeout)."""
+
+
+class _DeadlineSocket:
+    """A connected socket whose every send and receive gets only the time left until ``deadline``
+    (a ``time.monotonic()`` value), so a server trickling bytes cannot stretch a request.
+
+    Used by ``http.client`` in place of the socket it connected: ``sendall``, ``makefile("rb")``
+    and ``close`` are provided, anything else is passed through. Closing is deferred until the
+    files made by ``makefile`` are closed, as for :class:`socket.socket`.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._timeout = timeout
+        self._files = 0
+        self._closed = False
+
+    def _arm(self) -> None:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no complete reply within {self._timeout:g} s")
+        self._sock.settimeout(remaining)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._arm()
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._arm()
+        return self._sock.recv(bufsize, flags)
+
+    def sendall(self, data: Any) -> None:
+        self._arm()  # sendall's timeout covers the whole call
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str = "rb", buffering: int | None = None, **_: Any) -> io.BufferedReader:
+        if mode != "rb":
+            raise ValueError(f"only mode 'rb' is supported, got {mode!r}")
+        self._files += 1
+        size = buffering if buffering and buffering > 0 else io.DEFAULT_BUFFER_SIZE
+        return io.BufferedReader(_DeadlineReader(self), size)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._files <= 0:
+            self._sock.close()
+
+    def _release(self) -> None:
+        self._files -= 1
+        if self._closed and self._files <= 0:
+            self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw stream behind :meth:`_DeadlineSocket.makefile`."""
+
+    def __init__(self, owner: _DeadlineSocket) -> None:
+        self._owner = owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._owner.recv_into(buffer)
+
+    def fileno(self) -> int:
+        return self._owner.fileno()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        self._owner._release()
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    """An HTTP connection that must be done by ``deadline`` (a ``time.monotonic()`` value);
+    ``total`` is the timeout it came from, for messages."""
+
+    def __init__(self, *args: Any, deadline: float, total: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+        self._total = total
+        self._create_connection = self._open_socket
+
+    def _remaining(self) -> float:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no complete reply within {self._total:g} s")
+        return remaining
+
+    def _open_socket(self, address: Any, timeout: Any = None, source_address: Any = None) -> socket.socket:
+        sock = socket.create_connection(address, self._remaining(), source_address)
+        try:
+            sock.settimeout(self._remaining())  # what is left for a TLS handshake
+        except TimeoutError:
+            sock.close()
+            raise
+        return sock
+
+    def connect(self) -> None:
+        self.timeout = self._remaining()
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, self._deadline, self._total)  # type: ignore[assignment]
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    """An HTTPS connection that must be done by ``deadline``; the TLS handshake is one timed
+    operation, given the time left after connecting."""
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: float, total: float) -> None:
+        super().__init__()
+        self._connection = functools.partial(_DeadlineConnection, deadline=deadline, total=total)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req)  # type: ignore[arg-type]
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: float, total: float) -> None:
+        super().__init__()
+        self._connection = functools.partial(_DeadlineHTTPSConnection, deadline=deadline, total=total)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req)  # type: ignore[arg-type]
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
 
 
 class Judge:
@@ -386,9 +554,19 @@ class Judge:
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         with self._lock:
             self.requests += 1
+        timeout = self.config.timeout
+        deadline = time.monotonic() + timeout
+        opener = urllib.request.build_opener(
+            _DeadlineHTTPHandler(deadline, timeout), _DeadlineHTTPSHandler(deadline, timeout)
+        )
         try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
-                payload = response.read()
+            with opener.open(request, timeout=timeout) as response:
+                payload = _read_body(response, deadline, timeout)
+        except _TooLarge as exc:
+            raise JudgeError(
+                f"judge {self.config.model} at {url} sent a reply larger than {MAX_REPLY_BYTES // 2**20} MiB "
+                f"for {what} ({exc}); is base_url an OpenAI-compatible API root?"
+            ) from exc
         except urllib.error.HTTPError as exc:
             excerpt = _read_excerpt(exc)
             if exc.code == 429 or exc.code >= 500:
@@ -397,6 +575,8 @@ class Judge:
                 f"judge {self.config.model} at {url} refused {what}: HTTP {exc.code}: {excerpt!r}"
             ) from exc
         except (OSError, HTTPException) as exc:  # URLError, connection reset, timeout, bad status line
+            if _is_timeout(exc):
+                raise _Transient(f"timed out: no complete reply within {timeout:g} s (timeout per request)") from exc
             raise _Transient(f"{type(exc).__name__}: {exc}") from exc
         try:
             data = json.loads(payload)
@@ -406,9 +586,32 @@ class Judge:
         return content if isinstance(content, str) else json.dumps(content)
 
 
+class _TooLarge(Exception):
+    """The response body is larger than :data:`MAX_REPLY_BYTES`."""
+
+
+def _read_body(response: Any, deadline: float, timeout: float) -> bytes:
+    """The whole response body, read in chunks; at most :data:`MAX_REPLY_BYTES` and by ``deadline``."""
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > MAX_REPLY_BYTES:
+        raise _TooLarge(f"Content-Length {int(declared)}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no complete reply within {timeout:g} s")
+        chunk = response.read(_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise _TooLarge(f"more than {MAX_REPLY_BYTES} bytes")
+        chunks.append(chunk)
+
+
 def _read_excerpt(exc: urllib.error.HTTPError) -> str:
     try:
-        return exc.read().decode("utf-8", errors="replace")[:_EXCERPT]
+        return exc.read(4 * _EXCERPT).decode("utf-8", errors="replace")[:_EXCERPT]
     except Exception:
         return ""
 

@@ -7,14 +7,50 @@ mixed: the table names the judge model next to every judge score.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mukv.eval.runner import MERGED_FILE, RUN_FILE, RunError, read_predictions
+from mukv.eval.runner import (
+    FAILURES_FILE,
+    MERGED_FILE,
+    RUN_FILE,
+    RunError,
+    read_failures,
+    read_json_file,
+    read_predictions,
+)
 
 SCORES_FILE = "scores.json"
+
+
+def answer_fingerprint(record: dict[str, Any]) -> str:
+    """SHA-256 of what a judgement depends on: the question, the reference and the prediction."""
+    payload = json.dumps([record.get("question"), record.get("answer"), record.get("prediction")], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def records_digest(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which records a score covers: their count and a SHA-256 over their question ids and
+    answer fingerprints (order-independent). A score is shown only next to the records it covers."""
+    digest = hashlib.sha256()
+    for qid, fingerprint in sorted((str(r["qid"]), answer_fingerprint(r)) for r in records):
+        digest.update(f"{qid}\t{fingerprint}\n".encode())
+    return {"count": len(records), "digest": digest.hexdigest()}
+
+
+def open_ended(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if not r.get("choices")]
+
+
+def current_judge(scores: dict[str, Any] | None, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The judge score of ``scores`` if it covers exactly the open-ended ``records``, else ``None``."""
+    judge = (scores or {}).get("judge")
+    if not isinstance(judge, dict) or judge.get("covers") != records_digest(open_ended(records)):
+        return None
+    return judge
 
 
 @dataclass
@@ -31,10 +67,22 @@ class RunData:
     def method(self) -> str:
         return self.info.get("config", {}).get("method", "?")
 
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)
+
     @property
     def label(self) -> str:
         preset = self.info.get("config", {}).get("preset")
         return f"{self.name} ({self.method}{'/' + preset if preset else ''})"
+
+    @property
+    def judge(self) -> dict[str, Any] | None:
+        """The judge score, when it covers exactly this run's open-ended records."""
+        return current_judge(self.scores, self.records)
+
+    @property
+    def failed_questions(self) -> int:
+        answered = {r["qid"] for r in self.records}
+        return len({qid for f in self.failures.values() for qid in f["qids"]} - answered)
 
 
 def load_predictions(run_dir: Path) -> list[dict[str, Any]]:
@@ -50,16 +98,44 @@ def load_predictions(run_dir: Path) -> list[dict[str, Any]]:
     return list(records.values())
 
 
+def load_failures(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Outstanding failures of a run: every shard's (they are kept up to date by retries), or the
+    run's own failures file when it has no shards."""
+    failures: dict[str, dict[str, Any]] = {}
+    paths = sorted(run_dir.glob("failures.shard-*-of-*.jsonl")) or [run_dir / FAILURES_FILE]
+    for path in paths:
+        failures.update(read_failures(path))
+    return failures
+
+
 def load_run(run_dir: Path) -> RunData:
     if not (run_dir / RUN_FILE).is_file():
         raise RunError(f"{run_dir}: not a run directory (no {RUN_FILE})")
-    info = json.loads((run_dir / RUN_FILE).read_text())
+    info = read_json_file(run_dir / RUN_FILE, "the run's configuration")
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise RunError(f"{run_dir / RUN_FILE}: not a run configuration written by mukv eval")
     records = load_predictions(run_dir)
     if not records:
         raise RunError(f"{run_dir}: no predictions yet")
     scores_path = run_dir / SCORES_FILE
-    scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
-    return RunData(run_dir, run_dir.name, info, records, scores)
+    scores = read_json_file(scores_path, "the run's scores") if scores_path.exists() else {}
+    if not isinstance(scores, dict):
+        raise RunError(f"{scores_path}: not a scores file written by mukv judge")
+    return RunData(run_dir, run_dir.name, info, records, scores, load_failures(run_dir))
+
+
+def label_runs(runs: list[RunData]) -> None:
+    """Name each run by its directory, or by as much of its path as tells it from the others."""
+    names = [run.path.name for run in runs]
+    for run in runs:
+        if names.count(run.path.name) > 1:
+            parts = run.path.resolve().parts
+            for depth in range(2, len(parts) + 1):
+                candidate = "/".join(parts[-depth:])
+                others = ["/".join(o.path.resolve().parts[-depth:]) for o in runs if o is not run]
+                if candidate not in others:
+                    break
+            run.name = candidate
 
 
 def sampled_spans(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -82,6 +158,7 @@ def compute_scores(records: list[dict[str, Any]]) -> dict[str, Any]:
     open_ended = [r for r in records if not r.get("choices")]
     with_evidence = [r | {"retrieved": sampled_spans(r)} for r in records if r.get("evidence")]
     return {
+        "records": records_digest(records),
         "multiple_choice": multiple_choice_accuracy(choice) if choice else None,
         "judge_free": judge_free_scores(open_ended) if open_ended else None,
         "recall": recall_scores(with_evidence) if with_evidence else None,
@@ -123,15 +200,21 @@ def _fmt(value: float | None, spec: str) -> str:
 def markdown_table(runs: list[RunData]) -> str:
     """The comparison table; judge scores carry their judge model."""
     header = (
-        "| run | method | questions | judge acc / score (judge) | MC acc | EM* | F1* | recall hit / cover "
+        "| run | method | questions | failed | judge acc / score (judge) | MC acc | EM* | F1* | recall hit / cover "
         "| memory GB/h | answer tokens | encode frames/s | s/question | first token s |"
     )
-    lines = [header, "|" + "|".join(["---"] * 13) + "|"]
+    lines = [header, "|" + "|".join(["---"] * 14) + "|"]
     for run in runs:
-        scores = run.scores or {}
         computed = compute_scores(run.records)
-        judge = scores.get("judge")
-        judge_cell = f"{judge['accuracy'] * 100:.1f} / {judge['score']:.2f} ({judge['judge_model']})" if judge else "—"
+        judge = run.judge
+        scores = run.scores or {}
+        if judge:
+            judge_cell = f"{judge['accuracy'] * 100:.1f} / {judge['score']:.2f} ({judge['judge_model']})"
+        elif (scores.get("judge") or scores.get("judge_unjudged")) and open_ended(run.records):
+            # A score of another set of records is never shown: say how many are unjudged instead.
+            judge_cell = f"— ({len(open_ended(run.records))} unjudged: run mukv judge)"
+        else:
+            judge_cell = "—"
         mc = computed["multiple_choice"]
         free = computed["judge_free"]
         recall = computed["recall"]
@@ -145,6 +228,7 @@ def markdown_table(runs: list[RunData]) -> str:
                     run.name,
                     run.method + (f"/{run.info['config'].get('preset')}" if run.info["config"].get("preset") else ""),
                     str(len(run.records)),
+                    str(run.failed_questions),
                     judge_cell,
                     _fmt(mc and mc["overall"] * 100, ".1f"),
                     _fmt(free and free["exact_match"] * 100, ".1f"),
@@ -163,13 +247,14 @@ def markdown_table(runs: list[RunData]) -> str:
     lines.append(
         "*EM and F1 are judge-free (normalised exact match, token F1 against the reference); they are not the "
         "papers' judge-based metric. Memory is what the method holds at the last question of each video, per hour "
-        "of video seen."
+        "of video seen. Failed: questions left unanswered by videos or questions that failed (failures.jsonl); "
+        "the scores are over the answered questions only."
     )
     return "\n".join(lines) + "\n"
 
 
 def _quality(run: RunData) -> tuple[float | None, str]:
-    judge = (run.scores or {}).get("judge")
+    judge = run.judge
     if judge:
         return judge["accuracy"] * 100, f"judge accuracy ({judge['judge_model']})"
     computed = compute_scores(run.records)
@@ -225,6 +310,11 @@ def plot_runs(runs: list[RunData], out: Path, video: str | None = None) -> list[
     plt.close(fig)
 
     videos = sorted({r["video_id"] for run in runs for r in run.records if r.get("evidence")})
+    if video is not None and video not in videos:
+        listed = ", ".join(videos[:20]) + (f" and {len(videos) - 20} more" if len(videos) > 20 else "")
+        raise ValueError(
+            f"--video {video!r}: no answered question of that video has an evidence window; videos: {listed or 'none'}"
+        )
     chosen = video or (videos[0] if videos else None)
     if chosen is not None:
         fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.2 * len(runs) + 0.6), sharex=True, squeeze=False)
@@ -250,7 +340,10 @@ def write_report(run_dirs: list[Path], out: Path, video: str | None = None) -> P
     """Write ``report.md`` and the plots into ``out``; returns the Markdown path."""
     if not run_dirs:
         raise ValueError("report: give at least one run directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
     runs = [load_run(Path(d)) for d in run_dirs]
+    label_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_runs(runs, out, video)
     models = sorted({run.info.get("config", {}).get("model", "?") for run in runs})
@@ -260,6 +353,14 @@ def write_report(run_dirs: list[Path], out: Path, video: str | None = None) -> P
         f"Benchmark: {', '.join(benchmarks)}. Model: {', '.join(models)}.\n",
         markdown_table(runs),
     ]
+    failed = [(run, f) for run in runs for f in run.failures.values()]
+    if failed:
+        parts.append("## Failed videos and questions\n")
+        parts.extend(
+            f"- {run.name}: {f['video_id']} ({f['stage']}, {len(f['qids'])} question(s)): {f['reason']}"
+            for run, f in failed
+        )
+        parts.append("")
     parts.extend(f"![{plot.stem}]({plot.name})\n" for plot in plots)
     path = out / "report.md"
     path.write_text("\n".join(parts))

@@ -5,16 +5,37 @@ is ingested, then the question is asked. Each answer is appended to a JSONL file
 (flushed and synced), so an interrupted run resumes where it stopped: answered questions are
 skipped, a partly written last line is discarded, nothing is duplicated. Videos are split over
 shards by index (video ``k`` goes to shard ``k % n``); :func:`merge_predictions` joins shard files.
+
+Guarantees:
+
+- **One owner per predictions file.** A process holds an exclusive lock (``<file>.lock``, with
+  its pid, host and command) while it writes a predictions file; a second process on the same
+  run directory and shard fails at once, naming the owner. The lock dies with its process, so a
+  killed run leaves nothing to clean up.
+- **Nothing written before everything is checked.** ``run.json`` is written only after the
+  annotations, videos, options and model have loaded; a run directory with no records yet may be
+  re-configured by a corrected command.
+- **One bad video never stops a run.** A video that cannot be opened or fails to decode is
+  recorded in ``failures.jsonl`` (reason, questions affected), the run goes on with the next one;
+  a re-run skips recorded failures unless asked to retry them (``retry_failed``). A question the
+  model cannot take (longer than its context, say) is recorded the same way. A file that ends
+  well before its declared duration is reported, and questions asked after the last decoded
+  frame carry ``past_end`` in their record.
+- **Merging never loses a record.** :func:`merge_predictions` reads the existing merged file with
+  the shards, refuses while a shard is being written, and refuses (naming them) when shards or
+  questions are missing unless ``allow_partial`` is set.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import platform
 import resource
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +43,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mukv.errors import MukvError
+from pydantic import ValidationError
+
+from mukv.errors import MukvError, VideoError
 from mukv.eval.schema import Prediction, Question, VideoItem
+
+try:  # advisory locks; absent on Windows, where an exclusive lock file is used instead
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 MERGED_FILE = "predictions.jsonl"
+FAILURES_FILE = "failures.jsonl"
+LOCK_SUFFIX = ".lock"
+
+# Record fields that depend on the machine and the moment, not on the answer: two records of one
+# question that differ only here are the same answer (a re-run shard, say), not a conflict.
+VOLATILE_FIELDS = frozenset(
+    {
+        "encode_seconds",
+        "vision_seconds",
+        "memory_seconds",
+        "prepare_seconds",
+        "first_token_seconds",
+        "total_seconds",
+        "peak_rss_bytes",
+        "peak_accelerator_bytes",
+        "frames_encoded",
+    }
+)
 
 
 class RunError(MukvError):
@@ -53,10 +99,12 @@ class RunConfig:
     max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.sample_fps <= 0:
-            raise ValueError(f"sample_fps: must be > 0, got {self.sample_fps}")
-        if self.npy_fps is not None and self.npy_fps <= 0:
-            raise ValueError(f"npy_fps: must be > 0, got {self.npy_fps}")
+        if not self.sample_fps > 0 or self.sample_fps == float("inf"):
+            raise ValueError(f"sample_fps: must be a positive number, got {self.sample_fps}")
+        if self.npy_fps is not None and (not self.npy_fps > 0 or self.npy_fps == float("inf")):
+            raise ValueError(f"npy_fps: must be a positive number, got {self.npy_fps}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)
@@ -84,30 +132,191 @@ class Shard:
     def filename(self) -> str:
         return MERGED_FILE if self.count == 1 else f"predictions.shard-{self.index}-of-{self.count}.jsonl"
 
+    @property
+    def failures_filename(self) -> str:
+        return FAILURES_FILE if self.count == 1 else f"failures.shard-{self.index}-of-{self.count}.jsonl"
+
     def videos(self, videos: list[VideoItem]) -> list[VideoItem]:
         return [v for k, v in enumerate(videos) if k % self.count == self.index]
 
 
-def read_predictions(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
-    """Records of a predictions file. A last line without its newline is an interrupted write:
-    it is ignored, and removed from the file when ``repair`` is set. Other bad lines raise."""
+def read_jsonl_lines(path: Path, *, repair: bool) -> list[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` of a JSONL file's complete lines. A last line without its
+    newline is an interrupted write: ignored, and removed from the file when ``repair`` is set.
+    Any other unreadable line raises :class:`RunError` naming the file and the line."""
     if not path.exists():
         return []
+    if not path.is_file():
+        raise RunError(f"{path}: not a file")
     data = path.read_bytes()
     complete, _, tail = data.rpartition(b"\n")
     if tail and repair:
         with path.open("r+b") as handle:
             handle.truncate(len(complete) + 1 if complete else 0)
         log.warning("%s: dropped an incomplete last line (%d bytes) from an interrupted write", path, len(tail))
-    records = []
-    for number, line in enumerate(complete.splitlines(), start=1):
+    parsed = []
+    for number, line in enumerate(complete.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RunError(f"{path}: line {number} is not UTF-8 text (byte {exc.start})") from None
+        if "\x00" in text:
+            raise RunError(f"{path}: line {number} holds NUL bytes (a damaged file); remove or repair that line")
+        try:
+            parsed.append((number, json.loads(text)))
+        except (ValueError, RecursionError) as exc:
             raise RunError(f"{path}: line {number} is not valid JSON ({exc})") from None
+    return parsed
+
+
+def read_predictions(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of a predictions file, each checked against :class:`Prediction`.
+
+    A last line without its newline is an interrupted write: it is ignored, and removed from the
+    file when ``repair`` is set. A line that is not JSON, not an object, or lacks a field raises
+    :class:`RunError` naming the file, the line and the field.
+    """
+    records = []
+    for number, record in read_jsonl_lines(path, repair=repair):
+        if not isinstance(record, dict):
+            raise RunError(f"{path}: line {number} is not a prediction record (a JSON {type(record).__name__})")
+        try:
+            Prediction.model_validate(record)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"field {'.'.join(str(part) for part in err['loc']) or 'record'!r}: {err['msg']}"
+                for err in exc.errors()[:3]
+            )
+            raise RunError(f"{path}: line {number} is not a prediction record ({problems})") from None
+        records.append(record)
     return records
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """A JSON document written by this package; a damaged one raises :class:`RunError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise RunError(f"{path}: {what} is damaged or truncated ({exc}); restore or delete it") from None
+    except OSError as exc:
+        raise RunError(f"{path}: {what} cannot be read ({exc.strerror or exc})") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader sees the old or the new file, never a part."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+
+
+class RunLock:
+    """Exclusive ownership of one file of a run directory by one process.
+
+    The lock is an advisory ``flock`` on ``<file>.lock``, which holds the owner's pid, host,
+    command and start time. The operating system releases it when its owner exits or is killed,
+    so a lock file left behind by a dead process is stale: it is taken over (and the takeover
+    logged). While the owner lives, :meth:`acquire` raises :class:`RunError` naming it. Two locks
+    on one file conflict within one process too.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.path = target.with_name(target.name + LOCK_SUFFIX)
+        self._fd: int | None = None
+
+    @staticmethod
+    def _describe(text: str) -> str:
+        try:
+            owner = json.loads(text)
+            command = " ".join(str(part) for part in owner.get("command", []))[:200]
+            return f"pid {owner['pid']} on {owner['host']}, started {owner['started']}: {command}"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "an unknown process"
+
+    def _read(self, fd: int) -> str:
+        return os.pread(fd, 65536, 0).decode("utf-8", errors="replace")
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        previous = self._read(fd).strip()
+        if previous:
+            log.warning(
+                "%s: taking over from a process that ended without releasing it (%s)",
+                self.path,
+                self._describe(previous),
+            )
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode("utf-8"), 0)
+        self._fd = fd
+        return self
+
+    def _lock(self, fd: int) -> None:
+        if fcntl is None:  # pragma: no cover - the owner's pid decides instead
+            text = self._read(fd).strip()
+            if text:
+                try:
+                    pid = int(json.loads(text)["pid"])
+                    os.kill(pid, 0)
+                except (ValueError, KeyError, TypeError, ProcessLookupError):
+                    return
+                except PermissionError:
+                    pass
+                raise RunError(f"{self.target} is being written by {self._describe(text)}")
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise RunError(
+                f"{self.target} is being written by another process ({self._describe(self._read(fd))}); "
+                "wait for it to finish or stop it, or use another --out"
+            ) from None
+
+    def owner(self) -> str | None:
+        """Who holds the lock now (``None`` when nobody does); does not keep it."""
+        if not self.path.exists():
+            return None
+        try:
+            self.acquire()
+        except RunError:
+            with open(self.path, encoding="utf-8", errors="replace") as handle:
+                return self._describe(handle.read())
+        self.release()
+        return None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        os.ftruncate(fd, 0)  # an empty lock file marks a clean exit
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class PredictionWriter:
@@ -152,27 +361,59 @@ def _identity(config: RunConfig, method_config: Any) -> dict[str, Any]:
     return data
 
 
-def prepare_run_dir(out: Path, config: RunConfig, method_config: Any) -> None:
-    """Create ``out`` with ``run.json`` (resolved config, versions, machine), or check that an
-    existing one describes the same run."""
-    out.mkdir(parents=True, exist_ok=True)
+def _has_records(out: Path) -> bool:
+    """Whether ``out`` holds any answered or failed question (a complete line in its JSONL files)."""
+    for pattern in ("predictions*.jsonl", "failures*.jsonl"):
+        for path in out.glob(pattern):
+            if path.is_file() and any(line.strip() for line in path.read_bytes().split(b"\n")[:-1]):
+                return True
+    return False
+
+
+def check_run_dir(out: Path, config: RunConfig, method_config: Any) -> bool:
+    """Whether ``out``'s ``run.json`` must be written (it is missing, or describes another
+    configuration in a directory with no records yet). Raises :class:`RunError` when ``out`` is
+    not a directory, or holds records of another configuration."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: exists and is not a directory")
     path = out / RUN_FILE
-    identity = _identity(config, method_config)
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous.get("identity") != json.loads(json.dumps(identity)):
-            raise RunError(f"{out} holds a run of another configuration (see {path}); use a new --out directory")
-        return
-    document = {
-        "identity": identity,
-        "config": dataclasses.asdict(config),
-        "method_config": dataclasses.asdict(method_config) | {"__class__": type(method_config).__name__},
-        "versions": _versions(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "command": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    if not path.exists():
+        return True
+    previous = read_json_file(path, "the run's configuration")
+    identity = json.loads(json.dumps(_identity(config, method_config)))
+    if isinstance(previous, dict) and previous.get("identity") == identity:
+        return False
+    if not _has_records(out):
+        return True
+    raise RunError(f"{out} holds a run of another configuration (see {path}); use a new --out directory")
+
+
+def write_run_file(out: Path, config: RunConfig, method_config: Any) -> None:
+    """Write ``out/run.json`` (resolved config, versions, machine), unless an equal one is there.
+
+    Checked again under a directory lock, so shards starting together agree on one file."""
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out / RUN_FILE):
+        if not check_run_dir(out, config, method_config):
+            return
+        if (out / RUN_FILE).exists():
+            log.warning("%s: no records yet; re-configured for this command", out)
+        document = {
+            "identity": _identity(config, method_config),
+            "config": dataclasses.asdict(config),
+            "method_config": dataclasses.asdict(method_config) | {"__class__": type(method_config).__name__},
+            "versions": _versions(),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+            "command": sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_atomic(out / RUN_FILE, json.dumps(document, indent=2) + "\n")
+
+
+def prepare_run_dir(out: Path, config: RunConfig, method_config: Any) -> None:
+    """Create ``out`` with ``run.json``, or check that an existing one describes the same run."""
+    check_run_dir(out, config, method_config)
+    write_run_file(out, config, method_config)
 
 
 def _peak_rss_bytes() -> int:
@@ -187,7 +428,7 @@ def _peak_accelerator_bytes(backend) -> int | None:
     return None
 
 
-def _record(question: Question, answer, backend, sample_period: float) -> dict[str, Any]:
+def _record(question: Question, answer, backend, sample_period: float, **flags: Any) -> dict[str, Any]:
     t = answer.timings
     prediction = Prediction(
         qid=question.qid,
@@ -216,16 +457,97 @@ def _record(question: Question, answer, backend, sample_period: float) -> dict[s
         peak_accelerator_bytes=_peak_accelerator_bytes(backend),
         sample_period=sample_period,
         frames_encoded=answer.frames_encoded,
+        **flags,
     )
-    return prediction.model_dump(mode="json")
+    # The flags appear only where they apply, so ordinary records stay as they were.
+    return prediction.model_dump(mode="json", exclude=None if flags else {"past_end", "video_end"})
+
+
+def read_failures(path: Path) -> dict[str, dict[str, Any]]:
+    """Outstanding failures of a failures file, by key (a video id, or a question id for a
+    question-level failure). The file is append-only: a later ``resolved`` entry for a key clears
+    it (the retry succeeded)."""
+    failures: dict[str, dict[str, Any]] = {}
+    for number, entry in read_jsonl_lines(path, repair=False):
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            raise RunError(f"{path}: line {number} is not a failure record")
+        if entry.get("resolved"):
+            failures.pop(entry["key"], None)
+        else:
+            failures[entry["key"]] = entry
+    return failures
 
 
 @dataclass
 class RunSummary:
+    """What a call of :func:`run_benchmark` did. ``failed`` holds the failures outstanding after
+    it (new ones and earlier ones), each with ``key``, ``video_id``, ``stage``, ``reason`` and
+    the ``qids`` of the questions it left unanswered; ``warnings`` what a person should read."""
+
     answered: int = 0
     skipped_done: int = 0
     videos: int = 0
     missing: list[str] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    skipped_failed: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def failed_videos(self) -> list[str]:
+        return sorted({f["video_id"] for f in self.failed if f["stage"] != "question"})
+
+    @property
+    def failed_questions(self) -> int:
+        return sum(len(f["qids"]) for f in self.failed)
+
+
+class _Failures:
+    """The failures file of one shard, appended as failures happen and resolve."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.outstanding = read_failures(path)
+        self._writer: PredictionWriter | None = None
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        if self._writer is None:
+            self._writer = PredictionWriter(self.path)
+        self._writer.write(entry)
+
+    def add(self, key: str, video: VideoItem, stage: str, reason: str, qids: list[str], **extra: Any) -> None:
+        entry = {
+            "key": key,
+            "video_id": video.video_id,
+            "path": video.path,
+            "stage": stage,
+            "reason": reason,
+            "qids": qids,
+            **extra,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.outstanding[key] = entry
+        self._write(entry)
+        log.warning("%s: %s failed (%s): %s; %d question(s) unanswered", video.video_id, stage, key, reason, len(qids))
+
+    def resolve(self, key: str) -> None:
+        if self.outstanding.pop(key, None) is not None:
+            self._write({"key": key, "resolved": True, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _check_inputs(config: RunConfig, found: dict[str, Path]) -> None:
+    """Everything that can be checked about the inputs before a model is loaded."""
+    if config.npy_fps is None:
+        arrays = [str(path) for path in found.values() if path.suffix.lower() == ".npy"]
+        if arrays:
+            more = f" and {len(arrays) - 3} more" if len(arrays) > 3 else ""
+            raise RunError(
+                f"{len(arrays)} video(s) are .npy frame arrays ({', '.join(arrays[:3])}{more}): "
+                "give their frame rate with --npy-fps"
+            )
 
 
 def run_benchmark(
@@ -235,6 +557,7 @@ def run_benchmark(
     shard: Shard | None = None,
     limit: int | None = None,
     allow_missing: bool = False,
+    retry_failed: bool = False,
     backend=None,
     progress: Callable[[Iterator[Question], int], Iterator[Question]] | None = None,
 ) -> RunSummary:
@@ -242,6 +565,10 @@ def run_benchmark(
 
     ``backend`` may be passed to reuse a loaded model; ``progress`` wraps the question iterator
     (e.g. with a progress bar) and receives the number of questions still to answer.
+    ``retry_failed`` runs again the videos and questions recorded as failed by earlier runs.
+    Raises :class:`RunError` when another process owns the run directory (and shard), when the
+    directory holds a run of another configuration, or when videos are missing (unless
+    ``allow_missing``).
     """
     from mukv.engine import StreamSession
     from mukv.eval.datasets import load_benchmark, resolve_videos
@@ -259,20 +586,85 @@ def run_benchmark(
         names = ", ".join(f"{v.video_id} ({Path(v.path).name})" for v in missing[:20])
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise RunError(f"{len(missing)} of {len(videos)} videos not found under {config.videos}: {names}{more}")
-    prepare_run_dir(out, config, method_config)
+    _check_inputs(config, found)
+    needs_run_file = check_run_dir(out, config, method_config)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out / shard.filename):
+        failures = _Failures(out / shard.failures_filename)
+        try:
+            _run_locked(
+                config,
+                out,
+                shard,
+                videos,
+                found,
+                summary,
+                failures,
+                method_config=method_config,
+                needs_run_file=needs_run_file,
+                limit=limit,
+                retry_failed=retry_failed,
+                backend=backend,
+                progress=progress,
+                session_class=StreamSession,
+                open_source=open_source,
+            )
+        finally:
+            failures.close()
+            summary.failed = sorted(failures.outstanding.values(), key=lambda f: (f["video_id"], f["key"]))
+    return summary
+
+
+def _run_locked(
+    config: RunConfig,
+    out: Path,
+    shard: Shard,
+    videos: list[VideoItem],
+    found: dict[str, Path],
+    summary: RunSummary,
+    failures: _Failures,
+    *,
+    method_config: Any,
+    needs_run_file: bool,
+    limit: int | None,
+    retry_failed: bool,
+    backend,
+    progress,
+    session_class,
+    open_source,
+) -> None:
     path = out / shard.filename
     done = {record["qid"] for record in read_predictions(path, repair=True)}
-    todo = [(v, [q for q in v.questions if q.qid not in done]) for v in videos if v.video_id in found]
-    summary.skipped_done = sum(len(v.questions) for v in videos if v.video_id in found) - sum(len(q) for _, q in todo)
+    failed_before = dict(failures.outstanding)
+    failed_videos = {f["video_id"] for f in failed_before.values() if f["stage"] != "question"}
+    todo: list[tuple[VideoItem, list[Question]]] = []
+    for video in videos:
+        if video.video_id not in found:
+            continue
+        questions = [q for q in video.questions if q.qid not in done]
+        if not retry_failed:
+            skipped = [q for q in questions if video.video_id in failed_videos or q.qid in failed_before]
+            summary.skipped_failed += len(skipped)
+            questions = [q for q in questions if q not in skipped]
+        summary.skipped_done += len(video.questions) - len([q for q in video.questions if q.qid not in done])
+        todo.append((video, questions))
     remaining = sum(len(q) for _, q in todo)
     if limit is not None:
         remaining = min(remaining, limit)
     if remaining == 0:
-        return summary
+        if needs_run_file:
+            write_run_file(out, config, method_config)
+        return
     if backend is None:
         from mukv.backends import load_backend
 
         backend = load_backend(config.model, device=config.device, dtype=config.dtype)
+    if config.max_new_tokens is not None and config.max_new_tokens >= backend.text.max_positions:
+        raise ValueError(
+            f"max_new_tokens: {config.max_new_tokens} is beyond the model's context ({backend.text.max_positions})"
+        )
+    write_run_file(out, config, method_config)  # everything has been checked: the run starts
+    period = 1.0 / config.sample_fps
     writer = PredictionWriter(path)
     try:
         budget = remaining
@@ -283,52 +675,207 @@ def run_benchmark(
                 continue
             questions = questions[:budget]
             summary.videos += 1
-            session = StreamSession(backend, config.method, method_config=method_config)
-            source = open_source(found[video.video_id], sample_fps=config.sample_fps, npy_fps=config.npy_fps)
-            try:
-                iterator: Iterator[Question] = iter(questions)
-                if progress is not None:
-                    iterator = progress(iterator, len(questions))
-                for question in iterator:
-                    session.ingest_source(source, until=question.time)
-                    # Asked at the question's time: with no frame by then, from the prompt alone.
-                    answer = session.ask(
-                        question.question, question.choices, max_new_tokens=config.max_new_tokens, at=question.time
-                    )
-                    writer.write(_record(question, answer, backend, 1.0 / config.sample_fps))
-                    summary.answered += 1
-                    budget -= 1
-            finally:
-                source.close()
+            budget -= _run_video(
+                video,
+                questions,
+                found[video.video_id],
+                config,
+                method_config,
+                backend,
+                writer,
+                failures,
+                summary,
+                period,
+                progress,
+                session_class,
+                open_source,
+            )
     finally:
         writer.close()
-    return summary
 
 
-def merge_predictions(run_dir: Path) -> Path:
+def _run_video(
+    video: VideoItem,
+    questions: list[Question],
+    file: Path,
+    config: RunConfig,
+    method_config: Any,
+    backend,
+    writer: PredictionWriter,
+    failures: _Failures,
+    summary: RunSummary,
+    period: float,
+    progress,
+    session_class,
+    open_source,
+) -> int:
+    """Answer ``questions`` of one video; returns how many questions it used of the budget.
+
+    A video that cannot be opened or decoded is recorded as failed with the questions it leaves
+    unanswered; a question the model cannot take is recorded alone and the video goes on."""
+    try:
+        source = open_source(file, sample_fps=config.sample_fps, npy_fps=config.npy_fps)
+    except VideoError as exc:
+        failures.add(video.video_id, video, "open", str(exc), [q.qid for q in questions])
+        return len(questions)
+    session = session_class(backend, config.method, method_config=method_config)
+    declared = [d for d in (source.duration, video.duration) if d is not None]
+    warned = False
+    used = 0
+    try:
+        iterator: Iterator[Question] = iter(questions)
+        if progress is not None:
+            iterator = progress(iterator, len(questions))
+        for question in iterator:
+            used += 1
+            try:
+                session.ingest_source(source, until=question.time)
+            except VideoError as exc:
+                unanswered = [q.qid for q in questions[used - 1 :]]
+                failures.add(
+                    video.video_id,
+                    video,
+                    "decode",
+                    str(exc),
+                    unanswered,
+                    frames_decoded=session.frames_seen,
+                    stream_time=session.time,
+                )
+                return len(questions)
+            flags: dict[str, Any] = {}
+            end = source.last_time
+            if source.exhausted and source.error is None and end is not None:
+                if question.time > end + period:
+                    flags = {"past_end": True, "video_end": end}
+                if not warned and declared and end + period + 1.0 < max(declared):
+                    warned = True
+                    message = (
+                        f"{video.video_id}: {file.name} declares {max(declared):.1f} s but its frames end at "
+                        f"{end:.1f} s (a truncated file?); questions after that are answered from frames up to "
+                        f"{end:.1f} s and marked past_end"
+                    )
+                    log.warning("%s", message)
+                    summary.warnings.append(message)
+            try:
+                # Asked at the question's time: with no frame by then, from the prompt alone.
+                answer = session.ask(
+                    question.question, question.choices, max_new_tokens=config.max_new_tokens, at=question.time
+                )
+            except (ValueError, MukvError) as exc:
+                if isinstance(exc, VideoError):
+                    raise
+                failures.add(question.qid, video, "question", str(exc), [question.qid])
+                continue
+            writer.write(_record(question, answer, backend, period, **flags))
+            failures.resolve(question.qid)
+            summary.answered += 1
+        failures.resolve(video.video_id)
+    finally:
+        source.close()
+    return used
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in VOLATILE_FIELDS}
+
+
+def _expected_questions(run_dir: Path, count: int) -> dict[int, set[str]] | None:
+    """Question ids of each of ``count`` shards, from the run's annotations (``None`` when the
+    annotation file cannot be read any more)."""
+    from mukv.eval.datasets import load_benchmark
+
+    info = read_json_file(run_dir / RUN_FILE, "the run's configuration") if (run_dir / RUN_FILE).exists() else None
+    config = info.get("config", {}) if isinstance(info, dict) else {}
+    try:
+        videos = load_benchmark(config["benchmark"], config["annotation"])
+    except (KeyError, TypeError, MukvError, ValueError, OSError) as exc:
+        log.warning("%s: cannot read the run's annotations to count its questions (%s)", run_dir, exc)
+        return None
+    return {index: {q.qid for v in Shard(index, count).videos(videos) for q in v.questions} for index in range(count)}
+
+
+def merge_predictions(run_dir: Path, *, allow_partial: bool = False) -> Path:
     """Join ``run_dir``'s shard files into ``predictions.jsonl`` (sorted by video, then question
-    index). A pure function of the shard files: duplicates must be identical, or it raises."""
+    index), and their failure files into ``failures.jsonl``.
+
+    Records already in ``predictions.jsonl`` are kept: a merge never drops a record it did not
+    read. Two records of one question must agree on everything but timings, or it raises. It
+    refuses while a shard is still being written, and when shards are missing or have questions
+    neither answered nor recorded as failed (naming them and their question counts), unless
+    ``allow_partial``.
+    """
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: not a run directory")
     shards = sorted(run_dir.glob("predictions.shard-*-of-*.jsonl"))
     if not shards:
         raise RunError(f"{run_dir}: no shard files (predictions.shard-I-of-N.jsonl) to merge")
     counts = {p.name.rsplit("-of-", 1)[1].removesuffix(".jsonl") for p in shards}
-    if len(counts) != 1:
+    if len(counts) != 1 or not next(iter(counts)).isdigit():
         raise RunError(f"{run_dir}: shard files of different shard counts: {sorted(p.name for p in shards)}")
-    merged: dict[str, dict[str, Any]] = {}
-    for path in shards:
-        for record in read_predictions(path):
-            previous = merged.setdefault(record["qid"], record)
-            if previous is not record and previous != record:
-                raise RunError(f"{run_dir}: question {record['qid']} answered differently in two shard files")
-
-    def order(qid: str) -> tuple[str, int]:
-        video, _, index = qid.rpartition("/")
-        return (video, int(index)) if index.isdigit() else (qid, -1)
-
+    count = int(next(iter(counts)))
     target = run_dir / MERGED_FILE
-    temporary = target.with_suffix(".jsonl.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        for qid in sorted(merged, key=order):
-            handle.write(json.dumps(merged[qid], ensure_ascii=False) + "\n")
-    temporary.replace(target)
+    with RunLock(target):
+        busy = [
+            f"shard {i} ({owner})"
+            for i in range(count)
+            if (owner := RunLock(run_dir / Shard(i, count).filename).owner()) is not None
+        ]
+        if busy:
+            raise RunError(f"{run_dir}: still being written: {'; '.join(busy)}; merge when it has finished")
+        merged: dict[str, dict[str, Any]] = {}
+        sources = ([target] if target.exists() else []) + shards
+        answered: dict[int, set[str]] = {}
+        for path in sources:
+            for record in read_predictions(path):
+                previous = merged.setdefault(record["qid"], record)
+                if previous is not record and _comparable(previous) != _comparable(record):
+                    differing = sorted(
+                        k
+                        for k in set(previous) | set(record)
+                        if k not in VOLATILE_FIELDS and previous.get(k) != record.get(k)
+                    )
+                    raise RunError(
+                        f"{run_dir}: question {record['qid']} answered differently in {path.name} and an earlier "
+                        f"file (fields {', '.join(differing)})"
+                    )
+        failures: dict[str, dict[str, Any]] = {}
+        for i in range(count):
+            shard = Shard(i, count)
+            answered[i] = {r["qid"] for r in read_predictions(run_dir / shard.filename)}
+            failures.update(read_failures(run_dir / shard.failures_filename))
+        present = {i for i in range(count) if (run_dir / Shard(i, count).filename).exists()}
+        expected = _expected_questions(run_dir, count)
+        problems = []
+        failed_qids = {qid for f in failures.values() for qid in f["qids"]}
+        for i in range(count):
+            wanted = expected[i] if expected is not None else None
+            if i not in present:
+                size = f"{len(wanted)} questions" if wanted is not None else "question count unknown"
+                problems.append(f"shard {i} of {count} is missing ({size})")
+            elif wanted is not None:
+                open_ = wanted - answered[i] - failed_qids - set(merged)
+                if open_:
+                    problems.append(f"shard {i} of {count} has {len(open_)} of {len(wanted)} questions unanswered")
+        if problems and not allow_partial:
+            raise RunError(
+                f"{run_dir}: not merged: {'; '.join(problems)}. Run the missing shards into this directory "
+                "(mukv eval ... --shard I/N), or pass --allow-partial to merge what is there"
+            )
+        for problem in problems:
+            log.warning("%s: merged without: %s", run_dir, problem)
+
+        def order(qid: str) -> tuple[str, int]:
+            video, _, index = qid.rpartition("/")
+            return (video, int(index)) if index.isdigit() else (qid, -1)
+
+        write_atomic(
+            target, "".join(json.dumps(merged[qid], ensure_ascii=False) + "\n" for qid in sorted(merged, key=order))
+        )
+        if failures or (run_dir / FAILURES_FILE).exists():
+            existing = read_failures(run_dir / FAILURES_FILE)
+            outstanding = {k: v for k, v in (existing | failures).items() if not set(v["qids"]) <= set(merged)}
+            write_atomic(
+                run_dir / FAILURES_FILE,
+                "".join(json.dumps(outstanding[k], ensure_ascii=False) + "\n" for k in sorted(outstanding)),
+            )
     return target

@@ -107,3 +107,6 @@ class Prediction(BaseModel):
     sample_period: float | None = None
     # Frames encoded since the previous question in this process (re-encoding after a resume included).
     frames_encoded: int | None = None
+    # Asked after the video's last decoded frame (``video_end``, seconds): answered from frames up to then.
+    past_end: bool | None = None
+    video_end: float | None = None

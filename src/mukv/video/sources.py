@@ -40,16 +40,28 @@ class FrameBatch:
 class FrameStream:
     """A pull-based stream of frames with one frame of look-ahead.
 
-    ``expected_frames`` is an estimate for progress bars (``None`` when unknown, e.g. live).
+    ``expected_frames`` is an estimate for progress bars (``None`` when unknown, e.g. live);
+    ``duration`` is the length in seconds the source declares (a file's header), ``None`` when
+    unknown: a file that ends well before it was truncated (see :attr:`last_time`).
     """
 
-    def __init__(self, frames: Iterator[Frame], *, name: str, expected_frames: int | None = None) -> None:
+    def __init__(
+        self,
+        frames: Iterator[Frame],
+        *,
+        name: str,
+        expected_frames: int | None = None,
+        duration: float | None = None,
+    ) -> None:
         self.name = name
         self.expected_frames = expected_frames
+        self.duration = duration
         self._frames = frames
         self._pending: Frame | None = None
         self._done = False
         self._last_time = -math.inf
+        # A decoding error met while looking ahead: raised once the frames before it are taken.
+        self._error: VideoError | None = None
         # One stream may be read by a player thread while another asks whether it has ended.
         self._lock = threading.RLock()
 
@@ -64,13 +76,33 @@ class FrameStream:
     def _peek(self) -> Frame | None:
         with self._lock:
             if self._pending is None and not self._done:
-                self._pending = self._pull()
+                try:
+                    self._pending = self._pull()
+                except VideoError as exc:
+                    self._error, self._done = exc, True
             return self._pending
+
+    def _raise_error(self) -> None:
+        """Raise a decoding error met while looking ahead (once)."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     @property
     def exhausted(self) -> bool:
         """True when every frame has been taken and no more will come."""
         return self._peek() is None and self._done
+
+    @property
+    def error(self) -> VideoError | None:
+        """A decoding error met while looking ahead, raised by the next :meth:`next_batch` once the
+        frames before it are taken (``None`` when there is none)."""
+        return self._error
+
+    @property
+    def last_time(self) -> float | None:
+        """Timestamp of the last frame taken from the stream (``None`` before the first)."""
+        return None if self._last_time == -math.inf else self._last_time
 
     def next_time(self) -> float | None:
         """Timestamp of the next frame, or ``None`` if there is none (yet)."""
@@ -81,7 +113,9 @@ class FrameStream:
         """Up to ``max_frames`` next frames with timestamp <= ``until`` (any time if ``None``).
 
         Returns ``None`` when no such frame is available; frames after ``until`` stay in the
-        stream. Raises :class:`VideoError` for non-finite or non-increasing timestamps.
+        stream. Raises :class:`VideoError` for non-finite or non-increasing timestamps, or a frame
+        of another size; good frames before such a frame are returned first (the error comes with
+        the next call), so a bad frame never costs a good one.
         """
         if max_frames < 1:
             raise ValueError(f"max_frames: must be >= 1, got {max_frames}")
@@ -90,16 +124,24 @@ class FrameStream:
         with self._lock:
             while len(frames) < max_frames:
                 frame = self._peek()
+                if frame is None and not frames:
+                    self._raise_error()
                 if frame is None or (until is not None and frame[1] > until):
                     break
-                self._pending = None
                 image, timestamp = frame
+                problem = None
                 if not math.isfinite(timestamp):
-                    raise VideoError(f"{self.name}: timestamp {timestamp} is not a finite number of seconds")
-                if timestamp <= self._last_time:
-                    raise VideoError(f"{self.name}: timestamps must increase ({timestamp} after {self._last_time})")
-                if frames and image.shape != frames[0].shape:
-                    raise VideoError(f"{self.name}: frame size changed from {frames[0].shape} to {image.shape}")
+                    problem = f"timestamp {timestamp} is not a finite number of seconds"
+                elif timestamp <= self._last_time:
+                    problem = f"timestamps must increase ({timestamp} after {self._last_time})"
+                elif frames and image.shape != frames[0].shape:
+                    problem = f"frame size changed from {frames[0].shape} to {image.shape}"
+                if problem is not None:
+                    if frames:
+                        break  # deliver the good frames; the bad one raises on the next call
+                    self._pending = None  # the bad frame is dropped, the stream goes on after it
+                    raise VideoError(f"{self.name}: {problem}")
+                self._pending = None
                 self._last_time = timestamp
                 frames.append(image)
                 times.append(timestamp)
@@ -147,6 +189,7 @@ def _sample_indices(num_frames: int, native_fps: float, sample_fps: float | None
 def _prime(stream: FrameStream) -> FrameStream:
     """Pull the first frame now, so that empty or undecodable inputs fail at open time."""
     if stream.exhausted:
+        stream._raise_error()
         raise VideoError(f"{stream.name}: no frames")
     return stream
 
@@ -187,6 +230,7 @@ def open_video(path: str | Path, *, sample_fps: float = 0.5) -> FrameStream:
     def frames() -> Iterator[Frame]:
         period = 1.0 / sample_fps
         start: float | None = None
+        last: float | None = None
         next_time = 0.0
         try:
             for decoded in container.decode(stream):
@@ -200,13 +244,15 @@ def open_video(path: str | Path, *, sample_fps: float = 0.5) -> FrameStream:
                 if time + 1e-6 < next_time:
                     continue
                 yield decoded.to_ndarray(format="rgb24"), time
+                last = time
                 next_time = (math.floor(time / period + 1e-6) + 1) * period
         except av.FFmpegError as exc:
-            raise VideoError(f"{file}: decoding failed ({exc})") from None
+            where = "before the first frame" if last is None else f"after the frame at {last:.1f} s"
+            raise VideoError(f"{file}: decoding failed {where} ({exc})") from None
         finally:
             container.close()
 
-    return _prime(FrameStream(frames(), name=str(file), expected_frames=expected))
+    return _prime(FrameStream(frames(), name=str(file), expected_frames=expected, duration=duration))
 
 
 def open_npy(path: str | Path, *, fps: float, sample_fps: float | None = 0.5) -> FrameStream:
@@ -258,7 +304,12 @@ def _array_stream(array: np.ndarray, *, fps: float, sample_fps: float | None, na
     if array.shape[0] == 0:
         raise VideoError(f"{name}: no frames")
     indices = list(_sample_indices(array.shape[0], fps, sample_fps))
-    stream = FrameStream(((np.array(array[i]), i / fps) for i in indices), name=name, expected_frames=len(indices))
+    stream = FrameStream(
+        ((np.array(array[i]), i / fps) for i in indices),
+        name=name,
+        expected_frames=len(indices),
+        duration=array.shape[0] / fps,
+    )
     return _prime(stream)
 
 
@@ -288,6 +339,7 @@ class PushStream(FrameStream):
         self._push_lock = threading.Lock()
         self._ended = False
         self._shape: tuple[int, ...] | None = None
+        self._pushed_time = -math.inf
         super().__init__(iter(()), name=name)
 
     def _pull(self) -> Frame | None:
@@ -301,15 +353,28 @@ class PushStream(FrameStream):
         return item
 
     def push(self, frame: np.ndarray, timestamp: float) -> None:
-        """Add one uint8 ``[H, W, 3]`` frame at ``timestamp`` seconds (all frames one size)."""
+        """Add one uint8 ``[H, W, 3]`` frame at ``timestamp`` seconds (all frames one size).
+
+        Raises :class:`VideoError` (and keeps nothing of this frame, and loses nothing already
+        pushed) for a frame of another size, a timestamp that is not a finite number, or one not
+        after the previous pushed frame's.
+        """
         image = _check_frame(np.asarray(frame), self.name)
+        if isinstance(timestamp, bool) or not isinstance(timestamp, numbers.Real) or not math.isfinite(timestamp):
+            raise VideoError(f"{self.name}: timestamp {timestamp!r} is not a finite number of seconds")
+        timestamp = float(timestamp)
         with self._push_lock:
             if self._ended:
                 raise VideoError(f"{self.name}: stream already ended")
             if self._shape is not None and image.shape != self._shape:
                 raise VideoError(f"{self.name}: frame size {image.shape} differs from the stream's {self._shape}")
+            if timestamp <= self._pushed_time:
+                raise VideoError(
+                    f"{self.name}: timestamps must increase ({timestamp} after {self._pushed_time}); frame dropped"
+                )
             self._shape = image.shape
-            self._queue.put((image, float(timestamp)))
+            self._pushed_time = timestamp
+            self._queue.put((image, timestamp))
 
     def end(self) -> None:
         """Mark the end of the stream; frames already pushed are still delivered."""
