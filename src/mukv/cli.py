@@ -360,7 +360,7 @@ def demo(
 @app.command("eval")
 @_user_errors
 def eval_(
-    benchmark: Annotated[str, typer.Argument(help="rvs-ego, rvs-movie, streamingbench-rt or generic.")],
+    benchmark: Annotated[str, typer.Argument(help="rvs-ego, rvs-movie, streamingbench-rt, ovo-bench or generic.")],
     anno: Annotated[Path, typer.Option("--anno", help="Annotation file.")],
     videos: Annotated[Path, typer.Option("--videos", help="Root directory searched for the videos by file name.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (created; an interrupted run resumes here).")],

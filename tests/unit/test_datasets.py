@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from mukv.errors import MukvError, VideoError
-from mukv.eval.datasets import AnnotationError, available_benchmarks, load_benchmark, resolve_videos
+from mukv.eval.datasets import AnnotationError, _show, available_benchmarks, load_benchmark, resolve_videos
 from mukv.eval.schema import VideoItem
 from tests.conftest import ANNOTATIONS
 
@@ -52,7 +53,7 @@ def check_order_and_ids(videos: list[VideoItem], raw: list[dict[str, Any]], list
 
 
 def test_available_benchmarks() -> None:
-    assert available_benchmarks() == ["generic", "rvs-ego", "rvs-movie", "streamingbench-rt"]
+    assert available_benchmarks() == ["generic", "ovo-bench", "rvs-ego", "rvs-movie", "streamingbench-rt"]
 
 
 def test_unknown_benchmark_lists_the_available_ones(tmp_path: Path) -> None:
@@ -181,6 +182,73 @@ def test_generic_format(tmp_path: Path) -> None:
     assert walk.questions[1].evidence is None and walk.questions[1].time == 30
 
 
+def test_streamingbench_task_on_the_video_record(tmp_path: Path) -> None:
+    conv = {"question": "What now?", "answer": "A map.", "choices": ["A map.", "A compass."], "end_time": 6.0}
+    data = [
+        {"video_id": "a", "video_path": "/x/a.mp4", "task": "Object Recognition", "conversations": [conv]},
+        {
+            "video_id": "b",
+            "video_path": "/x/b.mp4",
+            "task": "Counting",
+            "conversations": [dict(conv, end_time=9.0, task="Text Recognition"), dict(conv, task=None)],
+        },
+    ]
+    a, b = load_benchmark("streamingbench-rt", write(tmp_path, data))
+    assert [q.task for q in a.questions] == ["Object Recognition"]
+    assert [(q.qid, q.task) for q in b.questions] == [("b/1", "Counting"), ("b/0", "Text Recognition")]
+    assert all(q.kind == "choice" and q.evidence is None for q in [*a.questions, *b.questions])
+
+
+def test_generic_task_on_the_video_record(tmp_path: Path) -> None:
+    data = [
+        {
+            "video_id": "own",
+            "video": "own.mp4",
+            "task": "Counting",
+            "questions": [
+                {"question": "How many?", "answer": "Two.", "time": 5},
+                {"question": "Which?", "answer": "Left.", "time": 9, "task": "Direction"},
+            ],
+        },
+        {  # the RVS shape, as ReKV-style multiple-choice files are laid out
+            "video_id": "rekv",
+            "video_path": "/data/rekv.mp4",
+            "task": "EPM",
+            "conversations": [
+                {"question": "Q1?", "answer": "B", "choices": ["A", "B"], "end_time": 20},
+                {"question": "Q2?", "answer": "A", "choices": ["A", "B"], "end_time": 30, "task": "ASI"},
+            ],
+        },
+        {"video_id": "none", "video": "none.mp4", "questions": [{"question": "Q?", "answer": "A.", "time": 1}]},
+    ]
+    own, rekv, none = load_benchmark("generic", write(tmp_path, data))
+    assert [q.task for q in own.questions] == ["Counting", "Direction"]
+    assert [q.task for q in rekv.questions] == ["EPM", "ASI"]
+    assert [q.answer_letter for q in rekv.questions] == ["B", "A"]
+    assert none.questions[0].task is None
+
+
+@pytest.mark.parametrize("benchmark", ["rvs-ego", "rvs-movie"])
+def test_rvs_ignores_a_task(tmp_path: Path, benchmark: str) -> None:
+    data = rvs()
+    data[0]["task"] = 3
+    data[1]["conversations"][0]["task"] = "t"
+    videos = load_benchmark(benchmark, write(tmp_path, data))
+    assert all(q.task is None for v in videos for q in v.questions)
+
+
+def test_malformed_task_on_the_video_record(tmp_path: Path) -> None:
+    data = sb(task=None)
+    data[1]["task"] = ""
+    path = write(tmp_path, data, "sb.json")
+    with pytest.raises(AnnotationError) as info:
+        load_benchmark("streamingbench-rt", path)
+    assert str(info.value) == f"{path}: video 1 (video_id 'b'): field 'task': must not be empty"
+    data[1]["task"] = 7
+    with pytest.raises(AnnotationError, match=r"video 1 \(video_id 'b'\): field 'task': expected a string"):
+        load_benchmark("generic", write(tmp_path, data, "sb.json"))
+
+
 def test_time_beyond_duration_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = [
         {
@@ -307,6 +375,28 @@ def test_malformed_file_or_video(tmp_path: Path, data: Any, expected: str) -> No
     with pytest.raises(AnnotationError) as info:
         load_benchmark("rvs-ego", path)
     assert str(info.value).startswith(f"{path}: {expected}")
+
+
+def test_deeply_nested_json_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[" * 100_000 + "]" * 100_000, "deep.json")
+    with pytest.raises(AnnotationError) as info:
+        load_benchmark("generic", path)
+    assert str(info.value) == f"{path}: JSON nested too deeply to read"
+
+
+def test_deeply_nested_value_in_a_message_is_shown_briefly() -> None:
+    value: list[Any] = []
+    for _ in range(sys.getrecursionlimit() + 10):
+        value = [value]
+    assert _show(value) == "<list nested too deeply to show>"
+
+
+@pytest.mark.parametrize("benchmark", available_benchmarks())
+def test_empty_video_list_names_the_file(tmp_path: Path, benchmark: str) -> None:
+    path = write(tmp_path, [], "empty.json")
+    with pytest.raises(AnnotationError) as info:
+        load_benchmark(benchmark, path)
+    assert str(info.value).startswith(f"{path}: no videos")
 
 
 def test_integer_and_string_ids_collide(tmp_path: Path) -> None:

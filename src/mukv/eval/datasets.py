@@ -17,9 +17,21 @@ Registered benchmarks
     StreamingBench real-time visual understanding: a JSON list of videos ``{video_id, video_path,
     conversations: [{question, answer, choices, end_time, task, ...}]}`` where ``answer`` is the
     text of the right choice. The question is asked at ``end_time``; there is no evidence window.
-    ``task`` is kept (accuracy is reported per task); other fields (``time_stamp``,
-    ``required_ability``) are ignored, except that a ``time_stamp`` disagreeing with ``end_time``
-    is logged.
+    ``task`` is kept (accuracy is reported per task) and is required, on the conversation or on
+    the video record (see *Tasks* below); other fields (``time_stamp``, ``required_ability``) are
+    ignored, except that a ``time_stamp`` disagreeing with ``end_time`` is logged.
+``ovo-bench``
+    OVO-Bench's real-time and backward-tracing tasks in the list-of-videos layout used for
+    streaming evaluation: a JSON list of videos ``{video_id, video_path, task, conversations:
+    [{question, answer, choices, end_time}]}``. Every question is multiple choice (``choices``
+    required, at least 2) and is asked at ``end_time``; there is no evidence window
+    (a ``start_time`` is ignored). ``answer`` is the text of the right choice; an option letter
+    (``"A"`` .. ``"Z"``) or a 0-based integer index into ``choices`` is accepted too and turned
+    into that text. A string that is one of the choices is taken as the text; a single letter
+    that is both a choice and the letter of a different choice is rejected as ambiguous.
+    ``task`` is required, on the video record or on the conversation. ``duration`` is optional;
+    other fields are ignored (as for RVS). The forward active-responding tasks have no fixed
+    answer time and are not read by this loader.
 ``generic``
     A format to write by hand: a JSON list of videos ::
 
@@ -40,12 +52,23 @@ Registered benchmarks
     ``question``, ``answer`` and ``time`` (seconds from the start of the video, when it is
     asked); ``choices`` (at least 2, ``answer`` being one of them) makes it multiple choice,
     ``evidence`` is ``[start, end]`` with ``end <= time``, ``task`` is a free label. This shape is
-    strict: an unknown key is an error (it is usually a typo). A video record carrying
-    ``conversations`` instead of ``questions`` is read in the RVS shape above (``start_time``
-    optional, ``choices`` and ``task`` allowed, extra fields ignored).
+    strict: an unknown key is an error (it is usually a typo); a video may carry ``task``, the
+    default for its questions. A video record carrying ``conversations`` instead of
+    ``questions`` is read in the RVS shape above (``start_time`` optional, ``choices`` and
+    ``task`` allowed on the video and on each conversation, extra fields ignored).
+
+Tasks
+-----
+``Question.task`` (accuracy is reported per task) may be given per question or per video: in
+``streamingbench-rt``, ``ovo-bench`` and ``generic``, a video record's ``task`` is the task of
+each of its questions that has none of its own, and a question's own ``task`` wins. Either must
+be a non-empty string (or ``null``, meaning absent). ``rvs-ego`` and ``rvs-movie`` have no tasks:
+a ``task`` there is ignored like any extra field.
 
 Common rules
 ------------
+- The file is a non-empty JSON list of video records (an empty list is an error: it is almost
+  always the wrong file or a failed export); each video has at least one question.
 - ``video_id`` is a non-empty string or an integer (kept as its decimal string); ids are unique
   within a file.
 - A question's id is ``f"{video_id}/{index}"``, ``index`` being the 0-based position of the
@@ -167,6 +190,8 @@ def _show(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(value)
+    except RecursionError:
+        text = f"<{_type_name(value)} nested too deeply to show>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -305,9 +330,38 @@ def _read_json(path: Path) -> list[Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise AnnotationError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise AnnotationError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: top level must be a JSON list of videos, got {_type_name(data)}")
     return data
+
+
+def _choice_answer(record: dict[str, Any], choices: list[str], where: _Where) -> str:
+    """The text of the right choice from ``answer``: the text itself, an option letter ("A".."Z")
+    or a 0-based integer index into ``choices``."""
+    value = _get(record, "answer", where)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < len(choices):
+            raise where.error("answer", f"index {value} is out of range for {len(choices)} choices")
+        return choices[value]
+    if not isinstance(value, str):
+        raise where.error("answer", f"expected a string or an integer, got {_type_name(value)} {_show(value)}")
+    if not value.strip():
+        raise where.error("answer", "must not be empty")
+    letter = ord(value) - ord("A") if len(value) == 1 and "A" <= value <= "Z" else None
+    if value in choices:
+        if letter is not None and letter < len(choices) and choices[letter] != value:
+            raise where.error(
+                "answer",
+                f"{value!r} is ambiguous: it is a choice and the letter of another choice {choices[letter]!r}",
+            )
+        return value
+    if letter is not None:
+        if letter >= len(choices):
+            raise where.error("answer", f"option letter {value!r} is out of range for {len(choices)} choices")
+        return choices[letter]
+    return value  # not a choice: reported by the Question check
 
 
 def _question(where: _Where, names: dict[str, str], **fields: Any) -> Question:
@@ -320,23 +374,39 @@ def _question(where: _Where, names: dict[str, str], **fields: Any) -> Question:
 
 
 def _conversation(
-    record: dict[str, Any], where: _Where, *, video_id: str, index: int, mode: str, duration: float | None
+    record: dict[str, Any],
+    where: _Where,
+    *,
+    video_id: str,
+    index: int,
+    mode: str,
+    duration: float | None,
+    video_task: str | None = None,
 ) -> Question:
-    """One question in the RVS / StreamingBench shape; ``mode`` is ``rvs``, ``streamingbench`` or
-    ``lenient`` (the RVS shape inside the generic format)."""
+    """One question in the RVS / StreamingBench / OVO-Bench shape; ``mode`` is ``rvs``,
+    ``streamingbench``, ``ovo`` or ``lenient`` (the RVS shape inside the generic format).
+    ``video_task`` is the video record's ``task``, used when the conversation has none."""
+    multiple_choice = mode in ("streamingbench", "ovo")
     question = _string(record, "question", where)
-    answer = _nonempty_string(record, "answer", where)
+    answer = _nonempty_string(record, "answer", where) if mode != "ovo" else None
     end = _time_field(record, "end_time", where)
     assert end is not None
     evidence = None
-    if mode != "streamingbench":
+    if mode in ("rvs", "lenient"):
         start = _time_field(record, "start_time", where, required=mode == "rvs")
         if start is not None:
             if start > end:
                 raise where.error("start_time", f"{start:g} is after end_time {end:g}")
             evidence = (start, end)
-    choices = _choices(record, where, required=mode == "streamingbench") if mode != "rvs" else None
-    task = _task(record, where, required=mode == "streamingbench") if mode != "rvs" else None
+    choices = _choices(record, where, required=multiple_choice) if mode != "rvs" else None
+    if mode == "ovo":
+        assert choices is not None
+        answer = _choice_answer(record, choices, where)
+    task = None
+    if mode != "rvs":
+        task = _task(record, where, required=False) or video_task
+        if task is None and multiple_choice:
+            raise where.error("task", "missing (give it on the conversation or on the video record)")
     if mode == "streamingbench":
         _check_time_stamp(record, end, where)
     _check_duration(end, duration, "end_time", where)
@@ -355,11 +425,17 @@ def _conversation(
 
 
 _GENERIC_QUESTION_KEYS = {"question", "answer", "time", "choices", "evidence", "task"}
-_GENERIC_VIDEO_KEYS = {"video_id", "video", "video_path", "duration", "questions"}
+_GENERIC_VIDEO_KEYS = {"video_id", "video", "video_path", "duration", "questions", "task"}
 
 
 def _generic_question(
-    record: dict[str, Any], where: _Where, *, video_id: str, index: int, duration: float | None
+    record: dict[str, Any],
+    where: _Where,
+    *,
+    video_id: str,
+    index: int,
+    duration: float | None,
+    video_task: str | None = None,
 ) -> Question:
     _check_keys(record, _GENERIC_QUESTION_KEYS, where)
     question = _string(record, "question", where)
@@ -378,7 +454,7 @@ def _generic_question(
             raise where.error("evidence", f"ends at {end:g}, after the question time {time:g}")
         evidence = (start, end)
     choices = _choices(record, where, required=False)
-    task = _task(record, where, required=False)
+    task = _task(record, where, required=False) or video_task
     _check_duration(time, duration, "time", where)
     return _question(
         where,
@@ -412,7 +488,7 @@ def _check_time_stamp(record: dict[str, Any], end: float, where: _Where) -> None
 
 
 def _load_videos(data: list[Any], file: str, mode: str) -> list[VideoItem]:
-    """Parse a list of video records; ``mode`` is ``rvs``, ``streamingbench`` or ``generic``."""
+    """Parse a list of video records; ``mode`` is ``rvs``, ``streamingbench``, ``ovo`` or ``generic``."""
     videos: list[VideoItem] = []
     seen: dict[str, int] = {}
     for v, raw in enumerate(data):
@@ -434,6 +510,7 @@ def _load_videos(data: list[Any], file: str, mode: str) -> list[VideoItem]:
             path_key = alias if alias in record and preferred not in record else preferred
         path = _nonempty_string(record, path_key, where)
         duration = _time_field(record, "duration", where, required=False)
+        video_task = _task(record, where, required=False) if shape != "rvs" else None
 
         list_key = "questions" if shape == "generic" else "conversations"
         items = _get(record, list_key, where)
@@ -447,9 +524,15 @@ def _load_videos(data: list[Any], file: str, mode: str) -> list[VideoItem]:
             at = where.at_item(q, label)
             item = _as_object(item, at, f"a {label}")
             if shape == "generic":
-                questions.append(_generic_question(item, at, video_id=video_id, index=q, duration=duration))
+                questions.append(
+                    _generic_question(item, at, video_id=video_id, index=q, duration=duration, video_task=video_task)
+                )
             else:
-                questions.append(_conversation(item, at, video_id=video_id, index=q, mode=shape, duration=duration))
+                questions.append(
+                    _conversation(
+                        item, at, video_id=video_id, index=q, mode=shape, duration=duration, video_task=video_task
+                    )
+                )
         questions.sort(key=lambda question: question.time)  # stable: ties keep file order
         try:
             videos.append(VideoItem(video_id=video_id, path=path, duration=duration, questions=questions))
@@ -463,6 +546,7 @@ _LOADERS: dict[str, _Loader] = {
     "rvs-ego": lambda data, file: _load_videos(data, file, "rvs"),
     "rvs-movie": lambda data, file: _load_videos(data, file, "rvs"),
     "streamingbench-rt": lambda data, file: _load_videos(data, file, "streamingbench"),
+    "ovo-bench": lambda data, file: _load_videos(data, file, "ovo"),
     "generic": lambda data, file: _load_videos(data, file, "generic"),
 }
 
@@ -476,13 +560,16 @@ def load_benchmark(name: str, annotation_file: str | Path) -> list[VideoItem]:
     """Load the benchmark ``name`` from ``annotation_file``, videos in file order.
 
     Raises ``ValueError`` for an unknown ``name`` (listing the available ones) and
-    :class:`AnnotationError` for a missing or malformed file.
+    :class:`AnnotationError` for a missing, malformed or empty file.
     """
     loader = _LOADERS.get(name)
     if loader is None:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(available_benchmarks())}")
     path = Path(annotation_file)
-    return loader(_read_json(path), str(path))
+    data = _read_json(path)
+    if not data:
+        raise AnnotationError(f"{path}: no videos (the top-level list is empty)")
+    return loader(data, str(path))
 
 
 # --------------------------------------------------------------------------------------------
