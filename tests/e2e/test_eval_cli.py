@@ -10,28 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from mukv.memory import available_methods
 from tests.e2e.test_cli import COMMAND, mukv
 from tests.integration.test_judge import MODEL, Reply, endpoint  # noqa: F401  (fixture)
 
 SMALL = {"uniform": "num_frames=4", "recent": "num_frames=4", "rekv": "retrieve_blocks=3", "mukv": "top_k.frame=4"}
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench")
-    result = mukv("make-benchmark", str(root), "--videos", "2", "--duration", "24")
-    assert result.returncode == 0, result.stderr
-    return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("model") / "tiny"
-    assert mukv("tiny-model", str(directory)).returncode == 0
-    return directory
 
 
 def eval_args(bench: Path, model_dir: Path, out: Path, method: str) -> list[str]:

@@ -29,9 +29,9 @@ def mukv(*args: str) -> Result:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bench")
-    assert mukv("make-benchmark", str(root), "--videos", "2", "--duration", "16").returncode == 0
-    return root
+    from mukv.eval.synthetic import write_benchmark
+
+    return write_benchmark(tmp_path_factory.mktemp("bench"), videos=2, duration=16.0).parent
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,14 @@ def test_ask_checks_its_options_before_encoding(model_dir, tmp_path):
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr)
         assert "encoding" not in result.stderr, "checked before encoding"
         no_traceback(result)
+
+
+def test_merge_refuses_a_missing_shard_unless_told(bench, model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert mukv(*eval_args(bench, model_dir, out, "full"), "--shard", "0/2").returncode == 0
+    refused = mukv("merge", str(out))
+    assert refused.returncode == 2 and "shard 1 of 2 is missing" in refused.stderr
+    assert not (out / "predictions.jsonl").exists()
+    partial = mukv("merge", str(out), "--allow-partial")
+    assert partial.returncode == 0, partial.stderr
+    no_traceback(refused, partial)

@@ -342,3 +342,13 @@ def test_recall_scores():
     result = recall_scores(records)
     assert result == {"hit": pytest.approx(1 / 3), "coverage": pytest.approx(0.5 / 3), "count": 3}
     assert recall_scores([]) == {"hit": 0.0, "coverage": 0.0, "count": 0}
+
+
+@pytest.mark.parametrize("missing", ["answer", "prediction"])
+def test_judge_free_scores_refuse_a_record_without_texts(missing):
+    record = {"qid": "v/3", "question": "What?", "answer": "a cat", "prediction": "a cat"}
+    del record[missing]
+    with pytest.raises(ValueError, match=rf"record 'v/3': field '{missing}' is missing or not text"):
+        judge_free_scores([record])
+    with pytest.raises(ValueError, match="is missing or not text"):
+        judge_free_scores([{"qid": "v/4"}])  # nothing at all never scores 1.0

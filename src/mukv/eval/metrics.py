@@ -313,14 +313,18 @@ def judge_free_scores(records: Iterable[Any]) -> dict[str, float | int]:
     (multiple choice, scored by :func:`multiple_choice_accuracy`) are skipped.
 
     Returns ``{"exact_match": mean, "token_f1": mean, "count": n}`` (means 0.0 when ``n`` is 0).
+    Raises ``ValueError`` naming the record when its ``answer`` or ``prediction`` is missing or not
+    text (two missing texts would otherwise "match" and score 1.0).
     """
     em: list[float] = []
     f1: list[float] = []
     for record in records:
         if _get(record, "choices"):
             continue
-        prediction = str(_get(record, "prediction") or "")
-        answer = str(_get(record, "answer") or "")
+        prediction, answer = _get(record, "prediction"), _get(record, "answer")
+        for name, value in (("answer", answer), ("prediction", prediction)):
+            if not isinstance(value, str):
+                raise ValueError(f"record {_get(record, 'qid')!r}: field {name!r} is missing or not text ({value!r})")
         em.append(exact_match(prediction, answer))
         f1.append(token_f1(prediction, answer))
     return {"exact_match": _mean(em), "token_f1": _mean(f1), "count": len(em)}
