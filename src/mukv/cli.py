@@ -55,7 +55,7 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         _quiet_libraries()
         try:
             return command(*args, **kwargs)
-        except (MukvError, ValueError, FileNotFoundError) as exc:
+        except (MukvError, ValueError, FileNotFoundError, ImportError) as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
 

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache, LlavaOnevision
 
 from mukv.backends.base import Logits, TextModelSpec
 from mukv.backends.prompts import PromptTemplate
+from mukv.backends.transformers_api import check_cache_grew
 from mukv.compress.attention import attention_hook, capture_attention
 from mukv.config import BackendConfig
 from mukv.errors import ModelLoadError
@@ -218,12 +219,14 @@ class LlavaOnevisionBackend:
         logits: Logits = "last",
     ) -> torch.Tensor | None:
         """Language model over ``embeds [1, n, d]`` at ``position_ids [1, n]``; see the protocol."""
+        before = cache.get_seq_length()
         out = self._lm(
             inputs_embeds=embeds.to(device=self.device, dtype=self.dtype),
-            past_key_values=cache,
+            cache=cache,
             position_ids=position_ids.to(self.device),
             use_cache=True,
         )
+        check_cache_grew(cache, before, embeds.shape[1])
         if logits == "none":
             return None
         hidden = out.last_hidden_state if logits == "all" else out.last_hidden_state[:, -1:]

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import AttentionInterface, AttentionMaskInterface
+
+from mukv.backends.transformers_api import repeat_kv, sdpa_attention_forward, sdpa_mask
 
 ATTENTION_NAME = "mukv_scored_sdpa"
 _ACTIVE: ContextVar[AttentionHook | None] = ContextVar("mukv_attention_hook", default=None)
