@@ -194,5 +194,16 @@ class BlockStore:
             nbytes[g] = nbytes.get(g, 0) + record.nbytes
         return blocks, tokens, nbytes
 
+    def index_nbytes(self) -> int:
+        """Bytes of the index buffers (ids, end times, representatives, spare room included) beyond
+        the representatives that the records' ``nbytes`` already count."""
+        held = counted = 0
+        for index in self._index.values():
+            buffers = (index.ids, index.end_times) if index.reps is None else (index.ids, index.end_times, index.reps)
+            held += sum(b.untyped_storage().nbytes() for b in buffers)
+            if index.reps is not None:
+                counted += index.reps[: index.count].nbytes
+        return held - counted
+
     def __len__(self) -> int:
         return len(self._records)

@@ -3,29 +3,82 @@
 New tokens attend to the system prompt and the window only. Window keys are kept at positions
 right after the system prompt (re-rotated exactly when the oldest tokens leave), so a stream of
 any length never goes beyond ``init + n_local + chunk`` positions (method.md section 7).
+
+Memory: keys, values and the keys as computed live in buffers that are written in place and
+grow by doubling up to ``init + n_local + chunk`` tokens, and on CPU eviction works through the
+window in pieces of at most ``_PIECE_BYTES`` of temporaries. Growing the window by concatenation
+and re-rotating it whole allocated new window-sized tensors for every layer at every frame; the
+C allocator cannot hand those back while the blocks stored meanwhile sit between them, so the
+process kept several times the bytes the method held, and more with every frame.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, DynamicLayer
 
 from mukv.backends.base import Backend
 from mukv.kv.rope import rerotate
+
+# Largest float32 temporary (per layer) that eviction creates on CPU.
+_PIECE_BYTES = 1 << 18
+
+
+def _reserve(buffer: torch.Tensor, used: int, needed: int, limit: int, dim: int = 2) -> torch.Tensor:
+    """``buffer`` with room for ``needed`` tokens along ``dim`` (its first ``used`` kept): itself
+    if it has room, else a copy with twice the capacity, at most ``max(limit, needed)``."""
+    capacity = buffer.shape[dim]
+    if needed <= capacity:
+        return buffer
+    shape = list(buffer.shape)
+    shape[dim] = max(needed, min(2 * capacity, limit))
+    grown = buffer.new_empty(shape)
+    grown.narrow(dim, 0, used).copy_(buffer.narrow(dim, 0, used))
+    return grown
+
+
+class _WindowLayer(DynamicLayer):
+    """A cache layer whose ``keys``/``values`` are views of the first ``length`` tokens of
+    buffers with room to spare: appending writes in place instead of concatenating."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, limit: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.limit = limit
+        self.key_buffer = keys.clone()
+        self.value_buffer = values.clone()
+        self.resize(keys.shape[2])
+
+    def resize(self, length: int) -> None:
+        self.keys = self.key_buffer[:, :, :length]
+        self.values = self.value_buffer[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n, m = self.keys.shape[2], key_states.shape[2]
+        self.key_buffer = _reserve(self.key_buffer, n, n + m, self.limit)
+        self.value_buffer = _reserve(self.value_buffer, n, n + m, self.limit)
+        self.key_buffer[:, :, n : n + m] = key_states
+        self.value_buffer[:, :, n : n + m] = value_states
+        self.resize(n + m)
+        return self.keys, self.values
 
 
 class SlidingWindow:
     """``[init | window]`` with ``window`` at most ``n_local`` tokens after each append."""
 
+    @torch.inference_mode()
     def __init__(self, backend: Backend, n_local: int) -> None:
         if n_local < 1:
             raise ValueError(f"n_local: must be >= 1, got {n_local}")
         self.backend = backend
         self.n_local = n_local
         self.cache, self.init_len = backend.system_cache()
-        # Window keys as computed, and the positions they were computed at: every re-positioning
-        # rotates from these, so rounding never accumulates over many evictions.
-        self._computed_keys: list[torch.Tensor] = [layer.keys[:, :, :0] for layer in self.cache.layers]
+        limit = self.init_len + n_local
+        self.cache.layers = [_WindowLayer(layer.keys, layer.values, limit) for layer in self.cache.layers]
+        # Window keys as computed, and the positions they were computed at (the first ``length``
+        # tokens of each buffer): every re-positioning rotates from these, so rounding never
+        # accumulates over many evictions.
+        self._computed_keys: list[torch.Tensor] = [layer.keys[:, :, :0].clone() for layer in self.cache.layers]
         self._computed_at = torch.empty(0, dtype=torch.long, device=backend.device)
 
     @property
@@ -40,43 +93,75 @@ class SlidingWindow:
         ``positions [m]``), copied out of the window.
         """
         m = embeds.shape[1]
-        start = self.init_len + self.length
+        n = self.length
+        start = self.init_len + n
         positions = torch.arange(start, start + m, device=self.backend.device)
         self.backend.forward(embeds, self.cache, positions.unsqueeze(0), logits="none")
-        kv = torch.stack(
-            [torch.stack((layer.keys[0, :, -m:], layer.values[0, :, -m:])) for layer in self.cache.layers]
-        ).clone()
-        self._computed_keys = [
-            torch.cat((computed, layer.keys[:, :, -m:]), dim=2)
-            for computed, layer in zip(self._computed_keys, self.cache.layers, strict=True)
-        ]
-        self._computed_at = torch.cat((self._computed_at, positions))
-        self._evict()
+        first = self.cache.layers[0].keys
+        kv = first.new_empty((len(self.cache.layers), 2, first.shape[1], m, first.shape[3]))
+        for i, layer in enumerate(self.cache.layers):
+            kv[i, 0] = layer.keys[0, :, -m:]
+            kv[i, 1] = layer.values[0, :, -m:]
+        # The buffers are inference tensors (the backend's outputs are), written in place.
+        with torch.inference_mode():
+            for i, layer in enumerate(self.cache.layers):
+                self._computed_keys[i] = _reserve(self._computed_keys[i], n, n + m, self.n_local)
+                self._computed_keys[i][:, :, n : n + m] = layer.keys[:, :, -m:]
+            self._computed_at = _reserve(self._computed_at, n, n + m, self.n_local, dim=0)
+            self._computed_at[n : n + m] = positions
+            self._evict()
         return kv, positions
 
+    def _piece_tokens(self) -> int:
+        """Tokens re-positioned at a time: all of them on an accelerator; on CPU as many as fit
+        in ``_PIECE_BYTES`` of float32 keys of one layer."""
+        if self.backend.device.type != "cpu":
+            return self.n_local
+        keys = self.cache.layers[0].keys
+        return max(1, _PIECE_BYTES // (keys.shape[1] * keys.shape[3] * 4))
+
     def _evict(self) -> None:
-        excess = self.length - self.n_local
+        """Drop the oldest tokens beyond ``n_local`` and re-rotate the rest to the positions right
+        after the system prompt, moving everything in place, front to back."""
+        n = self.length
+        excess = n - self.n_local
         if excess <= 0:
             return
         init = self.init_len
-        self._computed_at = self._computed_at[excess:]
-        delta = torch.arange(init, init + self._computed_at.shape[0], device=self.backend.device) - self._computed_at
+        kept = n - excess
         inv_freq = self.backend.rope_inv_freq
-        for i, layer in enumerate(self.cache.layers):
-            self._computed_keys[i] = self._computed_keys[i][:, :, excess:]
-            keys = rerotate(self._computed_keys[i], delta, inv_freq)
-            layer.keys = torch.cat((layer.keys[:, :, :init], keys), dim=2)
-            layer.values = torch.cat((layer.values[:, :, :init], layer.values[:, :, init + excess :]), dim=2)
+        piece = self._piece_tokens()
+        for a in range(0, kept, piece):
+            b = min(a + piece, kept)
+            # Pieces are copied out before being written back: sources lie ``excess`` tokens
+            # later, so for ``b - a > excess`` they overlap the destination.
+            at = self._computed_at[a + excess : b + excess].clone()
+            self._computed_at[a:b] = at
+            delta = torch.arange(init + a, init + b, device=at.device) - at
+            for computed, layer in zip(self._computed_keys, self.cache.layers, strict=True):
+                moved = computed[:, :, a + excess : b + excess].clone()
+                computed[:, :, a:b] = moved
+                layer.key_buffer[:, :, init + a : init + b] = rerotate(moved, delta, inv_freq)
+                values = layer.value_buffer
+                values[:, :, init + a : init + b] = values[:, :, init + a + excess : init + b + excess].clone()
+        for layer in self.cache.layers:
+            layer.resize(init + kept)
+
+    @property
+    def init_nbytes(self) -> int:
+        """Bytes of the window's own copy of the system prompt's keys and values."""
+        return sum(layer.keys[:, :, : self.init_len].nbytes * 2 for layer in self.cache.layers)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held beyond the system prompt: window keys and values plus the keys as computed."""
-        init = self.init_len
-        held = sum(layer.keys[:, :, init:].nbytes + layer.values[:, :, init:].nbytes for layer in self.cache.layers)
-        return held + sum(k.nbytes for k in self._computed_keys)
+        """Bytes held beyond the system prompt (:attr:`init_nbytes`): the buffers of window keys
+        and values, of the keys as computed and of their positions, spare room included."""
+        buffers = [b for layer in self.cache.layers for b in (layer.key_buffer, layer.value_buffer)]
+        buffers += [*self._computed_keys, self._computed_at]
+        return sum(b.untyped_storage().nbytes() for b in buffers) - self.init_nbytes
 
     def prefix(self, tokens: int) -> DynamicCache:
-        """A new cache of ``[init | first tokens of the window]`` (views; the window is not changed)."""
+        """A new cache of ``[init | first tokens of the window]`` (copied; the window is not changed)."""
         end = self.init_len + tokens
         return DynamicCache(
             ddp_cache_data=[(layer.keys[:, :, :end], layer.values[:, :, :end]) for layer in self.cache.layers]

@@ -14,6 +14,8 @@ prefilled once, and a question is answered after ``[init | those frames]``.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +54,29 @@ def _unrotated_group_query(query: torch.Tensor, positions: torch.Tensor, kv_head
     q = rerotate(query[0].float(), -positions.to(query.device), inv_freq).mean(dim=1)  # [H, D]
     # Representatives live off the accelerator; the ranking (and its top-k) happens there.
     return q.reshape(kv_heads, -1, q.shape[-1]).sum(dim=1).reshape(-1).cpu()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):
+        return None
+
+
+def _release_free_heap() -> None:
+    """Give the pages of the C heap's free chunks back to the system (glibc only; else a no-op).
+
+    Prefilling a frame on CPU allocates and frees many temporaries inside the model (window-sized
+    attention inputs, MLP activations); the blocks stored meanwhile land between them, so glibc
+    can rarely reuse or return that space and keeps it resident: measured at 0.5B sizes, the
+    process grew by several times the bytes that ``stats()`` reports, and kept growing with every
+    frame. Trimming returns those pages (a few milliseconds per call).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -134,12 +159,17 @@ class RekvMemory(MemoryMethod):
             if len(self._open_frames) == self.config.block_frames:
                 self._store_open(provisional=False)
                 self._open_frames, self._open_times, self._open_kv = [], [], []
+        if self.backend.device.type == "cpu":
+            _release_free_heap()
 
     def _store_open(self, *, provisional: bool, count: int | None = None) -> BlockRecord:
         """Store the open block's first ``count`` frames (all by default)."""
         count = len(self._open_frames) if count is None else count
-        kv = torch.cat([kv for kv, _ in self._open_kv[:count]], dim=3)
-        positions = torch.cat([p for _, p in self._open_kv[:count]])
+        if count == 1 and not provisional:
+            kv, positions = self._open_kv[0]  # the window's copy, no longer held anywhere else
+        else:
+            kv = torch.cat([kv for kv, _ in self._open_kv[:count]], dim=3)
+            positions = torch.cat([p for _, p in self._open_kv[:count]])
         # Representatives from un-rotated keys, per layer: [L, Hkv * D].
         unrotated = rerotate(kv[:, 0], -positions, self.backend.rope_inv_freq)
         representative = unrotated.float().mean(dim=2).reshape(kv.shape[0], -1)
@@ -283,9 +313,11 @@ class RekvMemory(MemoryMethod):
         blocks, tokens, nbytes = self.store.totals()
         blocks["init"] = 1
         tokens["init"] = self.init_len
-        nbytes["init"] = sum(k.nbytes + v.nbytes for k, v in self._init)
+        # The prompt's KV is held twice: to answer from, and at the head of the window.
+        nbytes["init"] = sum(k.nbytes + v.nbytes for k, v in self._init) + self.window.init_nbytes
         nbytes["window"] = self.window.nbytes
-        nbytes["pending"] = sum(kv.nbytes for kv, _ in self._open_kv)
+        nbytes["pending"] = sum(kv.nbytes + positions.nbytes for kv, positions in self._open_kv)
+        nbytes["index"] = self.store.index_nbytes()
         return MemoryStats(frames=self.frames, blocks=blocks, tokens=tokens, bytes=nbytes)
 
 
@@ -343,11 +375,9 @@ class RecentMemory(MemoryMethod):
         return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
 
     def stats(self) -> MemoryStats:
-        init = self.window.init_len
-        per_token = self.backend.text.kv_bytes_per_token(self.backend.dtype)
         return MemoryStats(
             frames=self.frames,
             blocks={"init": 1, "frame": len(self._window_frames())},
-            tokens={"init": init, "frame": self.window.length},
-            bytes={"init": init * per_token, "frame": self.window.nbytes},
+            tokens={"init": self.window.init_len, "frame": self.window.length},
+            bytes={"init": self.window.init_nbytes, "frame": self.window.nbytes},
         )
