@@ -19,11 +19,11 @@ from tests.conftest import make_frames
 QUESTION = "What colour was the triangle?"
 
 
-def reference_embeddings(backend, frames: np.ndarray, question: str) -> torch.Tensor:
+def reference_embeddings(backend, frames: np.ndarray, question: str, choices=None) -> torch.Tensor:
     """[1, n, d]: system prompt, every frame's visual tokens in order, question prompt."""
     system = backend.embed_ids(backend.tokenize(backend.prompts.system))
     visual = backend.encode_frames(frames).reshape(1, -1, backend.text.hidden_size)
-    prompt = backend.embed_ids(backend.tokenize(backend.prompts.render_question(question)))
+    prompt = backend.embed_ids(backend.tokenize(backend.prompts.render_question(question, choices)))
     return torch.cat([system, visual, prompt], dim=1)
 
 
@@ -47,6 +47,21 @@ def test_full_first_logits_equal_plain_forward(backend):
         answer.context_tokens + backend.tokenize(backend.prompts.render_question(QUESTION)).shape[1] == embeds.shape[1]
     )
     assert (answer.first_logits - reference).abs().max().item() < 1e-4
+
+
+@torch.inference_mode()
+def test_multiple_choice_first_logits_equal_a_plain_forward_over_the_lettered_options(backend):
+    """The options are in the prompt the model reads: dropping them changes the logits."""
+    frames = make_frames(3)
+    choices = ["a red square", "a blue circle", "a green star"]
+    session = StreamSession(backend, "full")
+    session.ingest(frames, np.arange(3) * 2.0)
+    answer = session.ask(QUESTION, choices, max_new_tokens=2, output_logits=True)
+    embeds = reference_embeddings(backend, frames, QUESTION, choices)
+    reference = backend.model(inputs_embeds=embeds).logits[0, -1].float()
+    assert (answer.first_logits - reference).abs().max().item() < 1e-4
+    without = backend.model(inputs_embeds=reference_embeddings(backend, frames, QUESTION)).logits[0, -1].float()
+    assert (answer.first_logits - without).abs().max().item() > 1e-3  # the test can tell the two prompts apart
 
 
 @torch.inference_mode()

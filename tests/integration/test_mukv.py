@@ -220,6 +220,25 @@ def test_release_preset_and_dedup_run(backend):
     assert max(frame_tokens) <= keep_count(backend.tokens_per_frame, 0.5)
 
 
+def test_dedup_drops_near_duplicate_tokens(backend):
+    """Frames of two flat halves hold many identical patches: with dedup, a token that plain top-k
+    keeps is dropped as a near-duplicate of a higher-scored one."""
+    from mukv.memory import method_config
+
+    frames = np.zeros((4, 96, 128, 3), np.uint8)
+    frames[:, :, :64] = 200
+    kept = {}
+    for dedup in (False, True):
+        config = method_config("mukv", {"dedup": str(dedup).lower()}, "release")
+        session = StreamSession(backend, "mukv", method_config=config)
+        session.ingest(frames, np.arange(4.0))
+        kept[dedup] = [
+            set(session.memory.store.payload(r.block_id).kept.tolist()) for r in session.memory.store.records("frame")
+        ]
+    dropped = [without - with_ for with_, without in zip(kept[True], kept[False], strict=True)]
+    assert any(dropped), "dedup removed nothing"
+
+
 def test_paper_preset_token_counts_at_196_tokens_per_frame(backend_196):
     """Method.md section 4: 191.75 stored tokens per frame; 8212 answering tokens for 64 blocks."""
     memory = create_memory("mukv", backend_196)
