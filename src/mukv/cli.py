@@ -82,10 +82,10 @@ def _quiet_libraries() -> None:
     if not root.handlers:  # a program embedding the CLI (or a test harness) keeps its own logging
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        if not _VERBOSE:
-            handler.addFilter(lambda record: record.name == "mukv" or record.name.startswith("mukv."))
         root.addHandler(handler)
-        root.setLevel(logging.WARNING)
+        # Other libraries' loggers inherit the root's level: only their errors come through.
+        root.setLevel(logging.WARNING if _VERBOSE else logging.ERROR)
+        logging.getLogger("mukv").setLevel(logging.WARNING)
     if _VERBOSE:
         return
     warnings.simplefilter("ignore")
@@ -122,7 +122,6 @@ def _ingest_with_progress(session, source, until: float | None, fps: float) -> i
     with tqdm(total=expected, unit="frame", desc="encoding", file=sys.stderr, leave=True) as bar:
         count = session.ingest_source(source, until, progress=bar.update)
         bar.total = count  # the estimate may be off: the bar ends at what was encoded
-        bar.refresh()
     return count
 
 
@@ -388,6 +387,7 @@ def eval_(
     stopped; a video that fails to decode is recorded in OUT/failures*.jsonl and the run goes on.
     """
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from mukv.config import parse_assignments
     from mukv.eval.runner import RunConfig, Shard, run_benchmark
@@ -406,9 +406,12 @@ def eval_(
         dtype=dtype,
         max_new_tokens=max_new_tokens,
     )
-    bar = tqdm(unit="question", desc="answering", file=sys.stderr, dynamic_ncols=True)
+    bars: list[tqdm] = []  # made when the first question is asked: nothing is drawn for a refused command
 
     def progress(questions, count):
+        if not bars:
+            bars.append(tqdm(unit="question", desc="answering", file=sys.stderr, dynamic_ncols=True))
+        bar = bars[0]
         bar.total = (bar.total or 0) + count
         bar.refresh()
         for question in questions:
@@ -418,17 +421,21 @@ def eval_(
             bar.set_postfix_str(f"{rate:.2f} s/question")
 
     try:
-        summary = run_benchmark(
-            config,
-            out,
-            shard=Shard.parse(shard),
-            limit=limit,
-            allow_missing=allow_missing,
-            retry_failed=retry_failed,
-            progress=progress,
-        )
+        with logging_redirect_tqdm():  # warnings while the bar is drawn get lines of their own
+            summary = run_benchmark(
+                config,
+                out,
+                shard=Shard.parse(shard),
+                limit=limit,
+                allow_missing=allow_missing,
+                retry_failed=retry_failed,
+                progress=progress,
+            )
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
+    for warning in summary.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     for failure in summary.failed:
         affected = f"{failure['stage']}, {len(failure['qids'])} question(s)"
         typer.secho(

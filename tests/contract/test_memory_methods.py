@@ -160,3 +160,24 @@ def test_unknown_method_and_bad_options(backend):
         StreamSession(backend, "uniform", overrides={"num_frames": "many"})
     with pytest.raises(ValueError, match="takes UniformConfig"):
         create_memory("uniform", backend, config=object())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frames_ingested_while_an_answer_streams_do_not_change_it(backend, method):
+    """Decoding runs on a cache of its own, outside the session lock: a stream keeps ingesting
+    while a question about it is answered, and the answer is the one it had at question time."""
+    frames = make_frames(8)
+    reference = new_session(backend, method)
+    reference.ingest(frames[:5], np.arange(5) * 2.0)
+    expected = reference.ask("What is shown?", max_new_tokens=6)
+
+    session = new_session(backend, method)
+    session.ingest(frames[:5], np.arange(5) * 2.0)
+    events = session.ask_stream("What is shown?", max_new_tokens=6)
+    first = next(events)
+    assert session.ingest(frames[5:], np.arange(5, 8) * 2.0) == 3  # same thread, answer suspended
+    done = [first, *events][-1]
+    assert isinstance(done, DoneEvent)
+    assert done.answer.token_ids == expected.token_ids
+    assert done.answer.frames_seen == 5 and done.answer.memory.frames == 5
+    assert session.frames_seen == 8

@@ -25,7 +25,7 @@ def eager_attention(backend, embeds: torch.Tensor, layer: int) -> torch.Tensor:
     backend.model.set_attn_implementation({"text_config": "eager"})
     try:
         out = backend.model.model.language_model(
-            inputs_embeds=embeds, past_key_values=cache, position_ids=positions, output_attentions=True
+            inputs_embeds=embeds, cache=cache, position_ids=positions, output_attentions=True
         )
     finally:
         backend.model.set_attn_implementation({"text_config": "sdpa"})

@@ -51,14 +51,32 @@ def copy_videos(bench: Path, tmp_path: Path) -> Path:
 
 
 def damage_middle(path: Path, seed: int = 0) -> None:
-    """Overwrite 100 bytes inside an mp4's frame data with noise (a damaged recording: the file
-    opens, and decoding fails part way)."""
-    data = bytearray(path.read_bytes())
-    start, end = data.find(b"mdat"), data.find(b"moov")
+    """Overwrite bytes inside an mp4's frame data with noise (a damaged recording: the file opens,
+    and decoding fails part way). Decoders conceal some damage, so places are tried until one
+    makes decoding fail after the first frame."""
+    from mukv.errors import VideoError
+    from mukv.video import open_video
+
+    original = path.read_bytes()
+    start, end = original.find(b"mdat"), original.find(b"moov")
     assert 0 < start < end, "expected an mp4 with its frame data before its index"
-    at = start + (end - start) * 3 // 5
-    data[at : at + 100] = np.random.default_rng(seed).integers(0, 256, 100, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
+    noise = np.random.default_rng(seed).integers(0, 256, 400, dtype=np.uint8).tobytes()
+    for fifths in (3, 2, 4, 1):
+        for size in (100, 400):
+            at = start + (end - start) * fifths // 5
+            data = bytearray(original)
+            data[at : at + size] = noise[:size]
+            path.write_bytes(bytes(data))
+            try:
+                source = open_video(path, sample_fps=0.5)
+            except VideoError:
+                continue  # damaged too early: the file does not open
+            try:
+                while source.next_batch(8) is not None:
+                    pass
+            except VideoError:
+                return  # fails part way, as wanted
+    raise AssertionError(f"could not damage {path} so that decoding fails part way")
 
 
 def questions_of(bench: Path) -> dict[str, list[str]]:
@@ -123,12 +141,23 @@ def test_merge_keeps_the_records_already_merged(bench, tiny_model_dir, backend, 
     cfg = config(bench, bench.parent / "videos", tiny_model_dir)
     run_benchmark(cfg, tmp_path, backend=backend)  # unsharded: every question
     whole = read_predictions(tmp_path / "predictions.jsonl")
-    run_benchmark(cfg, tmp_path, backend=backend, shard=Shard(1, 2))  # then one shard of two
-    with pytest.raises(RunError, match="shard 0 of 2 is missing"):
-        merge_predictions(tmp_path)
-    merged = read_predictions(merge_predictions(tmp_path, allow_partial=True))
+    # Shard 1 of 2 run elsewhere and copied in: only its video's records.
+    shard = [r for r in whole if r["video_id"] == "synthetic_001"]
+    (tmp_path / Shard(1, 2).filename).write_text("".join(json.dumps(r) + "\n" for r in shard))
+    merged = read_predictions(merge_predictions(tmp_path))  # shard 0's questions are all in the merged file
     assert len(merged) == len(whole) == sum(len(q) for q in questions_of(bench).values())
     assert {r["qid"]: strip(r) for r in merged} == {r["qid"]: strip(r) for r in whole}
+
+
+def test_a_sharded_run_after_an_unsharded_one_answers_nothing_twice(bench, tiny_model_dir, backend, tmp_path):
+    cfg = config(bench, bench.parent / "videos", tiny_model_dir)
+    first = run_benchmark(cfg, tmp_path, backend=backend, limit=3)
+    again = run_benchmark(cfg, tmp_path, backend=backend, shard=Shard(0, 2))
+    per_video = questions_of(bench)
+    assert again.skipped_done == first.answered
+    assert again.answered == len(per_video["synthetic_000"]) - first.answered
+    answered = [r["qid"] for p in tmp_path.glob("predictions*.jsonl") for r in read_predictions(p)]
+    assert len(answered) == len(set(answered))
 
 
 def test_merge_refuses_while_a_shard_is_written(bench, tiny_model_dir, backend, tmp_path):
@@ -303,3 +332,110 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+# --------------------------------------------------------------------------------------------
+# edges found in review
+
+
+def test_a_max_new_tokens_that_leaves_no_room_fails_before_anything_is_written(
+    bench, tiny_model_dir, backend, tmp_path
+):
+    limit = backend.text.max_positions
+    cfg = config(bench, bench.parent / "videos", tiny_model_dir, max_new_tokens=limit - 8)
+    with pytest.raises(ValueError, match=rf"--max-new-tokens {limit - 8}: question synthetic_000/\d+: question:"):
+        run_benchmark(cfg, tmp_path, backend=backend)
+    assert not (tmp_path / "run.json").exists() and not (tmp_path / "failures.jsonl").exists()
+
+
+def stream_failing_after(real_open, seconds: float):
+    """An ``open_source`` whose files decode up to ``seconds`` and then fail (a damaged recording)."""
+    from mukv.errors import VideoError
+    from mukv.video.sources import FrameStream
+
+    def open_source(path, **kw):
+        source = real_open(path, **kw)
+
+        def frames():
+            while (batch := source.next_batch(1)) is not None:
+                if batch.timestamps[0] > seconds:
+                    raise VideoError(f"{path}: decoding failed after the frame at {seconds:.1f} s")
+                yield batch.frames[0], float(batch.timestamps[0])
+
+        return FrameStream(frames(), name=str(path), duration=source.duration)
+
+    return open_source
+
+
+def test_a_question_whose_frames_were_all_decoded_is_answered_before_the_failure(
+    tiny_model_dir, backend, tmp_path, monkeypatch
+):
+    import mukv.video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_mkv(videos / "walk.mkv", seconds=12.0)
+    questions = [{"question": "What?", "answer": "x", "time": t} for t in (2.0, 4.0, 9.0)]
+    annotation = tmp_path / "anno.json"
+    annotation.write_text(json.dumps([{"video_id": "walk", "video": "walk.mkv", "questions": questions}]))
+    # Frames are sampled every 2 s: the frame after 4.0 s fails; the question at 4.0 s has all it needs.
+    monkeypatch.setattr(mukv.video, "open_source", stream_failing_after(mukv.video.open_source, 4.0))
+    summary = run_benchmark(config(annotation, videos, tiny_model_dir, benchmark="generic"), tmp_path, backend=backend)
+    assert [r["qid"] for r in read_predictions(tmp_path / "predictions.jsonl")] == ["walk/0", "walk/1"]
+    [failure] = summary.failed
+    assert failure["stage"] == "decode" and failure["qids"] == ["walk/2"] and failure["stream_time"] == 4.0
+
+
+def test_a_half_written_failure_line_is_repaired(bench, tiny_model_dir, backend, tmp_path):
+    videos = copy_videos(bench, tmp_path)
+    (videos / "synthetic_000.mp4").write_bytes(b"not a video")
+    cfg = config(bench, videos, tiny_model_dir)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "failures.jsonl").write_text('{"key": "synthetic_00')  # an interrupted write
+    run_benchmark(cfg, out, backend=backend)
+    run_benchmark(cfg, out, backend=backend)
+    assert list(read_failures(out / "failures.jsonl")) == ["synthetic_000"]
+
+
+def test_retry_with_a_limit_keeps_every_failed_question_listed(bench, tiny_model_dir, backend, tmp_path):
+    videos = copy_videos(bench, tmp_path)
+    (videos / "synthetic_000.mp4").write_bytes(b"not a video")
+    cfg = config(bench, videos, tiny_model_dir)
+    [failure] = run_benchmark(cfg, tmp_path, backend=backend).failed
+    retried = run_benchmark(cfg, tmp_path, backend=backend, retry_failed=True, limit=1)
+    assert sorted(retried.failed[0]["qids"]) == sorted(failure["qids"])
+
+
+def test_a_shard_waits_for_the_run_file_lock(bench, tiny_model_dir, backend, tmp_path):
+    import threading
+
+    cfg = config(bench, bench.parent / "videos", tiny_model_dir)
+    lock = RunLock(tmp_path / "run.json").acquire()
+    threading.Timer(1.0, lock.release).start()  # another shard writing run.json for a moment
+    assert run_benchmark(cfg, tmp_path, backend=backend, shard=Shard(1, 2), limit=1).answered == 1
+
+
+def test_a_directory_another_process_runs_is_not_reconfigured(bench, tiny_model_dir, backend, tmp_path):
+    videos = bench.parent / "videos"
+    run_benchmark(config(bench, videos, tiny_model_dir), tmp_path, backend=backend, shard=Shard(0, 2), limit=1)
+    (tmp_path / Shard(0, 2).filename).write_text("")  # shard 0 is running and has written nothing yet
+    with RunLock(tmp_path / Shard(0, 2).filename), pytest.raises(RunError, match="being run with another config"):
+        run_benchmark(
+            config(bench, videos, tiny_model_dir, max_new_tokens=3), tmp_path, backend=backend, shard=Shard(1, 2)
+        )
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["max_new_tokens"] == 2
+
+
+def test_checking_a_lock_changes_nothing(tmp_path, caplog):
+    stale = {"pid": 2**22 + 17, "host": "gone", "command": ["mukv"], "started": "2026-01-01T00:00:00Z"}
+    (tmp_path / "predictions.jsonl.lock").write_text(json.dumps(stale))
+    with caplog.at_level(logging.WARNING):
+        assert RunLock(tmp_path / "predictions.jsonl").owner() is None
+    assert caplog.text == "" and json.loads((tmp_path / "predictions.jsonl.lock").read_text()) == stale
+
+
+def test_a_lock_that_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / "predictions.jsonl.lock").mkdir()
+    with pytest.raises(RunError, match=r"predictions\.jsonl\.lock: cannot create the lock file"):
+        RunLock(tmp_path / "predictions.jsonl").acquire()

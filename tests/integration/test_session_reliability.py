@@ -91,3 +91,22 @@ def test_max_new_tokens_is_checked_against_the_context(backend, monkeypatch):
     with pytest.raises(ValueError, match=r"the answering context holds \d+ tokens.*more than the model's"):
         session.ask("What?", max_new_tokens=limit - 40)
     assert max(calls, default=0) < 40  # no prefill of the question and no decoding ran
+
+
+def test_an_answer_advanced_by_a_pool_of_worker_threads(backend):
+    """As a web server consumes a sync iterator: every ``next()`` may run on another worker thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    session = StreamSession(backend, "full")
+    session.ingest(make_frames(2), [0.0, 2.0])
+    expected = session.ask("What is there?", max_new_tokens=6).token_ids
+    events = session.ask_stream("What is there?", max_new_tokens=6)
+    collected = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        while True:
+            event = pool.submit(next, events, None).result(timeout=60)
+            if event is None:
+                break
+            collected.append(event)
+            pool.submit(session.stats).result(timeout=60)  # the session answers in between
+    assert collected[-1].answer.token_ids == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,7 @@ class LlavaOnevisionBackend:
         )
         self.tokens_per_frame = video_tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size)
         self.eos_token_ids = _eos_ids(model, tokenizer)
+        self._system_lock = threading.Lock()
         self._system: tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None = None
 
     @classmethod
@@ -249,14 +251,15 @@ class LlavaOnevisionBackend:
         return attention_hook(self.model, hook)
 
     def system_cache(self) -> tuple[DynamicCache, int]:
-        """A fresh cache holding the system prompt's KV (computed once, copied per call)."""
-        if self._system is None:
-            ids = self.tokenize(self.prompts.system)
-            cache = DynamicCache()
-            positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-            self.forward(self.embed_ids(ids), cache, positions, logits="none")
-            layers = [(layer.keys, layer.values) for layer in cache.layers]
-            self._system = (layers, ids.shape[1])
+        """A fresh cache holding the system prompt's KV (computed once, copied per call; thread-safe)."""
+        with self._system_lock:
+            if self._system is None:
+                ids = self.tokenize(self.prompts.system)
+                cache = DynamicCache()
+                positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+                self.forward(self.embed_ids(ids), cache, positions, logits="none")
+                layers = [(layer.keys, layer.values) for layer in cache.layers]
+                self._system = (layers, ids.shape[1])
         layers, length = self._system
         return DynamicCache(ddp_cache_data=layers), length
 

@@ -54,10 +54,9 @@ class StreamSession:
         else:
             self.memory = create_memory(method, backend, method_config, overrides)
         self.config = config or SessionConfig()
-        # A plain lock, not an RLock: ``ask_stream`` holds it across ``yield``, and a generator may
-        # be advanced by a different thread than the one that started it (a web server's worker
-        # threads do this); an RLock can only be released by its owner thread.
-        self._lock = threading.Lock()
+        # Held for state changes only (ingest, assembling an answering cache), never across a
+        # ``yield``: a generator may be advanced by a thread other than the one that started it.
+        self._lock = threading.RLock()
         self._time: float | None = None
         self._vision_seconds = 0.0
         self._memory_seconds = 0.0
@@ -212,7 +211,9 @@ class StreamSession:
     ) -> Iterator[Event]:
         """Like :meth:`ask`, yielding a :class:`TokenEvent` per generated token, then a :class:`DoneEvent`.
 
-        The stream is locked until the generator finishes or is closed.
+        The session is locked only while the answering cache is assembled: decoding runs without
+        the lock, on a cache of its own, so frames can be ingested while an answer streams, and the
+        generator may be advanced from any thread and closed halfway.
         """
         question, prompt_ids, max_new_tokens = self._checked(question, choices, max_new_tokens)
         if at is not None and not math.isfinite(at):
@@ -235,58 +236,62 @@ class StreamSession:
                     f"{prompt_ids.shape[1]} and max_new_tokens={max_new_tokens} it needs {needed} positions, more than "
                     f"the model's {limit} (use a smaller retrieval budget, a shorter question or fewer new tokens)"
                 )
-            prepared = self._clock()
-            logits: list[torch.Tensor] = []
-            decoder = IncrementalDecoder(self.backend)
-            tokens: list[int] = []
-            first_token = None
-            pending: int | None = None
-            for token in greedy_decode(
-                self.backend,
-                context.cache,
-                prompt_ids,
-                context.next_position,
-                max_new_tokens,
-                logits if output_logits else None,
-            ):
-                if output_logits and len(logits) > 1:
-                    del logits[1:]  # only the first token's distribution is kept
-                if first_token is None:
-                    first_token = time.perf_counter()  # argmax -> int already waited for the device
-                tokens.append(token)
-                if token in self.backend.eos_token_ids:
-                    break
-                # Events lag one token so that the last one can carry the decoder's remainder.
-                if pending is not None:
-                    yield TokenEvent(pending, decoder.push(pending))
-                pending = token
-            if pending is not None:
-                yield TokenEvent(pending, decoder.push(pending) + decoder.flush())
-            finished = self._clock()
-            answer_ids = [t for t in tokens if t not in self.backend.eos_token_ids]
-            answer = Answer(
-                question=question,
-                choices=tuple(choices) if choices is not None else None,
-                text=self.backend.decode(answer_ids).strip(),
-                token_ids=tuple(answer_ids),
-                time=at,
-                frames_seen=self.memory.frames_until(at),
-                context_tokens=context.context_tokens,
-                timings=Timings(
-                    vision=self._vision_seconds,
-                    memory=self._memory_seconds,
-                    prepare=prepared - started,
-                    first_token=(first_token or finished) - started,
-                    total=finished - started,
-                ),
-                retrieved=context.retrieved,
-                memory=self.memory.stats(),
-                method=self.memory.name,
-                stop_reason="eos" if tokens and tokens[-1] in self.backend.eos_token_ids else "length",
-                generated_tokens=len(tokens),
-                frames_encoded=self._frames_encoded,
-                first_logits=logits[0] if logits else None,
-            )
+            # What the answer reports is taken at question time, before frames arriving during decoding.
+            frames_seen = self.memory.frames_until(at)
+            stats = self.memory.stats()
+            vision, memory, encoded = self._vision_seconds, self._memory_seconds, self._frames_encoded
             self._vision_seconds = self._memory_seconds = 0.0
             self._frames_encoded = 0
+            prepared = self._clock()
+        logits: list[torch.Tensor] = []
+        decoder = IncrementalDecoder(self.backend)
+        tokens: list[int] = []
+        first_token = None
+        pending: int | None = None
+        for token in greedy_decode(
+            self.backend,
+            context.cache,
+            prompt_ids,
+            context.next_position,
+            max_new_tokens,
+            logits if output_logits else None,
+        ):
+            if output_logits and len(logits) > 1:
+                del logits[1:]  # only the first token's distribution is kept
+            if first_token is None:
+                first_token = time.perf_counter()  # argmax -> int already waited for the device
+            tokens.append(token)
+            if token in self.backend.eos_token_ids:
+                break
+            # Events lag one token so that the last one can carry the decoder's remainder.
+            if pending is not None:
+                yield TokenEvent(pending, decoder.push(pending))
+            pending = token
+        if pending is not None:
+            yield TokenEvent(pending, decoder.push(pending) + decoder.flush())
+        finished = self._clock()
+        answer_ids = [t for t in tokens if t not in self.backend.eos_token_ids]
+        answer = Answer(
+            question=question,
+            choices=tuple(choices) if choices is not None else None,
+            text=self.backend.decode(answer_ids).strip(),
+            token_ids=tuple(answer_ids),
+            time=at,
+            frames_seen=frames_seen,
+            context_tokens=context.context_tokens,
+            timings=Timings(
+                vision=vision,
+                memory=memory,
+                prepare=prepared - started,
+                first_token=(first_token or finished) - started,
+                total=finished - started,
+            ),
+            retrieved=context.retrieved,
+            memory=stats,
+            method=self.memory.name,
+            stop_reason="eos" if tokens and tokens[-1] in self.backend.eos_token_ids else "length",
+            generated_tokens=len(tokens),
+            frames_encoded=encoded,
+            first_logits=logits[0] if logits else None,
+        )
         yield DoneEvent(answer)

@@ -86,13 +86,10 @@ class RunData:
 
 
 def load_predictions(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's predictions: the merged file if present, else every shard file (deduplicated)."""
-    merged = run_dir / MERGED_FILE
-    shards = sorted(run_dir.glob("predictions.shard-*-of-*.jsonl"))
-    if merged.exists() and all(p.stat().st_mtime <= merged.stat().st_mtime for p in shards):
-        return read_predictions(merged)
+    """The run's predictions: every record of the merged file and of the shard files, one per
+    question (the merged file's first), so that no record in any of them is left out."""
     records: dict[str, dict[str, Any]] = {}
-    for path in shards:
+    for path in [run_dir / MERGED_FILE, *sorted(run_dir.glob("predictions.shard-*-of-*.jsonl"))]:
         for record in read_predictions(path):
             records.setdefault(record["qid"], record)
     return list(records.values())
@@ -212,7 +209,10 @@ def markdown_table(runs: list[RunData]) -> str:
             judge_cell = f"{judge['accuracy'] * 100:.1f} / {judge['score']:.2f} ({judge['judge_model']})"
         elif (scores.get("judge") or scores.get("judge_unjudged")) and open_ended(run.records):
             # A score of another set of records is never shown: say how many are unjudged instead.
-            judge_cell = f"— ({len(open_ended(run.records))} unjudged: run mukv judge)"
+            unjudged = scores.get("judge_unjudged") or {}
+            current = scores.get("records") == records_digest(run.records)  # scored on exactly these records
+            count = unjudged.get("count") if current else None
+            judge_cell = f"— ({count if count is not None else len(open_ended(run.records))} unjudged: run mukv judge)"
         else:
             judge_cell = "—"
         mc = computed["multiple_choice"]

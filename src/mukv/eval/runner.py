@@ -28,6 +28,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -241,17 +242,34 @@ class RunLock:
     def _read(self, fd: int) -> str:
         return os.pread(fd, 65536, 0).decode("utf-8", errors="replace")
 
-    def acquire(self) -> RunLock:
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunError(f"{self.path}: cannot create the lock file ({exc.strerror or exc})") from None
+
+    def acquire(self, *, wait: float = 0.0, announce: bool = True) -> RunLock:
+        """Take the lock, waiting up to ``wait`` seconds for its owner to release it.
+
+        ``announce`` logs the takeover of a lock left by a process that died."""
         if self._fd is not None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
+        deadline = time.monotonic() + wait
         try:
-            self._lock(fd)
+            while True:
+                try:
+                    self._lock(fd)
+                    break
+                except RunError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
         except BaseException:
             os.close(fd)
             raise
         previous = self._read(fd).strip()
-        if previous:
+        if previous and announce:
             log.warning(
                 "%s: taking over from a process that ended without releasing it (%s)",
                 self.path,
@@ -285,22 +303,25 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
+                raise RunError(f"{self.path}: cannot lock ({exc.strerror or exc})") from None
             raise RunError(
                 f"{self.target} is being written by another process ({self._describe(self._read(fd))}); "
                 "wait for it to finish or stop it, or use another --out"
             ) from None
 
     def owner(self) -> str | None:
-        """Who holds the lock now (``None`` when nobody does); does not keep it."""
-        if not self.path.exists():
+        """Who holds the lock now (``None`` when nobody does), without taking it or touching the file."""
+        if not self.path.exists() or self._fd is not None:
             return None
+        fd = self._open()
         try:
-            self.acquire()
+            self._lock(fd)
         except RunError:
-            with open(self.path, encoding="utf-8", errors="replace") as handle:
-                return self._describe(handle.read())
-        self.release()
+            return self._describe(self._read(fd))
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
         return None
 
     def release(self) -> None:
@@ -370,10 +391,21 @@ def _has_records(out: Path) -> bool:
     return False
 
 
-def check_run_dir(out: Path, config: RunConfig, method_config: Any) -> bool:
+def _other_writers(out: Path, own: Path | None) -> list[str]:
+    """The predictions files of ``out`` that another process is writing now (with their owners)."""
+    writers = []
+    for lock in sorted(out.glob(f"predictions*.jsonl{LOCK_SUFFIX}")):
+        target = lock.with_name(lock.name.removesuffix(LOCK_SUFFIX))
+        if target != own and (owner := RunLock(target).owner()) is not None:
+            writers.append(f"{target.name} ({owner})")
+    return writers
+
+
+def check_run_dir(out: Path, config: RunConfig, method_config: Any, *, own: Path | None = None) -> bool:
     """Whether ``out``'s ``run.json`` must be written (it is missing, or describes another
-    configuration in a directory with no records yet). Raises :class:`RunError` when ``out`` is
-    not a directory, or holds records of another configuration."""
+    configuration in a directory with no records yet and no other writer). Raises
+    :class:`RunError` when ``out`` is not a directory, or holds records of another configuration,
+    or another process runs it. ``own`` is the predictions file this process writes."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: exists and is not a directory")
     path = out / RUN_FILE
@@ -383,18 +415,25 @@ def check_run_dir(out: Path, config: RunConfig, method_config: Any) -> bool:
     identity = json.loads(json.dumps(_identity(config, method_config)))
     if isinstance(previous, dict) and previous.get("identity") == identity:
         return False
-    if not _has_records(out):
-        return True
-    raise RunError(f"{out} holds a run of another configuration (see {path}); use a new --out directory")
+    if _has_records(out):
+        raise RunError(f"{out} holds a run of another configuration (see {path}); use a new --out directory")
+    writers = _other_writers(out, own)
+    if writers:
+        raise RunError(
+            f"{out} is being run with another configuration (see {path}) by: {'; '.join(writers)}; "
+            "use a new --out directory"
+        )
+    return True
 
 
-def write_run_file(out: Path, config: RunConfig, method_config: Any) -> None:
+def write_run_file(out: Path, config: RunConfig, method_config: Any, *, own: Path | None = None) -> None:
     """Write ``out/run.json`` (resolved config, versions, machine), unless an equal one is there.
 
-    Checked again under a directory lock, so shards starting together agree on one file."""
+    Checked again under a short-lived directory lock (waited for), so that shards starting
+    together agree on one file."""
     out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out / RUN_FILE):
-        if not check_run_dir(out, config, method_config):
+    with RunLock(out / RUN_FILE).acquire(wait=60.0, announce=False):
+        if not check_run_dir(out, config, method_config, own=own):
             return
         if (out / RUN_FILE).exists():
             log.warning("%s: no records yet; re-configured for this command", out)
@@ -408,12 +447,6 @@ def write_run_file(out: Path, config: RunConfig, method_config: Any) -> None:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         write_atomic(out / RUN_FILE, json.dumps(document, indent=2) + "\n")
-
-
-def prepare_run_dir(out: Path, config: RunConfig, method_config: Any) -> None:
-    """Create ``out`` with ``run.json``, or check that an existing one describes the same run."""
-    check_run_dir(out, config, method_config)
-    write_run_file(out, config, method_config)
 
 
 def _peak_rss_bytes() -> int:
@@ -463,12 +496,12 @@ def _record(question: Question, answer, backend, sample_period: float, **flags: 
     return prediction.model_dump(mode="json", exclude=None if flags else {"past_end", "video_end"})
 
 
-def read_failures(path: Path) -> dict[str, dict[str, Any]]:
+def read_failures(path: Path, *, repair: bool = False) -> dict[str, dict[str, Any]]:
     """Outstanding failures of a failures file, by key (a video id, or a question id for a
     question-level failure). The file is append-only: a later ``resolved`` entry for a key clears
-    it (the retry succeeded)."""
+    it (the retry succeeded). ``repair`` drops a half-written last line (its owner only)."""
     failures: dict[str, dict[str, Any]] = {}
-    for number, entry in read_jsonl_lines(path, repair=False):
+    for number, entry in read_jsonl_lines(path, repair=repair):
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
             raise RunError(f"{path}: line {number} is not a failure record")
         if entry.get("resolved"):
@@ -506,7 +539,7 @@ class _Failures:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.outstanding = read_failures(path)
+        self.outstanding = read_failures(path, repair=True)  # under the shard's lock
         self._writer: PredictionWriter | None = None
 
     def _write(self, entry: dict[str, Any]) -> None:
@@ -518,7 +551,7 @@ class _Failures:
         entry = {
             "key": key,
             "video_id": video.video_id,
-            "path": video.path,
+            "annotation_path": video.path,
             "stage": stage,
             "reason": reason,
             "qids": qids,
@@ -568,12 +601,11 @@ def run_benchmark(
     ``retry_failed`` runs again the videos and questions recorded as failed by earlier runs.
     Raises :class:`RunError` when another process owns the run directory (and shard), when the
     directory holds a run of another configuration, or when videos are missing (unless
-    ``allow_missing``).
+    ``allow_missing``); ``ValueError`` when ``max_new_tokens`` leaves a question no room in the
+    model's context. Nothing is written before these checks pass.
     """
-    from mukv.engine import StreamSession
     from mukv.eval.datasets import load_benchmark, resolve_videos
     from mukv.memory import method_config as resolve_method_config
-    from mukv.video import open_source
 
     shard = shard or Shard()
     if limit is not None and limit < 1:
@@ -587,27 +619,13 @@ def run_benchmark(
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise RunError(f"{len(missing)} of {len(videos)} videos not found under {config.videos}: {names}{more}")
     _check_inputs(config, found)
-    needs_run_file = check_run_dir(out, config, method_config)
+    check_run_dir(out, config, method_config)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out / shard.filename):
         failures = _Failures(out / shard.failures_filename)
         try:
-            _run_locked(
-                config,
-                out,
-                shard,
-                videos,
-                found,
-                summary,
-                failures,
-                method_config=method_config,
-                needs_run_file=needs_run_file,
-                limit=limit,
-                retry_failed=retry_failed,
-                backend=backend,
-                progress=progress,
-                session_class=StreamSession,
-                open_source=open_source,
+            _Run(config, out, shard, method_config, summary, failures, backend, progress).run(
+                videos, found, limit=limit, retry_failed=retry_failed
             )
         finally:
             failures.close()
@@ -615,164 +633,162 @@ def run_benchmark(
     return summary
 
 
-def _run_locked(
-    config: RunConfig,
-    out: Path,
-    shard: Shard,
-    videos: list[VideoItem],
-    found: dict[str, Path],
-    summary: RunSummary,
-    failures: _Failures,
-    *,
-    method_config: Any,
-    needs_run_file: bool,
-    limit: int | None,
-    retry_failed: bool,
-    backend,
-    progress,
-    session_class,
-    open_source,
-) -> None:
-    path = out / shard.filename
-    done = {record["qid"] for record in read_predictions(path, repair=True)}
-    failed_before = dict(failures.outstanding)
-    failed_videos = {f["video_id"] for f in failed_before.values() if f["stage"] != "question"}
-    todo: list[tuple[VideoItem, list[Question]]] = []
-    for video in videos:
-        if video.video_id not in found:
-            continue
-        questions = [q for q in video.questions if q.qid not in done]
-        if not retry_failed:
-            skipped = [q for q in questions if video.video_id in failed_videos or q.qid in failed_before]
-            summary.skipped_failed += len(skipped)
-            questions = [q for q in questions if q not in skipped]
-        summary.skipped_done += len(video.questions) - len([q for q in video.questions if q.qid not in done])
-        todo.append((video, questions))
-    remaining = sum(len(q) for _, q in todo)
-    if limit is not None:
-        remaining = min(remaining, limit)
-    if remaining == 0:
-        if needs_run_file:
-            write_run_file(out, config, method_config)
-        return
-    if backend is None:
-        from mukv.backends import load_backend
+def _answered(out: Path, own: Path) -> set[str]:
+    """Question ids answered in any predictions file of ``out``: the merged file and every shard's
+    (so a sharded run after an unsharded one, or the reverse, answers nothing twice). Only the
+    owner's file is repaired; another file's half-written last line is another writer's."""
+    done = {record["qid"] for record in read_predictions(own, repair=True)}
+    for path in sorted(out.glob("predictions*.jsonl")):
+        if path != own:
+            done.update(record["qid"] for record in read_predictions(path))
+    return done
 
-        backend = load_backend(config.model, device=config.device, dtype=config.dtype)
-    if config.max_new_tokens is not None and config.max_new_tokens >= backend.text.max_positions:
-        raise ValueError(
-            f"max_new_tokens: {config.max_new_tokens} is beyond the model's context ({backend.text.max_positions})"
-        )
-    write_run_file(out, config, method_config)  # everything has been checked: the run starts
-    period = 1.0 / config.sample_fps
-    writer = PredictionWriter(path)
-    try:
-        budget = remaining
-        for video, questions in todo:
-            if budget == 0:
-                break
-            if not questions:
+
+class _Run:
+    """One locked pass of :func:`run_benchmark` over a shard's videos."""
+
+    def __init__(self, config, out, shard, method_config, summary, failures, backend, progress) -> None:
+        self.config, self.out, self.shard = config, out, shard
+        self.method_config, self.summary, self.failures = method_config, summary, failures
+        self.backend, self.progress = backend, progress
+        self.period = 1.0 / config.sample_fps
+        self.too_long: dict[str, str] = {}  # question id -> why the model cannot take it
+
+    def run(self, videos: list[VideoItem], found: dict[str, Path], *, limit: int | None, retry_failed: bool) -> None:
+        config, summary, failures = self.config, self.summary, self.failures
+        path = self.out / self.shard.filename
+        done = _answered(self.out, path)
+        failed_before = dict(failures.outstanding)
+        failed_videos = {f["video_id"] for f in failed_before.values() if f["stage"] != "question"}
+        todo: list[tuple[VideoItem, list[Question]]] = []
+        for video in videos:
+            if video.video_id not in found:
                 continue
-            questions = questions[:budget]
-            summary.videos += 1
-            budget -= _run_video(
-                video,
-                questions,
-                found[video.video_id],
-                config,
-                method_config,
-                backend,
-                writer,
-                failures,
-                summary,
-                period,
-                progress,
-                session_class,
-                open_source,
-            )
-    finally:
-        writer.close()
+            pending = [q for q in video.questions if q.qid not in done]
+            summary.skipped_done += len(video.questions) - len(pending)
+            if not retry_failed:
+                skipped = [q for q in pending if video.video_id in failed_videos or q.qid in failed_before]
+                summary.skipped_failed += len(skipped)
+                pending = [q for q in pending if q not in skipped]
+            todo.append((video, pending))
+        remaining = sum(len(q) for _, q in todo)
+        if limit is not None:
+            remaining = min(remaining, limit)
+        if remaining == 0:
+            write_run_file(self.out, config, self.method_config, own=path)
+            return
+        if self.backend is None:
+            from mukv.backends import load_backend
 
+            self.backend = load_backend(config.model, device=config.device, dtype=config.dtype)
+        self._check_questions([q for _, questions in todo for q in questions])
+        write_run_file(self.out, config, self.method_config, own=path)  # everything is checked: the run starts
+        writer = PredictionWriter(path)
+        try:
+            budget = remaining
+            for video, pending in todo:
+                if budget == 0:
+                    break
+                if pending:
+                    summary.videos += 1
+                    budget -= self._video(video, pending, budget, found[video.video_id], writer)
+        finally:
+            writer.close()
 
-def _run_video(
-    video: VideoItem,
-    questions: list[Question],
-    file: Path,
-    config: RunConfig,
-    method_config: Any,
-    backend,
-    writer: PredictionWriter,
-    failures: _Failures,
-    summary: RunSummary,
-    period: float,
-    progress,
-    session_class,
-    open_source,
-) -> int:
-    """Answer ``questions`` of one video; returns how many questions it used of the budget.
+    def _check_questions(self, questions: list[Question]) -> None:
+        """Check every question against the model's context before anything is written: a
+        ``max_new_tokens`` that leaves a question no room fails the run now; a question too long
+        on its own is noted, and recorded as a failure when its turn comes."""
+        from mukv.engine import StreamSession
 
-    A video that cannot be opened or decoded is recorded as failed with the questions it leaves
-    unanswered; a question the model cannot take is recorded alone and the video goes on."""
-    try:
-        source = open_source(file, sample_fps=config.sample_fps, npy_fps=config.npy_fps)
-    except VideoError as exc:
-        failures.add(video.video_id, video, "open", str(exc), [q.qid for q in questions])
-        return len(questions)
-    session = session_class(backend, config.method, method_config=method_config)
-    declared = [d for d in (source.duration, video.duration) if d is not None]
-    warned = False
-    used = 0
-    try:
-        iterator: Iterator[Question] = iter(questions)
-        if progress is not None:
-            iterator = progress(iterator, len(questions))
-        for question in iterator:
-            used += 1
+        session = StreamSession(self.backend, "full")  # tokenizer and context size: nothing is encoded
+        for question in questions:
             try:
-                session.ingest_source(source, until=question.time)
-            except VideoError as exc:
-                unanswered = [q.qid for q in questions[used - 1 :]]
-                failures.add(
-                    video.video_id,
-                    video,
-                    "decode",
-                    str(exc),
-                    unanswered,
-                    frames_decoded=session.frames_seen,
-                    stream_time=session.time,
-                )
-                return len(questions)
-            flags: dict[str, Any] = {}
-            end = source.last_time
-            if source.exhausted and source.error is None and end is not None:
-                if question.time > end + period:
-                    flags = {"past_end": True, "video_end": end}
-                if not warned and declared and end + period + 1.0 < max(declared):
-                    warned = True
-                    message = (
-                        f"{video.video_id}: {file.name} declares {max(declared):.1f} s but its frames end at "
-                        f"{end:.1f} s (a truncated file?); questions after that are answered from frames up to "
-                        f"{end:.1f} s and marked past_end"
-                    )
-                    log.warning("%s", message)
-                    summary.warnings.append(message)
-            try:
+                session.check_question(question.question, question.choices, max_new_tokens=self.config.max_new_tokens)
+            except ValueError as exc:
+                try:
+                    session.check_question(question.question, question.choices, max_new_tokens=1)
+                except ValueError as alone:
+                    self.too_long[question.qid] = str(alone)
+                    continue
+                raise ValueError(
+                    f"--max-new-tokens {self.config.max_new_tokens}: question {question.qid}: {exc}"
+                ) from None
+
+    def _video(self, video: VideoItem, pending: list[Question], budget: int, file: Path, writer) -> int:
+        """Answer up to ``budget`` of ``pending`` (a video's unanswered questions, in time order);
+        returns how many it took of the budget.
+
+        A video that cannot be opened or decoded is recorded as failed with every pending question
+        it leaves unanswered; questions whose frames were all decoded before the failure are still
+        answered. A question the model cannot take is recorded alone."""
+        from mukv.engine import StreamSession
+        from mukv.video import open_source
+
+        config, summary, failures, period = self.config, self.summary, self.failures, self.period
+        questions = pending[:budget]
+        answered: set[str] = set()
+
+        def fail(stage: str, reason: str, **extra: Any) -> None:
+            unanswered = [q.qid for q in pending if q.qid not in answered]
+            failures.add(video.video_id, video, stage, reason, unanswered, file=str(file), **extra)
+
+        try:
+            source = open_source(file, sample_fps=config.sample_fps, npy_fps=config.npy_fps)
+        except VideoError as exc:
+            fail("open", str(exc))
+            return len(questions)
+        session = StreamSession(self.backend, config.method, method_config=self.method_config)
+        declared = [d for d in (source.duration, video.duration) if d is not None]
+        decode_error: VideoError | None = None
+        warned = False
+        try:
+            iterator: Iterator[Question] = iter(questions)
+            if self.progress is not None:
+                iterator = self.progress(iterator, len(questions))
+            for question in iterator:
+                if decode_error is None:
+                    try:
+                        session.ingest_source(source, until=question.time)
+                    except VideoError as exc:
+                        decode_error = exc
+                # Decoding failed after the frame at session.time: a question before the next sample
+                # is answered from the frames it needs; the rest of the video fails.
+                if decode_error is not None and (session.time is None or question.time >= session.time + period):
+                    fail("decode", str(decode_error), frames_decoded=session.frames_seen, stream_time=session.time)
+                    return len(questions)
+                flags: dict[str, Any] = {}
+                end = source.last_time
+                if decode_error is None and source.exhausted and source.error is None and end is not None:
+                    if question.time > end + period:
+                        flags = {"past_end": True, "video_end": end}
+                    if not warned and declared and end + period + 1.0 < max(declared):
+                        warned = True
+                        message = (
+                            f"{video.video_id}: {file.name} declares {max(declared):.1f} s but its frames end at "
+                            f"{end:.1f} s (a truncated file?); questions after that are answered from frames up "
+                            f"to {end:.1f} s and marked past_end"
+                        )
+                        log.warning("%s", message)
+                        summary.warnings.append(message)
+                if question.qid in self.too_long:
+                    failures.add(question.qid, video, "question", self.too_long[question.qid], [question.qid])
+                    continue
                 # Asked at the question's time: with no frame by then, from the prompt alone.
                 answer = session.ask(
                     question.question, question.choices, max_new_tokens=config.max_new_tokens, at=question.time
                 )
-            except (ValueError, MukvError) as exc:
-                if isinstance(exc, VideoError):
-                    raise
-                failures.add(question.qid, video, "question", str(exc), [question.qid])
-                continue
-            writer.write(_record(question, answer, backend, period, **flags))
-            failures.resolve(question.qid)
-            summary.answered += 1
-        failures.resolve(video.video_id)
-    finally:
-        source.close()
-    return used
+                writer.write(_record(question, answer, self.backend, period, **flags))
+                answered.add(question.qid)
+                failures.resolve(question.qid)
+                summary.answered += 1
+            if decode_error is not None and len(questions) < len(pending):
+                fail("decode", str(decode_error), frames_decoded=session.frames_seen, stream_time=session.time)
+            else:
+                failures.resolve(video.video_id)
+        finally:
+            source.close()
+        return len(questions)
 
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:
@@ -814,12 +830,15 @@ def merge_predictions(run_dir: Path, *, allow_partial: bool = False) -> Path:
         raise RunError(f"{run_dir}: shard files of different shard counts: {sorted(p.name for p in shards)}")
     count = int(next(iter(counts)))
     target = run_dir / MERGED_FILE
-    with RunLock(target):
-        busy = [
-            f"shard {i} ({owner})"
-            for i in range(count)
-            if (owner := RunLock(run_dir / Shard(i, count).filename).owner()) is not None
-        ]
+    with contextlib.ExitStack() as held:
+        # Every shard's lock is held for the whole merge, so no shard starts writing meanwhile.
+        held.enter_context(RunLock(target))
+        busy = []
+        for i in range(count):
+            try:
+                held.enter_context(RunLock(run_dir / Shard(i, count).filename).acquire(announce=False))
+            except RunError:
+                busy.append(f"shard {i} ({RunLock(run_dir / Shard(i, count).filename).owner()})")
         if busy:
             raise RunError(f"{run_dir}: still being written: {'; '.join(busy)}; merge when it has finished")
         merged: dict[str, dict[str, Any]] = {}
@@ -848,14 +867,16 @@ def merge_predictions(run_dir: Path, *, allow_partial: bool = False) -> Path:
         problems = []
         failed_qids = {qid for f in failures.values() for qid in f["qids"]}
         for i in range(count):
-            wanted = expected[i] if expected is not None else None
-            if i not in present:
-                size = f"{len(wanted)} questions" if wanted is not None else "question count unknown"
-                problems.append(f"shard {i} of {count} is missing ({size})")
-            elif wanted is not None:
-                open_ = wanted - answered[i] - failed_qids - set(merged)
-                if open_:
-                    problems.append(f"shard {i} of {count} has {len(open_)} of {len(wanted)} questions unanswered")
+            if expected is None:
+                if i not in present:
+                    problems.append(f"shard {i} of {count} is missing (question count unknown)")
+                continue
+            # A question counts once it is in any file read (the merged file included) or failed.
+            open_ = expected[i] - answered[i] - failed_qids - set(merged)
+            if i not in present and open_:
+                problems.append(f"shard {i} of {count} is missing ({len(open_)} questions)")
+            elif open_:
+                problems.append(f"shard {i} of {count} has {len(open_)} of {len(expected[i])} questions unanswered")
         if problems and not allow_partial:
             raise RunError(
                 f"{run_dir}: not merged: {'; '.join(problems)}. Run the missing shards into this directory "

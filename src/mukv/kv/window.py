@@ -163,6 +163,10 @@ class SlidingWindow:
     def prefix(self, tokens: int) -> DynamicCache:
         """A new cache of ``[init | first tokens of the window]`` (copied; the window is not changed)."""
         end = self.init_len + tokens
+        # Copies: the window's buffers are written in place by later frames, possibly while an
+        # answer is still decoding from this cache.
         return DynamicCache(
-            ddp_cache_data=[(layer.keys[:, :, :end], layer.values[:, :, :end]) for layer in self.cache.layers]
+            ddp_cache_data=[
+                (layer.keys[:, :, :end].clone(), layer.values[:, :, :end].clone()) for layer in self.cache.layers
+            ]
         )
