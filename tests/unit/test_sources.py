@@ -473,11 +473,11 @@ def test_open_npy_empty_array(tmp_path):
 def test_open_npy_unreadable_files(tmp_path):
     garbage = tmp_path / "garbage.npy"
     garbage.write_bytes(b"definitely not numpy" * 5)
-    with pytest.raises(VideoError, match=rf"{path_pattern(garbage)}: not a readable \.npy array"):
+    with pytest.raises(VideoError, match=rf"{path_pattern(garbage)}: not a readable \.npy frame array"):
         open_npy(garbage, fps=10.0)
     objects = tmp_path / "objects.npy"
     np.save(objects, np.array([1, "a"], dtype=object), allow_pickle=True)
-    with pytest.raises(VideoError, match=rf"{path_pattern(objects)}: not a readable \.npy array"):
+    with pytest.raises(VideoError, match=rf"{path_pattern(objects)}: not a readable \.npy frame array"):
         open_npy(objects, fps=10.0)
 
 
@@ -819,3 +819,11 @@ def test_push_stream_frames_pushed_after_a_timeout_are_not_lost():
     batch = stream.next_batch(4)
     assert batch is not None
     assert batch.timestamps.tolist() == [1.0]
+
+
+def test_a_damaged_npy_is_named_without_advice_to_unpickle(tmp_path):
+    path = tmp_path / "clip.npy"
+    path.write_bytes(bytes(range(256)) + b"\x93NUMPY garbage")
+    with pytest.raises(VideoError, match=r"clip\.npy: not a readable \.npy frame array") as caught:
+        open_npy(path, fps=2.0)
+    assert "unsafely" not in str(caught.value) and "allow_pickle" not in str(caught.value)

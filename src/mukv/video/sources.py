@@ -267,7 +267,9 @@ def open_npy(path: str | Path, *, fps: float, sample_fps: float | None = 0.5) ->
     try:
         array = np.load(file, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
-        raise VideoError(f"{file}: not a readable .npy array ({exc})") from None
+        # numpy's advice for object arrays ("load it unsafely") is wrong here: frames are never pickled.
+        reason = "it is damaged or holds Python objects" if "pickle" in str(exc) else str(exc)
+        raise VideoError(f"{file}: not a readable .npy frame array ({reason})") from None
     return _array_stream(array, fps=fps, sample_fps=sample_fps, name=str(file))
 
 
