@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -90,10 +91,14 @@ def _quiet_libraries() -> None:
         return
     warnings.simplefilter("ignore")
     warnings.filterwarnings("default", module=r"mukv(\.|$)")
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:
+        from transformers import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    else:  # read when transformers loads: a command that fails early never pays for importing it
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _open_session(

@@ -1,20 +1,28 @@
-"""Model backends: the only place that knows model classes."""
+"""Model backends: the only place that knows model classes.
 
-from mukv.backends.transformers_api import check_transformers
+Names load on first use, so that light modules of this package (prompt pieces, say) can be
+imported without loading torch and the model classes.
+"""
 
-check_transformers()  # an older transformers would run without the video context, silently
+from __future__ import annotations
 
-from mukv.backends.base import Backend, TextModelSpec  # noqa: E402
-from mukv.backends.llava_onevision import LlavaOnevisionBackend, load_backend  # noqa: E402
-from mukv.backends.prompts import PromptTemplate  # noqa: E402
-from mukv.backends.tiny import TinyModelSpec, build_tiny_model  # noqa: E402
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "Backend",
-    "LlavaOnevisionBackend",
-    "PromptTemplate",
-    "TextModelSpec",
-    "TinyModelSpec",
-    "build_tiny_model",
-    "load_backend",
-]
+_EXPORTS = {
+    "Backend": "mukv.backends.base",
+    "TextModelSpec": "mukv.backends.base",
+    "LlavaOnevisionBackend": "mukv.backends.llava_onevision",
+    "load_backend": "mukv.backends.llava_onevision",
+    "PromptTemplate": "mukv.backends.prompts",
+    "TinyModelSpec": "mukv.backends.tiny",
+    "build_tiny_model": "mukv.backends.tiny",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mukv.backends' has no attribute {name!r}")

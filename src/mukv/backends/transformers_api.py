@@ -68,3 +68,6 @@ def check_cache_grew(cache: DynamicCache, before: int, added: int) -> None:
             f"the model forward did not extend the cache ({before} + {added} tokens expected, {after} held): "
             f"transformers {transformers.__version__} may have changed its forward API"
         )
+
+
+check_transformers()  # on import: an older transformers would run without the video context, silently

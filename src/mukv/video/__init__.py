@@ -1,15 +1,25 @@
-"""Video sources and frame preprocessing."""
+"""Video sources and frame preprocessing (names load on first use: sources need no torch)."""
 
-from mukv.video.preprocess import FramePreprocessor
-from mukv.video.sources import FrameBatch, FrameStream, PushStream, from_array, open_npy, open_source, open_video
+from __future__ import annotations
 
-__all__ = [
-    "FrameBatch",
-    "FramePreprocessor",
-    "FrameStream",
-    "PushStream",
-    "from_array",
-    "open_npy",
-    "open_source",
-    "open_video",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "FramePreprocessor": "mukv.video.preprocess",
+    "FrameBatch": "mukv.video.sources",
+    "FrameStream": "mukv.video.sources",
+    "PushStream": "mukv.video.sources",
+    "from_array": "mukv.video.sources",
+    "open_npy": "mukv.video.sources",
+    "open_source": "mukv.video.sources",
+    "open_video": "mukv.video.sources",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mukv.video' has no attribute {name!r}")
