@@ -305,9 +305,18 @@ class RunLock:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise RunError(f"{self.path}: cannot lock ({exc.strerror or exc})") from None
             raise RunError(
-                f"{self.target} is being written by another process ({self._describe(self._read(fd))}); "
+                f"{self.target} is being written by another process ({self._owner_text(fd)}); "
                 "wait for it to finish or stop it, or use another --out"
             ) from None
+
+    def _owner_text(self, fd: int) -> str:
+        """The owner's description; an owner that has just taken the lock writes it a moment later."""
+        for _ in range(20):
+            text = self._read(fd).strip()
+            if text:
+                break
+            time.sleep(0.05)
+        return self._describe(text)
 
     def owner(self) -> str | None:
         """Who holds the lock now (``None`` when nobody does), without taking it or touching the file."""
@@ -317,7 +326,7 @@ class RunLock:
         try:
             self._lock(fd)
         except RunError:
-            return self._describe(self._read(fd))
+            return self._owner_text(fd)
         finally:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
