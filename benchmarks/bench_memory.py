@@ -206,11 +206,10 @@ def random_features(backend: LlavaOnevisionBackend, count: int, seed: int) -> to
 
 def ingest_features(session: mukv.StreamSession, features: torch.Tensor, times: np.ndarray) -> None:
     """``memory.ingest`` in batches of ``SessionConfig.encode_batch_frames``, as ``ingest_source``
-    hands frames to the memory; the session clock follows."""
+    hands frames to the memory (which keeps the stream's clock)."""
     batch = session.config.encode_batch_frames
     for start in range(0, features.shape[0], batch):
         session.memory.ingest(features[start : start + batch], times[start : start + batch])
-    session._time = float(times[-1])
 
 
 def proc_status_kib(field: str) -> int | None:
@@ -446,7 +445,6 @@ def fill_mukv(session: mukv.StreamSession, first: int, count: int, interval: flo
         if cfg.granularities.segment:
             add("segment", segment_start, segment_start + f - 1, 0)
     memory._timestamps.extend(float(t) for t in timestamps(first, count, interval))
-    session._time = memory._timestamps[-1]
 
 
 def fill_full(session: mukv.StreamSession, count: int, interval: float, seed: int) -> None:
@@ -469,7 +467,6 @@ def fill_full(session: mukv.StreamSession, count: int, interval: float, seed: in
     memory._cache = DynamicCache(ddp_cache_data=layers)
     memory._length = length
     memory._timestamps = [float(t) for t in timestamps(0, count, interval)]
-    session._time = memory._timestamps[-1]
 
 
 def fill_uniform(session: mukv.StreamSession, first: int, count: int, interval: float, seed: int) -> None:

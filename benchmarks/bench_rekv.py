@@ -115,7 +115,6 @@ def fill_rekv(session: mukv.StreamSession, count: int, interval: float, seed: in
             representative=torch.randn(spec.num_layers, spec.num_kv_heads * spec.head_dim, generator=g),
         )
     memory._timestamps.extend(float(t) for t in timestamps(0, count, interval))
-    session._time = memory._timestamps[-1]
 
 
 def question_cost(session: mukv.StreamSession, repeats: int, max_new_tokens: int) -> dict:

@@ -57,7 +57,6 @@ class StreamSession:
         # Held for state changes only (ingest, assembling an answering cache), never across a
         # ``yield``: a generator may be advanced by a thread other than the one that started it.
         self._lock = threading.RLock()
-        self._time: float | None = None
         self._vision_seconds = 0.0
         self._memory_seconds = 0.0
         self._frames_encoded = 0
@@ -65,8 +64,9 @@ class StreamSession:
 
     @property
     def time(self) -> float | None:
-        """Timestamp of the last ingested frame (``None`` before any frame)."""
-        return self._time
+        """Timestamp of the last ingested frame (``None`` before any frame); the memory keeps the
+        stream's one clock."""
+        return self.memory.time
 
     @property
     def frames_seen(self) -> int:
@@ -96,10 +96,9 @@ class StreamSession:
         if np.any(np.diff(times) <= 0):
             raise StreamError("timestamps: must be strictly increasing")
         with self._lock:
-            if self._time is not None and times[0] <= self._time:
-                raise StreamError(
-                    f"timestamps: frame at {times[0]:.3f}s is not after the stream time {self._time:.3f}s"
-                )
+            now = self.memory.time
+            if now is not None and times[0] <= now:
+                raise StreamError(f"timestamps: frame at {times[0]:.3f}s is not after the stream time {now:.3f}s")
             start = self._clock()
             features = self.backend.encode_frames(tensor)
             encoded = self._clock()
@@ -107,7 +106,6 @@ class StreamSession:
             self._vision_seconds += encoded - start
             self._memory_seconds += self._clock() - encoded
             self._frames_encoded += int(tensor.shape[0])
-            self._time = float(times[-1])
         return int(tensor.shape[0])
 
     def ingest_source(
@@ -220,11 +218,11 @@ class StreamSession:
             raise ValueError(f"at: must be a finite time in seconds, got {at}")
         with self._lock:
             if at is None:
-                if self._time is None:
+                if self.memory.time is None:
                     raise StreamError("no frames ingested yet: ingest video before asking (or pass at=)")
-                at = self._time
-            elif self._time is not None and at < self._time:
-                raise StreamError(f"at: {at:.3f}s is before the newest frame ({self._time:.3f}s)")
+                at = self.memory.time
+            elif self.memory.time is not None and at < self.memory.time:
+                raise StreamError(f"at: {at:.3f}s is before the newest frame ({self.memory.time:.3f}s)")
             started = self._clock()
             query = Query(text=question, ids=self.backend.tokenize(question), time=at)
             context = self.memory.prepare(query)

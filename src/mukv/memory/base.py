@@ -133,6 +133,11 @@ class MemoryMethod(ABC):
         """How many ingested frames have timestamp <= ``time`` (they are the first ones)."""
         return bisect.bisect_right(self._timestamps, time)
 
+    @property
+    def time(self) -> float | None:
+        """Timestamp of the newest frame (``None`` before any): the stream's clock."""
+        return self._timestamps[-1] if self._timestamps else None
+
     def timestamp(self, index: int) -> float:
         return self._timestamps[index]
 
