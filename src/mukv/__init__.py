@@ -5,8 +5,7 @@ Importing this package does no I/O and loads no model; heavy modules load on fir
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from mukv._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -39,8 +38,4 @@ _EXPORTS = {
 
 __all__ = ["__version__", *_EXPORTS]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mukv' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,20 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from mukv.eval.runner import RunConfig, RunError, Shard, merge_predictions, read_predictions, run_benchmark
+from mukv.eval.runner import (
+    VOLATILE_FIELDS,
+    RunConfig,
+    RunError,
+    Shard,
+    merge_predictions,
+    read_predictions,
+    run_benchmark,
+)
 from mukv.eval.synthetic import write_benchmark
 
-TIMING = {
-    "encode_seconds",
-    "vision_seconds",
-    "memory_seconds",
-    "prepare_seconds",
-    "first_token_seconds",
-    "total_seconds",
-    "peak_rss_bytes",
-    "peak_accelerator_bytes",
-    "frames_encoded",  # counts re-encoding after a resume
-}
+TIMING = VOLATILE_FIELDS  # fields that vary between runs of the same answers
 
 
 def strip(record: dict) -> dict:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from mukv._lazy import lazy_exports
 
 _EXPORTS = {
     "FramePreprocessor": "mukv.video.preprocess",
@@ -18,8 +17,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'mukv.video' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
