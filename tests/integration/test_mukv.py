@@ -62,6 +62,22 @@ def test_attention_importance_in_shared_encoding_uses_the_blocks_own_queries_and
         assert (memory.store.payload(record.block_id).scores - expected).abs().max().item() < 1e-5
 
 
+def test_a_backend_configures_its_attention_once_and_capture_changes_nothing(tiny_model_dir):
+    from mukv.backends import load_backend
+    from mukv.compress.attention import ATTENTION_NAME
+
+    fresh = load_backend(tiny_model_dir)
+    config = fresh.model.config.get_text_config()
+    assert config._attn_implementation == ATTENTION_NAME  # set when the backend wrapped the model
+    before = config.to_dict()
+    embeds = fresh.embed_ids(fresh.tokenize("hello there"))
+    cache, init = fresh.system_cache()
+    with fresh.capture_attention({1: 1.0}) as capture:
+        fresh.forward(embeds, cache, torch.arange(init, init + embeds.shape[1]).unsqueeze(0))
+    assert capture.probs is not None
+    assert fresh.model.config.get_text_config().to_dict() == before
+
+
 def test_capture_leaves_outputs_unchanged_and_removes_the_hook(backend):
     from mukv.compress.attention import ATTENTION_NAME
 

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache, LlavaOnevision
 from mukv.backends.base import Logits, TextModelSpec
 from mukv.backends.prompts import PromptTemplate
 from mukv.backends.transformers_api import check_cache_grew
-from mukv.compress.attention import attention_hook, capture_attention
+from mukv.compress.attention import attention_hook, capture_attention, use_hooked_attention
 from mukv.config import BackendConfig
 from mukv.errors import ModelLoadError
 from mukv.models import shipped_model_dir
@@ -127,6 +127,8 @@ class LlavaOnevisionBackend:
         self.tokens_per_frame = video_tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._system_lock = threading.Lock()
+        # Configured once, here: scoring and retrieval hooks then never change the model's config.
+        use_hooked_attention(model)
         self._system: tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None = None
 
     @classmethod

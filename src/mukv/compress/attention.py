@@ -99,23 +99,32 @@ def _register() -> None:
             _registered = True
 
 
+def use_hooked_attention(model) -> bool:
+    """Switch ``model``'s text attention from sdpa to the hooked sdpa (the same kernel while no hook
+    is active). Backends call this once, when they wrap their model, so that no later attention
+    hook changes the model's configuration; returns whether hooks are available (sdpa models)."""
+    _register()
+    text_config = model.config.get_text_config()
+    if text_config._attn_implementation == "sdpa":
+        model.set_attn_implementation({"text_config": ATTENTION_NAME})
+    return text_config._attn_implementation == ATTENTION_NAME
+
+
 @contextmanager
 def attention_hook(model, hook: AttentionHook) -> Iterator[AttentionHook]:
     """Within the block, ``model``'s language-model attention calls (in this thread or task)
     go through ``hook``; the hook is removed in ``finally``.
 
-    The first use switches the model's text attention to the hooked sdpa and leaves it there:
-    without an active hook it is plain sdpa, and not switching back and forth keeps concurrent
-    sessions sharing one model from turning each other's hooks off.
+    The model must use the hooked sdpa (:func:`use_hooked_attention`, which backends apply when
+    they are built; a bare sdpa model is switched here on first use). It is never switched back:
+    without an active hook it is plain sdpa, and concurrent sessions sharing one model must not
+    turn each other's hooks off.
     """
-    _register()
-    text_config = model.config.get_text_config()
-    if text_config._attn_implementation != ATTENTION_NAME:
-        if text_config._attn_implementation != "sdpa":
-            raise ValueError(
-                f"attention hooks need sdpa attention, the model uses {text_config._attn_implementation!r}"
-            )
-        model.set_attn_implementation({"text_config": ATTENTION_NAME})
+    if not use_hooked_attention(model):
+        raise ValueError(
+            "attention hooks need sdpa attention, the model uses "
+            f"{model.config.get_text_config()._attn_implementation!r}"
+        )
     token = _ACTIVE.set(hook)
     try:
         yield hook
