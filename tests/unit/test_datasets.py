@@ -270,15 +270,20 @@ def test_time_beyond_duration_is_logged(tmp_path: Path, caplog: pytest.LogCaptur
 # --------------------------------------------------------------------------------------------
 
 
+def edited(record: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``changes`` applied in place (a ``None`` value deletes the key)."""
+    for key, value in changes.items():
+        if value is None:
+            del record[key]
+        else:
+            record[key] = value
+    return record
+
+
 def rvs(**conv_changes: Any) -> list[dict[str, Any]]:
     """Two RVS videos; ``conv_changes`` edits conversation 1 of the second (``None`` deletes)."""
     conv = {"question": "What?", "answer": "That.", "start_time": 0, "end_time": 300}
-    second = [dict(conv), dict(conv, end_time=600)]
-    for key, value in conv_changes.items():
-        if value is None:
-            del second[1][key]
-        else:
-            second[1][key] = value
+    second = [dict(conv), edited(dict(conv, end_time=600), conv_changes)]
     return [
         {"video_id": "a", "video_path": "/x/a.mp4", "duration": 900, "conversations": [dict(conv)]},
         {"video_id": "b", "video_path": "/x/b.mp4", "duration": 900, "conversations": second},

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from mukv.eval.datasets import AnnotationError, load_benchmark
+from tests.unit.test_datasets import edited
 
 CHOICES = ["A red mug.", "A blue cup.", "A glass.", "Nothing."]
 
@@ -24,12 +25,7 @@ def write(tmp_path: Path, data: Any, name: str = "ovo.json") -> Path:
 def ovo(**conv_changes: Any) -> list[dict[str, Any]]:
     """Two videos; ``conv_changes`` edits conversation 1 of the second (``None`` deletes)."""
     conv = {"question": "What is on the table?", "answer": "A glass.", "choices": list(CHOICES), "end_time": 30.0}
-    second = [dict(conv), dict(conv, end_time=60.0)]
-    for key, value in conv_changes.items():
-        if value is None:
-            del second[1][key]
-        else:
-            second[1][key] = value
+    second = [dict(conv), edited(dict(conv, end_time=60.0), conv_changes)]
     return [
         {"video_id": "a", "video_path": "/ovo/src/a.mp4", "task": "OCR", "conversations": [dict(conv)]},
         {"video_id": "b", "video_path": "/ovo/src/b.mp4", "task": "EPM", "conversations": second},
