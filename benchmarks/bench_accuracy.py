@@ -1,7 +1,7 @@
 """Accuracy study: every memory method on synthetic streams whose evidence is known, with the
 shipped ``mukv-tiny`` checkpoint, as streams grow from 16 to 1024 frames.
 
-For each stream length T, streams are generated (``mukv.training.streams.make_stream``, seeds 0,
+For each stream length T, streams are generated (``mukv.video.streams.make_stream``, seeds 0,
 1, ...; two questions each, ``eval_kinds(seed)``: a large rare target asked about by a ``frame``
 (even seeds) or ``order`` (odd seeds) question, and a small one by a ``patch`` question); every
 configuration ingests the whole stream (frames straight from memory, 0.5 fps timestamps) and
@@ -47,7 +47,7 @@ from bench_encode_ask import LoadMonitor, load_line, machine_info
 from mukv.config import apply_overrides
 from mukv.eval.metrics import exact_match
 from mukv.memory.mukv_config import GRANULARITIES, MukvConfig
-from mukv.training.streams import KINDS, eval_kinds, make_stream
+from mukv.video.streams import KINDS, eval_kinds, make_stream
 from mukv.video import from_array
 
 FPS = 0.5

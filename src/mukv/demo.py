@@ -19,7 +19,7 @@ from pathlib import Path
 import typer
 
 from mukv.memory.base import RetrievedBlock
-from mukv.training.streams import SyntheticStream, eval_kinds, make_stream, write_stream_video
+from mukv.video.streams import SyntheticStream, eval_kinds, make_stream, write_stream_video
 
 log = logging.getLogger(__name__)
 

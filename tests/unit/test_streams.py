@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mukv.training.streams import COLOURS, RARE_SHAPES, make_stream, write_stream_benchmark
+from mukv.video.streams import COLOURS, RARE_SHAPES, make_stream, write_stream_benchmark
 
 
 def test_streams_are_deterministic_by_seed():

@@ -1,7 +1,7 @@
 """Checkpoints shipped inside the package, addressable by name (``--model mukv-tiny``).
 
 ``mukv-tiny`` is a 3.5M-parameter LLaVA-OneVision (SigLIP + Qwen2, the real classes) trained on
-the synthetic streams of :mod:`mukv.training.streams`; see its ``README.md`` (the model card)
+the synthetic streams of :mod:`mukv.video.streams`; see its ``README.md`` (the model card)
 for how it was trained and what it answers correctly.
 """
 

@@ -1,1 +1,1 @@
-"""Synthetic video streams with known evidence (for training and measuring tiny models)."""
+"""The tiny model's trainer (optional: nothing at runtime imports it)."""

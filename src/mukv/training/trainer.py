@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mukv.backends.llava_onevision import video_tokens_per_frame
 from mukv.backends.prompts import PromptTemplate
 from mukv.backends.tiny import TinyModelSpec, create_tiny_model, save_checkpoint
-from mukv.training.streams import COLOURS, COMMON_SHAPES, KINDS, RARE_SHAPES, Thing, make_stream, render
+from mukv.video.streams import COLOURS, COMMON_SHAPES, KINDS, RARE_SHAPES, Thing, make_stream, render
 from mukv.video.preprocess import FramePreprocessor
 
 log = logging.getLogger(__name__)
@@ -513,7 +513,7 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
         "",
         "A tiny LLaVA-OneVision (the real `transformers` classes: SigLIP vision tower, 2x2 bilinear",
         "pooling, Qwen2 language model) trained on CPU on synthetic video streams",
-        "(`mukv.training.streams`): coloured common shapes, with rare targets whose questions have",
+        "(`mukv.video.streams`): coloured common shapes, with rare targets whose questions have",
         "one-word answers and known evidence frames. It is the offline demo model of `mukv` and the",
         "testbed of its accuracy study; it knows nothing about real video.",
         "",
