@@ -47,8 +47,8 @@ from bench_encode_ask import LoadMonitor, load_line, machine_info
 from mukv.config import apply_overrides
 from mukv.eval.metrics import exact_match
 from mukv.memory.mukv_config import GRANULARITIES, MukvConfig
-from mukv.video.streams import KINDS, eval_kinds, make_stream
 from mukv.video import from_array
+from mukv.video.streams import KINDS, eval_kinds, make_stream
 
 FPS = 0.5
 # ReKV's window: 15,000 tokens at 196 tokens per frame in the release, about 76 frames.

@@ -13,8 +13,8 @@ import pytest
 from mukv.backends import load_backend
 from mukv.engine import StreamSession
 from mukv.eval.metrics import exact_match
-from mukv.video.streams import eval_kinds, make_stream
 from mukv.video import from_array
+from mukv.video.streams import eval_kinds, make_stream
 
 SEEDS = range(100, 110)  # fixed clips, not used in training (training draws its own seeds)
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from mukv.backends.llava_onevision import video_tokens_per_frame
 from mukv.backends.prompts import PromptTemplate
 from mukv.backends.tiny import TinyModelSpec, create_tiny_model, save_checkpoint
-from mukv.video.streams import COLOURS, COMMON_SHAPES, KINDS, RARE_SHAPES, Thing, make_stream, render
 from mukv.video.preprocess import FramePreprocessor
+from mukv.video.streams import COLOURS, COMMON_SHAPES, KINDS, RARE_SHAPES, Thing, make_stream, render
 
 log = logging.getLogger(__name__)
 
