@@ -1,8 +1,13 @@
 """The backend protocol: everything the rest of the package knows about a model family.
 
 A backend turns frames into visual token embeddings, text into token embeddings, and runs the
-language model over embeddings with a transformers ``DynamicCache`` and explicit positions.
-Memory methods and the engine only talk to this protocol, never to model classes.
+language model over embeddings with a transformers ``DynamicCache`` and explicit positions. It
+owns the frame layout (what one visual unit yields) and the position scheme (where tokens sit,
+and how stored keys move): memory methods and the engine only talk to this protocol, never to
+model classes, and never build positions themselves.
+
+A new model family is one module in :mod:`mukv.backends` with a class implementing this protocol,
+registered for its checkpoints' ``model_type`` with :func:`mukv.backends.registry.register_backend`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from mukv.backends.positions import FrameLayout, PositionScheme
 from mukv.backends.prompts import PromptTemplate
 
 
@@ -48,11 +54,18 @@ class Backend(Protocol):
     dtype: torch.dtype
     prompts: PromptTemplate
     text: TextModelSpec
-    tokens_per_frame: int
+    layout: FrameLayout
+    positions: PositionScheme
     eos_token_ids: frozenset[int]
 
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per unit (``layout.tokens``)."""
+        ...
+
     def encode_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 frames ``[T, H, W, 3]`` -> visual tokens ``[T, P, d]`` on ``device``."""
+        """uint8 frames ``[T, H, W, 3]`` -> visual tokens ``[U, P, d]`` on ``device``: one row per
+        visual unit (``U = T / layout.frames_per_unit``), ``P = layout.tokens``."""
         ...
 
     def tokenize(self, text: str) -> torch.Tensor:
@@ -74,20 +87,16 @@ class Backend(Protocol):
         position_ids: torch.Tensor,
         logits: Logits = "last",
     ) -> torch.Tensor | None:
-        """Run the language model over ``embeds [1, n, d]`` at ``position_ids [1, n]``.
+        """Run the language model over ``embeds [B, n, d]`` at ``position_ids [R, n]`` (from
+        :attr:`positions`; every sequence of a batch at the same positions).
 
-        Appends the new keys/values to ``cache``. Returns logits ``[1, 1, V]`` (``"last"``),
-        ``[1, n, V]`` (``"all"``) or ``None``.
+        Appends the new keys/values to ``cache``, and fails loudly if the model did not. Returns
+        logits ``[B, 1, V]`` (``"last"``), ``[B, n, V]`` (``"all"``) or ``None``.
         """
         ...
 
     def system_cache(self) -> tuple[DynamicCache, int]:
         """A fresh cache holding the system prompt's KV, and its length in tokens."""
-        ...
-
-    @property
-    def rope_inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies ``[D/2]`` (raises ``ValueError`` if keys cannot be re-rotated)."""
         ...
 
     def capture_attention(self, weights: dict[int, float], query_layer: int | None = None) -> AbstractContextManager:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from pathlib import Path
 
@@ -19,38 +18,16 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, DynamicCache, LlavaOnevisionForConditionalGeneration
 
 from mukv.backends.base import Logits, TextModelSpec
+from mukv.backends.positions import FrameLayout, RopePositions
 from mukv.backends.prompts import PromptTemplate
+from mukv.backends.registry import register_backend, resolve_device, resolve_dtype, resolve_model_dir
 from mukv.backends.transformers_api import check_cache_grew
 from mukv.compress.attention import attention_hook, capture_attention, use_hooked_attention
 from mukv.config import BackendConfig
 from mukv.errors import ModelLoadError
-from mukv.models import shipped_model_dir
 from mukv.video.preprocess import PREPROCESSOR_FILES, FramePreprocessor, as_frames
 
 log = logging.getLogger(__name__)
-
-SUPPORTED_MODEL_TYPES = ("llava_onevision",)
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "video_processor/*"]
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Map a dtype name to torch; ``auto`` is float32 on CPU and bfloat16 (or float16) on CUDA."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def resolve_device(device: str) -> torch.device:
-    """Parse ``device``; a CUDA device on a machine without CUDA is a ``ValueError``."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device: {exc}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
-    return parsed
 
 
 def video_tokens_per_frame(image_size: int, patch_size: int) -> int:
@@ -60,36 +37,13 @@ def video_tokens_per_frame(image_size: int, patch_size: int) -> int:
     return math.ceil(grid / 2) ** 2
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local directory for ``model``: the directory itself, a checkpoint shipped with the
-    package (``mukv-tiny``; a local directory of the same name wins, as it does over hub ids), or
-    a hub snapshot.
-
-    Raises :class:`ModelLoadError` naming both the local path and the hub id that were tried.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    shipped = shipped_model_dir(model)
-    if shipped is not None:
-        return shipped
-    if path.exists():
-        raise ModelLoadError(f"model {model!r}: {path.resolve()} is a file; expected a model directory")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
-    except Exception as exc:  # hub errors come in many types; all mean "not loadable"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"could not load model {model!r}: no local directory at {path.resolve()}, and the Hugging Face "
-            f"Hub id {model!r} could not be fetched ({type(exc).__name__}: {reason}). Pass a local "
-            "checkpoint directory, or build an offline model with `mukv tiny-model DIR`."
-        ) from exc
-
-
+@register_backend("llava_onevision")
 class LlavaOnevisionBackend:
-    """A loaded LLaVA-OneVision checkpoint (see :class:`mukv.backends.base.Backend`)."""
+    """A loaded LLaVA-OneVision checkpoint (see :class:`mukv.backends.base.Backend`).
+
+    One visual unit is one frame: the vision tower's patch grid pooled 2x2 (bilinear) to a square
+    grid of ``ceil(grid / 2) ** 2`` tokens; positions are 1-D RoPE (Qwen2).
+    """
 
     def __init__(
         self,
@@ -124,7 +78,13 @@ class LlavaOnevisionBackend:
             max_positions=text.max_position_embeddings,
             rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
         )
-        self.tokens_per_frame = video_tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size)
+        self.layout = FrameLayout.square(
+            video_tokens_per_frame(config.vision_config.image_size, config.vision_config.patch_size)
+        )
+        rotary = self._lm.rotary_emb
+        self.positions = RopePositions(
+            rotary.inv_freq, attention_scaling=float(getattr(rotary, "attention_scaling", 1.0))
+        )
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._system_lock = threading.Lock()
         # Configured once, here: scoring and retrieval hooks then never change the model's config.
@@ -132,8 +92,11 @@ class LlavaOnevisionBackend:
         self._system: tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None = None
 
     @classmethod
-    def from_pretrained(cls, config: BackendConfig | None = None, **overrides) -> LlavaOnevisionBackend:
-        """Load from a hub id or a local directory (``BackendConfig.model``).
+    def from_pretrained(
+        cls, config: BackendConfig | None = None, *, directory: Path | None = None, **overrides
+    ) -> LlavaOnevisionBackend:
+        """Load from a hub id or a local directory (``BackendConfig.model``; ``directory`` if the
+        caller has resolved it already).
 
         Raises :class:`ModelLoadError` for unknown ids, missing files and unsupported
         architectures, and ``ValueError`` for invalid device/dtype values.
@@ -141,17 +104,17 @@ class LlavaOnevisionBackend:
         config = config or BackendConfig(**overrides)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        directory = resolve_model_dir(config.model)
+        directory = directory or resolve_model_dir(config.model)
         if not (directory / "config.json").is_file():
             raise ModelLoadError(f"model {config.model!r}: {directory} has no config.json")
         try:
             model_config = AutoConfig.from_pretrained(directory)
         except Exception as exc:
             raise ModelLoadError(f"model {config.model!r}: unreadable config.json in {directory}: {exc}") from exc
-        if model_config.model_type not in SUPPORTED_MODEL_TYPES:
+        if model_config.model_type != "llava_onevision":
             raise ModelLoadError(
-                f"model {config.model!r}: unsupported architecture {model_config.model_type!r} "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"model {config.model!r}: {cls.__name__} loads llava_onevision checkpoints, not "
+                f"{model_config.model_type!r} (load_backend picks the backend by model_type)"
             )
         try:
             model = LlavaOnevisionForConditionalGeneration.from_pretrained(
@@ -177,9 +140,14 @@ class LlavaOnevisionBackend:
             vision_batch_frames=config.vision_batch_frames,
         )
 
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per frame (``layout.tokens``)."""
+        return self.layout.tokens
+
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 frames ``[T, H, W, 3]`` -> visual tokens ``[T, P, d]`` (P = tokens_per_frame).
+        """uint8 frames ``[T, H, W, 3]`` -> visual tokens ``[T, P, d]`` (P = ``layout.tokens``).
 
         Frames are encoded independently by the vision tower, so encoding in batches of
         ``vision_batch_frames`` gives the same tokens as one call.
@@ -190,18 +158,24 @@ class LlavaOnevisionBackend:
             pixels = self.preprocessor(
                 frames[start : start + self.vision_batch_frames], device=self.device, dtype=self.dtype
             )
-            out = self.model.model.get_video_features(pixel_values_videos=pixels.unsqueeze(0))
-            # pooler_output is [1, T*P + 1, d]: the trailing image_newline closes a whole video, it
-            # is not part of any frame, so it is dropped here.
-            tokens = out.pooler_output[0, :-1]
-            n = pixels.shape[0]
-            if tokens.shape[0] != n * self.tokens_per_frame:
-                raise RuntimeError(
-                    f"vision features have {tokens.shape[0]} tokens for {n} frames; expected "
-                    f"{self.tokens_per_frame} per frame from the config"
-                )
-            chunks.append(tokens.reshape(n, self.tokens_per_frame, -1))
+            chunks.append(self.visual_tokens(pixels.unsqueeze(0))[0])
         return torch.cat(chunks)
+
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed clips ``[B, T, 3, S, S]`` -> visual tokens ``[B, T, P, d]`` through the model's
+        vision tower, projector and pooling. Differentiable (the trainer uses it with gradients);
+        :meth:`encode_frames` is the inference entry point."""
+        b, t = pixels.shape[:2]
+        out = self.model.model.get_video_features(pixel_values_videos=pixels)
+        # pooler_output is [B, T*P + 1, d]: the trailing image_newline closes a whole video, it is
+        # not part of any frame, so it is dropped here.
+        tokens = out.pooler_output[:, :-1]
+        p = self.layout.tokens
+        if tokens.shape[1] != t * p:
+            raise RuntimeError(
+                f"vision features have {tokens.shape[1]} tokens for {t} frames; expected {p} per frame from the config"
+            )
+        return tokens.reshape(b, t, p, -1)
 
     def tokenize(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
@@ -222,12 +196,17 @@ class LlavaOnevisionBackend:
         position_ids: torch.Tensor,
         logits: Logits = "last",
     ) -> torch.Tensor | None:
-        """Language model over ``embeds [1, n, d]`` at ``position_ids [1, n]``; see the protocol."""
+        """Language model over ``embeds [B, n, d]`` at ``position_ids [1, n]``; see the protocol."""
         before = cache.get_seq_length()
+        if position_ids.ndim != 2 or position_ids.shape != (self.positions.rows, embeds.shape[1]):
+            raise ValueError(
+                f"position_ids: expected [{self.positions.rows}, {embeds.shape[1]}], got {list(position_ids.shape)}"
+            )
         out = self._lm(
             inputs_embeds=embeds.to(device=self.device, dtype=self.dtype),
             cache=cache,
-            position_ids=position_ids.to(self.device),
+            # 1-D RoPE takes [B, n]: every sequence of a batch sits at the same positions.
+            position_ids=position_ids.to(self.device).expand(embeds.shape[0], -1),
             use_cache=True,
         )
         check_cache_grew(cache, before, embeds.shape[1])
@@ -235,14 +214,6 @@ class LlavaOnevisionBackend:
             return None
         hidden = out.last_hidden_state if logits == "all" else out.last_hidden_state[:, -1:]
         return self.model.lm_head(hidden).float()
-
-    @property
-    def rope_inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies ``[D/2]`` of the language model (for exact key re-rotation)."""
-        rotary = self._lm.rotary_emb
-        if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
-            raise ValueError("this model's RoPE scales attention, so cached keys cannot be re-rotated exactly")
-        return rotary.inv_freq
 
     def capture_attention(self, weights: dict[int, float], query_layer: int | None = None):
         """Context manager recording the named layers' attention (see :mod:`mukv.compress.attention`)."""
@@ -258,8 +229,7 @@ class LlavaOnevisionBackend:
             if self._system is None:
                 ids = self.tokenize(self.prompts.system)
                 cache = DynamicCache()
-                positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-                self.forward(self.embed_ids(ids), cache, positions, logits="none")
+                self.forward(self.embed_ids(ids), cache, self.positions.text(0, ids.shape[1], self.device), "none")
                 layers = [(layer.keys, layer.values) for layer in cache.layers]
                 self._system = (layers, ids.shape[1])
         layers, length = self._system
@@ -280,10 +250,3 @@ def _eos_ids(model: LlavaOnevisionForConditionalGeneration, tokenizer) -> frozen
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.add(im_end)
     return frozenset(ids)
-
-
-def load_backend(model: str | os.PathLike | None = None, **kwargs) -> LlavaOnevisionBackend:
-    """Load a backend by hub id or directory; keyword arguments are :class:`BackendConfig` fields."""
-    if model is not None:
-        kwargs["model"] = str(model)
-    return LlavaOnevisionBackend.from_pretrained(BackendConfig(**kwargs))

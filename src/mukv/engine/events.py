@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -16,13 +16,16 @@ class Timings:
     and ``memory`` (the method's ingest work, e.g. prefilling visual KV); ``encode`` is their sum.
     For this question: ``prepare`` (assembling the answering cache, including any fresh prefill),
     ``first_token`` (question asked -> first token, prepare included) and ``total`` (question
-    asked -> answer done). On CUDA the clock is read after synchronising the device."""
+    asked -> answer done). ``stages`` splits ``prepare`` into the method's named parts (MuKV:
+    ``eligible``, ``query``, ``rank``, ``assemble``; empty where a method names none). On CUDA the
+    clock is read after synchronising the device."""
 
     vision: float
     memory: float
     prepare: float
     first_token: float
     total: float
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def encode(self) -> float:

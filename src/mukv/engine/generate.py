@@ -18,16 +18,17 @@ def greedy_decode(
     max_new_tokens: int,
     logits_out: list[torch.Tensor] | None = None,
 ) -> Iterator[int]:
-    """Prefill ``prompt_ids [1, n]`` at ``start_position`` onwards, then decode greedily.
+    """Prefill ``prompt_ids [1, n]`` from cursor ``start_position`` on, then decode greedily
+    (positions from the backend's scheme).
 
     Yields each new token id, the end-of-sequence token included (then stops), at most
     ``max_new_tokens`` ids. ``cache`` grows as decoding proceeds. If ``logits_out`` is a list, the
     float32 logits ``[V]`` that chose each yielded token are appended to it.
     """
     device = backend.device
+    scheme = backend.positions
     n = prompt_ids.shape[1]
-    positions = torch.arange(start_position, start_position + n, device=device).unsqueeze(0)
-    logits = backend.forward(backend.embed_ids(prompt_ids), cache, positions, logits="last")
+    logits = backend.forward(backend.embed_ids(prompt_ids), cache, scheme.text(start_position, n, device), "last")
     position = start_position + n
     for step in range(max_new_tokens):
         assert logits is not None
@@ -38,7 +39,7 @@ def greedy_decode(
         if token in backend.eos_token_ids or step + 1 == max_new_tokens:
             return
         ids = torch.tensor([[token]], device=device)
-        logits = backend.forward(backend.embed_ids(ids), cache, torch.tensor([[position]], device=device))
+        logits = backend.forward(backend.embed_ids(ids), cache, scheme.text(position, 1, device))
         position += 1
 
 

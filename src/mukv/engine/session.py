@@ -225,6 +225,7 @@ class StreamSession:
                 raise StreamError(f"at: {at:.3f}s is before the newest frame ({self.memory.time:.3f}s)")
             started = self._clock()
             query = Query(text=question, ids=self.backend.tokenize(question), time=at)
+            self.memory.materialize(at)  # the only state change a question makes
             context = self.memory.prepare(query)
             needed = context.next_position + prompt_ids.shape[1] + max_new_tokens
             limit = self.backend.text.max_positions
@@ -283,6 +284,7 @@ class StreamSession:
                 prepare=prepared - started,
                 first_token=(first_token or finished) - started,
                 total=finished - started,
+                stages=dict(context.stages),
             ),
             retrieved=context.retrieved,
             memory=stats,

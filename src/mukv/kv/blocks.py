@@ -38,8 +38,9 @@ class BlockPayload:
     """Tensors of one block.
 
     ``kv``: ``[L, 2, Hkv, n, D]`` kept keys (index 0) and values (index 1) of every layer;
-    ``positions``: ``[n]`` RoPE positions the keys carry; ``kept``: ``[n]`` indices of the kept
-    tokens within the block; ``scores``: ``[n_block]`` fused importance of every block token.
+    ``positions``: ``[R, n]`` positions the keys carry, in the backend's position scheme's shape;
+    ``kept``: ``[n]`` indices of the kept tokens within the block; ``scores``: ``[n_block]`` fused
+    importance of every block token.
     """
 
     kv: torch.Tensor
@@ -163,6 +164,13 @@ class BlockStore:
 
     def payload(self, block_id: int) -> BlockPayload:
         return self._payloads[block_id]
+
+    def representative(self, block_id: int) -> torch.Tensor:
+        """The representative vector retrieval scores block ``block_id`` by (float32)."""
+        index = self._index[self._records[block_id].granularity]
+        where = int((index.ids[: index.count] == block_id).nonzero()[0])
+        assert index.reps is not None
+        return index.reps[where]
 
     def records(self, granularity: str | None = None) -> list[BlockRecord]:
         ids = self._by_granularity.get(granularity, []) if granularity else list(self._records)

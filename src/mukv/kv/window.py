@@ -1,8 +1,9 @@
 """A sliding-window KV cache: the system prompt plus the most recent ``n_local`` tokens.
 
-New tokens attend to the system prompt and the window only. Window keys are kept at positions
-right after the system prompt (re-rotated exactly when the oldest tokens leave), so a stream of
-any length never goes beyond ``init + n_local + chunk`` positions (method.md section 7).
+New tokens attend to the system prompt and the window only. Window keys are kept right after
+the system prompt (placed there by the backend's position scheme and re-rotated exactly when the
+oldest tokens leave), so a stream of any length never goes beyond ``init + n_local + chunk``
+positions (method.md section 7).
 
 Memory: keys, values and the keys as computed live in buffers that are written in place and
 grow by doubling up to ``init + n_local + chunk`` tokens, and on CPU eviction works through the
@@ -18,7 +19,6 @@ import torch
 from transformers import DynamicCache, DynamicLayer
 
 from mukv.backends.base import Backend
-from mukv.kv.rope import rerotate
 
 # Largest float32 temporary (per layer) that eviction creates on CPU.
 _PIECE_BYTES = 1 << 18
@@ -79,24 +79,28 @@ class SlidingWindow:
         # tokens of each buffer): every re-positioning rotates from these, so rounding never
         # accumulates over many evictions.
         self._computed_keys: list[torch.Tensor] = [layer.keys[:, :, :0].clone() for layer in self.cache.layers]
-        self._computed_at = torch.empty(0, dtype=torch.long, device=backend.device)
+        self._computed_at = torch.empty(backend.positions.rows, 0, dtype=torch.long, device=backend.device)
+        self.cursor = self.init_len  # where the next frame's tokens go
 
     @property
     def length(self) -> int:
         """Tokens in the window (system prompt excluded)."""
         return self.cache.get_seq_length() - self.init_len
 
-    def append(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill ``embeds [1, m, d]`` after the window; then evict beyond ``n_local``.
+    def append(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill visual units ``features [U, P, d]`` after the window; then evict beyond ``n_local``.
 
-        Returns the new tokens' ``kv [L, 2, Hkv, m, D]`` (keys rotated at the returned
-        ``positions [m]``), copied out of the window.
+        Returns the new tokens' ``kv [L, 2, Hkv, U * P, D]`` (keys rotated at the returned
+        ``positions [R, U * P]``), copied out of the window.
         """
+        backend = self.backend
+        embeds = features.reshape(1, -1, features.shape[-1])
         m = embeds.shape[1]
         n = self.length
-        start = self.init_len + n
-        positions = torch.arange(start, start + m, device=self.backend.device)
-        self.backend.forward(embeds, self.cache, positions.unsqueeze(0), logits="none")
+        positions, self.cursor = backend.positions.visual(
+            self.cursor, backend.layout, features.shape[0], backend.device
+        )
+        backend.forward(embeds, self.cache, positions, logits="none")
         first = self.cache.layers[0].keys
         kv = first.new_empty((len(self.cache.layers), 2, first.shape[1], m, first.shape[3]))
         for i, layer in enumerate(self.cache.layers):
@@ -107,8 +111,8 @@ class SlidingWindow:
             for i, layer in enumerate(self.cache.layers):
                 self._computed_keys[i] = _reserve(self._computed_keys[i], n, n + m, self.n_local)
                 self._computed_keys[i][:, :, n : n + m] = layer.keys[:, :, -m:]
-            self._computed_at = _reserve(self._computed_at, n, n + m, self.n_local, dim=0)
-            self._computed_at[n : n + m] = positions
+            self._computed_at = _reserve(self._computed_at, n, n + m, self.n_local, dim=1)
+            self._computed_at[:, n : n + m] = positions
             self._evict()
         return kv, positions
 
@@ -121,27 +125,27 @@ class SlidingWindow:
         return max(1, _PIECE_BYTES // (keys.shape[1] * keys.shape[3] * 4))
 
     def _evict(self) -> None:
-        """Drop the oldest tokens beyond ``n_local`` and re-rotate the rest to the positions right
-        after the system prompt, moving everything in place, front to back."""
+        """Drop the oldest tokens beyond ``n_local`` and re-rotate the rest to where the position
+        scheme places them right after the system prompt, moving everything in place, front to back."""
         n = self.length
         excess = n - self.n_local
         if excess <= 0:
             return
         init = self.init_len
         kept = n - excess
-        inv_freq = self.backend.rope_inv_freq
+        scheme = self.backend.positions
+        new, self.cursor = scheme.place(self._computed_at[:, excess:n], init)
         piece = self._piece_tokens()
         for a in range(0, kept, piece):
             b = min(a + piece, kept)
             # Pieces are copied out before being written back: sources lie ``excess`` tokens
             # later, so for ``b - a > excess`` they overlap the destination.
-            at = self._computed_at[a + excess : b + excess].clone()
-            self._computed_at[a:b] = at
-            delta = torch.arange(init + a, init + b, device=at.device) - at
+            at = self._computed_at[:, a + excess : b + excess].clone()
+            self._computed_at[:, a:b] = at
             for computed, layer in zip(self._computed_keys, self.cache.layers, strict=True):
                 moved = computed[:, :, a + excess : b + excess].clone()
                 computed[:, :, a:b] = moved
-                layer.key_buffer[:, :, init + a : init + b] = rerotate(moved, delta, inv_freq)
+                layer.key_buffer[:, :, init + a : init + b] = scheme.shift(moved, at, new[:, a:b])
                 values = layer.value_buffer
                 values[:, :, init + a : init + b] = values[:, :, init + a + excess : init + b + excess].clone()
         for layer in self.cache.layers:

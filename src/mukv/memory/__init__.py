@@ -1,17 +1,21 @@
-"""Memory methods behind one interface; importing this package registers the built-in ones."""
+"""Memory methods behind one interface; importing this package registers every method.
 
-from mukv.memory import baselines as _baselines  # noqa: F401  (registers full, uniform)
-from mukv.memory import mukv as _mukv  # noqa: F401  (registers mukv)
-from mukv.memory import rekv as _rekv  # noqa: F401  (registers rekv, recent)
+A method is one module of this package whose class is decorated with :func:`register_method`:
+the modules are imported here, so adding a method needs no edit anywhere else.
+"""
+
 from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
 from mukv.memory.registry import (
     available_methods,
     create_memory,
+    discover_methods,
     method_class,
     method_config,
     method_presets,
     register_method,
 )
+
+discover_methods()
 
 __all__ = [
     "AnswerContext",
@@ -21,6 +25,7 @@ __all__ = [
     "RetrievedBlock",
     "available_methods",
     "create_memory",
+    "discover_methods",
     "method_class",
     "method_config",
     "method_presets",

@@ -1,14 +1,19 @@
 """The interface every memory method implements, and the typed results it returns.
 
 A memory method turns a stream of visual tokens into retrievable state (``ingest``) and, for a
-question at time ``t``, assembles the KV cache the answer is generated from (``prepare``). The
+question at time ``t``, assembles the KV cache the answer is generated from: first
+``materialize(t)`` (the only state change a question may cause, made explicit so that the session
+can hold its lock over it), then ``prepare(query)``, which returns a cache of the answer's own. The
 engine appends the question after that cache and decodes; it never looks inside a method.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -34,6 +39,20 @@ class RetrievedBlock:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Any, score: float | None = None) -> RetrievedBlock:
+        """From a stored block's record (:class:`mukv.kv.blocks.BlockRecord`)."""
+        return cls(
+            granularity=record.granularity,
+            first_frame=record.first_frame,
+            last_frame=record.last_frame,
+            start_time=record.start_time,
+            end_time=record.end_time,
+            tokens=record.tokens,
+            score=score,
+            block_id=record.block_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -72,16 +91,38 @@ class Query:
 class AnswerContext:
     """An assembled cache to append the question to.
 
-    ``next_position`` is the RoPE position of the first question token. Every built-in method
-    uses the cache length, as transformers does by default (so MuKV's ``reference`` order, whose
-    blocks keep overlapping baked-in positions, puts the question after the cache length like the
-    release does); a method may choose otherwise.
+    ``next_position`` is the cursor of the first question token (the backend's position scheme
+    turns it into positions). Every built-in method uses the cache length, as transformers does by
+    default (so MuKV's ``reference`` order, whose blocks keep overlapping baked-in positions, puts
+    the question after the cache length like the release does); a method may choose otherwise.
+    ``stages`` holds seconds spent in named parts of ``prepare`` (for profiling).
     """
 
     cache: DynamicCache
     next_position: int
     context_tokens: int
     retrieved: tuple[RetrievedBlock, ...] = ()
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class StageClock:
+    """Seconds spent in named stages of ``prepare``, for :attr:`AnswerContext.stages` (waits for
+    the device at each lap, so the numbers are real on asynchronous devices too)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._last = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
 
 
 def cache_bytes(cache: DynamicCache) -> int:
@@ -89,18 +130,19 @@ def cache_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
 
 
-def prefill(backend: Backend, cache: DynamicCache, embeds: torch.Tensor, start: int, chunk_tokens: int) -> int:
-    """Append ``embeds [1, n, d]`` to ``cache`` at positions ``start..start+n-1``, in chunks of at
-    most ``chunk_tokens`` tokens (bounds the attention workspace; results do not depend on it).
+def prefill_frames(backend: Backend, cache: DynamicCache, features: torch.Tensor, start: int, chunk_tokens: int) -> int:
+    """Append visual units ``features [U, P, d]`` to ``cache`` as one sequence from cursor
+    ``start`` (positions from the backend's scheme), in chunks of at most ``chunk_tokens`` tokens
+    (bounds the attention workspace; results do not depend on it).
 
-    Returns the next free position.
+    Returns the cursor after them.
     """
-    n = embeds.shape[1]
-    for offset in range(0, n, chunk_tokens):
+    positions, cursor = backend.positions.visual(start, backend.layout, features.shape[0], backend.device)
+    embeds = features.reshape(1, -1, features.shape[-1])
+    for offset in range(0, embeds.shape[1], chunk_tokens):
         piece = embeds[:, offset : offset + chunk_tokens]
-        positions = torch.arange(start + offset, start + offset + piece.shape[1], device=backend.device).unsqueeze(0)
-        backend.forward(piece, cache, positions, logits="none")
-    return start + n
+        backend.forward(piece, cache, positions[:, offset : offset + piece.shape[1]], logits="none")
+    return cursor
 
 
 class MemoryMethod(ABC):
@@ -141,6 +183,12 @@ class MemoryMethod(ABC):
     def timestamp(self, index: int) -> float:
         return self._timestamps[index]
 
+    def materialize(self, time: float) -> None:
+        """The question-time step: make every frame up to ``time`` answerable. The session calls
+        it under its lock before :meth:`prepare`; methods whose frames are always answerable keep
+        this no-op (block methods store open groups here: :class:`mukv.memory.blocks.BlockMemory`)."""
+        return None
+
     def frame_blocks(self, indices) -> tuple[RetrievedBlock, ...]:
         """Retrieved-block records for whole frames ``indices`` (methods that use frames as is)."""
         p = self.backend.tokens_per_frame
@@ -164,15 +212,29 @@ class MemoryMethod(ABC):
         self._ingest(features, timestamps)
         self._timestamps.extend(float(t) for t in timestamps)
 
+    def _advance_clock(self, timestamps: Sequence[float]) -> None:
+        """Append the timestamps of frames whose state was adopted rather than ingested (``restore``):
+        finite, strictly increasing, after the stream's time."""
+        times = [float(t) for t in timestamps]
+        previous = self.time
+        for t in times:
+            if not math.isfinite(t) or (previous is not None and t <= previous):
+                raise ValueError(f"timestamps: must be finite and strictly increasing after {previous}, got {t}")
+            previous = t
+        self._timestamps.extend(times)
+
     @abstractmethod
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
         """Method-specific part of :meth:`ingest` (``self.frames`` is the first new frame's index)."""
 
     @abstractmethod
     def prepare(self, query: Query) -> AnswerContext:
-        """Assemble the answering cache for ``query`` from frames with timestamp <= ``query.time``.
+        """Assemble the answering cache for ``query`` from frames with timestamp <= ``query.time``,
+        after :meth:`materialize` for that time.
 
-        Must not modify stored state: the same question asked twice gets the same cache.
+        Must not modify stored state: the same question asked twice gets the same cache, and the
+        cache is the answer's own (decoding into it never changes what is stored, so it may run
+        while more frames are ingested).
         """
 
     @abstractmethod

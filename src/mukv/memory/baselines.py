@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock, cache_bytes, prefill
+from mukv.memory.base import (
+    AnswerContext,
+    MemoryMethod,
+    MemoryStats,
+    Query,
+    RetrievedBlock,
+    cache_bytes,
+    prefill_frames,
+)
 from mukv.memory.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -44,22 +53,45 @@ class FullMemory(MemoryMethod):
         super().__init__(backend, config)
         self._cache, self._init_len = backend.system_cache()
         self._length = self._init_len
+        # Cursor after each ingested frame (a question's continuation after a prefix starts there).
+        self._cursors: list[int] = []
         self._warned = False
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
-        embeds = features.reshape(1, -1, features.shape[-1])
-        self._length = prefill(self.backend, self._cache, embeds, self._length, self.config.prefill_chunk_tokens)
-        if self._length > self.backend.text.max_positions and not self._warned:
+        start = self._cursors[-1] if self._cursors else self._init_len
+        cursor = prefill_frames(self.backend, self._cache, features, start, self.config.prefill_chunk_tokens)
+        scheme, layout = self.backend.positions, self.backend.layout
+        self._cursors.extend(scheme.visual(start, layout, i + 1)[1] for i in range(features.shape[0] - 1))
+        self._cursors.append(cursor)
+        self._length = self._cache.get_seq_length()
+        if cursor > self.backend.text.max_positions and not self._warned:
             self._warned = True
             log.warning(
-                "full: %d cached tokens exceed the model's %d trained positions; answers may degrade",
-                self._length,
+                "full: %d cached positions exceed the model's %d trained positions; answers may degrade",
+                cursor,
                 self.backend.text.max_positions,
             )
+
+    def restore(self, keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]], timestamps: Sequence[float]) -> None:
+        """Adopt the visual KV of the next ``len(timestamps)`` frames, per layer ``(keys, values)``
+        ``[1, Hkv, U * P, D]`` computed as the scheme places them after the current cache (a saved
+        memory, or a benchmark's synthetic state), as if the frames had been ingested."""
+        count = len(timestamps)
+        tokens = count * self.backend.tokens_per_frame
+        if len(keys_values) != len(self._cache.layers) or any(k.shape[2] != tokens for k, _ in keys_values):
+            raise ValueError(f"restore: expected {len(self._cache.layers)} layers of {tokens} tokens each")
+        self._advance_clock(timestamps)
+        start = self._cursors[-1] if self._cursors else self._init_len
+        scheme, layout = self.backend.positions, self.backend.layout
+        self._cursors.extend(scheme.visual(start, layout, i + 1)[1] for i in range(count))
+        for layer, (keys, values) in zip(self._cache.layers, keys_values, strict=True):
+            layer.update(keys.to(layer.keys), values.to(layer.values))
+        self._length = self._cache.get_seq_length()
 
     def prepare(self, query: Query) -> AnswerContext:
         frames = self.frames_until(query.time)
         length = self._init_len + frames * self.backend.tokens_per_frame
+        cursor = self._cursors[frames - 1] if frames else self._init_len
         # Views of the stored prefix: the first cache update while answering concatenates into new
         # tensors, so the stored cache is never modified.
         cache = DynamicCache(
@@ -77,7 +109,7 @@ class FullMemory(MemoryMethod):
                     tokens=frames * self.backend.tokens_per_frame,
                 ),
             )
-        return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
+        return AnswerContext(cache=cache, next_position=cursor, context_tokens=length, retrieved=retrieved)
 
     def stats(self) -> MemoryStats:
         total = cache_bytes(self._cache)
@@ -137,12 +169,11 @@ class UniformMemory(MemoryMethod):
         cache, position = self.backend.system_cache()
         indices = self.sample(self.frames_until(query.time))
         if indices:
-            embeds = torch.stack([self._frame(i) for i in indices]).to(self.backend.device)
-            position = prefill(
-                self.backend, cache, embeds.reshape(1, -1, embeds.shape[-1]), position, self.config.prefill_chunk_tokens
-            )
+            features = torch.stack([self._frame(i) for i in indices]).to(self.backend.device)
+            position = prefill_frames(self.backend, cache, features, position, self.config.prefill_chunk_tokens)
         retrieved = self.frame_blocks(indices)
-        return AnswerContext(cache=cache, next_position=position, context_tokens=position, retrieved=retrieved)
+        length = cache.get_seq_length()
+        return AnswerContext(cache=cache, next_position=position, context_tokens=length, retrieved=retrieved)
 
     def stats(self) -> MemoryStats:
         stored = sum(c.nbytes for c in self._chunks)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mukv.backends.positions import FrameLayout
+
 
 @dataclass(frozen=True)
 class GranularitySpec:
@@ -40,28 +42,34 @@ def mukv_specs(segment_frames: int) -> tuple[GranularitySpec, ...]:
     )
 
 
-def part_indices(tokens_per_frame: int, parts: int, layout: str = "raster") -> list[torch.Tensor]:
-    """Token indices of a frame's ``parts`` subsets, each ascending, together covering every token once.
+def part_indices(layout: FrameLayout | int, parts: int, patch_layout: str = "raster") -> list[torch.Tensor]:
+    """Token indices of a unit's ``parts`` subsets, each ascending, together covering every token once.
 
+    ``layout`` is the backend's frame layout (an int means a square grid of that many tokens).
     ``raster``: consecutive runs in row-major order (the release's patches: 3.5-row strips at
-    P = 196). ``quadrant`` (``parts == 4``): the 2x2 spatial quadrants of the square token grid,
-    top-left, top-right, bottom-left, bottom-right, row-major inside each (the paper's figure).
+    P = 196). ``quadrant`` (``parts == 4``): the 2x2 spatial quadrants of the token grid, top-left,
+    top-right, bottom-left, bottom-right, row-major inside each (the paper's figure).
     """
+    if isinstance(layout, int):
+        if patch_layout == "quadrant" and parts == 4 and math.isqrt(layout) ** 2 != layout:
+            raise ValueError(f"patch_layout: quadrant needs a square token grid, got {layout} tokens")
+        layout = FrameLayout.square(layout) if patch_layout == "quadrant" else FrameLayout((1, layout))
+    tokens = layout.tokens
     if parts == 1:
-        return [torch.arange(tokens_per_frame)]
-    if layout == "raster":
-        return list(torch.arange(tokens_per_frame).tensor_split(parts))
-    if layout != "quadrant" or parts != 4:
-        raise ValueError(f"patch_layout: {layout!r} with {parts} parts is not supported")
-    side = math.isqrt(tokens_per_frame)
-    if side * side != tokens_per_frame:
-        raise ValueError(f"patch_layout: quadrant needs a square token grid, got {tokens_per_frame} tokens")
-    half = (side + 1) // 2
-    grid = torch.arange(tokens_per_frame).reshape(side, side)
-    halves = (slice(0, half), slice(half, side))
-    return [grid[rows, cols].reshape(-1) for rows in halves for cols in halves]
+        return [torch.arange(tokens)]
+    if patch_layout == "raster":
+        return list(torch.arange(tokens).tensor_split(parts))
+    if patch_layout != "quadrant" or parts != 4:
+        raise ValueError(f"patch_layout: {patch_layout!r} with {parts} parts is not supported")
+    rows, cols = layout.grid
+    if rows < 2 or cols < 2:
+        raise ValueError(f"patch_layout: quadrant needs a token grid of at least 2x2, got {rows}x{cols}")
+    grid = torch.arange(tokens).reshape(rows, cols)
+    row_halves = (slice(0, (rows + 1) // 2), slice((rows + 1) // 2, rows))
+    col_halves = (slice(0, (cols + 1) // 2), slice((cols + 1) // 2, cols))
+    return [grid[r, c].reshape(-1) for r in row_halves for c in col_halves]
 
 
-def patch_token_indices(tokens_per_frame: int, layout: str) -> list[torch.Tensor]:
-    """The four patch subsets of a frame (method.md section 2)."""
-    return part_indices(tokens_per_frame, 4, layout)
+def patch_token_indices(layout: FrameLayout | int, patch_layout: str) -> list[torch.Tensor]:
+    """The four patch subsets of a unit (method.md section 2)."""
+    return part_indices(layout, 4, patch_layout)

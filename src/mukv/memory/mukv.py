@@ -25,9 +25,9 @@ from mukv.compress.scorers import (
     select_dedup,
     select_tokens,
 )
-from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore, to_device
-from mukv.kv.rope import rerotate
-from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
+from mukv.kv.blocks import BlockPayload, BlockRecord
+from mukv.memory.base import AnswerContext, MemoryStats, Query, StageClock
+from mukv.memory.blocks import BlockMemory
 from mukv.memory.granularity import GranularitySpec, mukv_specs, part_indices, patch_token_indices
 from mukv.memory.mukv_config import GRANULARITIES, PRESETS, MukvConfig
 from mukv.memory.registry import register_method
@@ -41,7 +41,7 @@ _COARSE_FIRST = {"segment": 0, "frame": 1, "patch": 2}  # temporal order among b
 
 @dataclass
 class _Scored:
-    """A block ready to prune: ``kv [L, 2, Hkv, n, D]``, key ``positions [n]``, raw attention ``[n]``."""
+    """A block ready to prune: ``kv [L, 2, Hkv, n, D]``, key ``positions [R, n]``, raw attention ``[n]``."""
 
     kv: torch.Tensor
     positions: torch.Tensor
@@ -84,15 +84,16 @@ class _Group:
 
 @dataclass
 class _Pending:
-    """A block to prefill on its own (independent encoding): ``embeds [n, d]``."""
+    """A block to prefill on its own (independent encoding): ``embeds [n, d]`` at ``positions [R, n]``."""
 
     group: _Group
     part: int
     embeds: torch.Tensor
+    positions: torch.Tensor
 
 
 @register_method
-class MukvMemory(MemoryMethod):
+class MukvMemory(BlockMemory):
     """The MuKV memory (see the module docstring); options in :class:`MukvConfig`.
 
     Every granularity is a :class:`GranularitySpec`; frames are added to each granularity's
@@ -109,14 +110,10 @@ class MukvMemory(MemoryMethod):
         super().__init__(backend, config)
         cfg = self.config
         self.specs = tuple(spec for spec in mukv_specs(cfg.segment_frames) if cfg.granularities.get(spec.name))
-        self.store = BlockStore()
-        cache, self._init_len = backend.system_cache()
-        self._init = [(layer.keys, layer.values) for layer in cache.layers]
         self._layers = scored_layers(cfg.attention_layer, backend.text.num_layers)
         self._frequency = FREQUENCY_SCORERS[cfg.frequency]
-        p = backend.tokens_per_frame
         self._parts = {
-            spec.name: [idx.to(backend.device) for idx in part_indices(p, spec.parts, cfg.patch_layout)]
+            spec.name: [idx.to(backend.device) for idx in part_indices(backend.layout, spec.parts, cfg.patch_layout)]
             for spec in self.specs
         }
         self._open = {spec.name: _Group(spec) for spec in self.specs}
@@ -124,15 +121,16 @@ class MukvMemory(MemoryMethod):
         self._unit = max(spec.frames for spec in self.specs)
         if any(self._unit % spec.frames for spec in self.specs):
             raise ValueError(f"segment_frames: every granularity's frames must divide {self._unit}")
+        # Shared encoding: the current run's cache, its first frame, and its visual tokens'
+        # positions [R, tokens so far] and the cursor after them.
         self._shared_cache: DynamicCache | None = None
         self._shared_first = 0
-        self._provisional: list[int] = []
-        self._provisional_upto: int | None = None  # frames the provisional blocks were built for
+        self._shared_positions: torch.Tensor | None = None
+        self._shared_cursor = self.init_len
 
     # ------------------------------------------------------------------ encoding
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
-        self._drop_provisional()
         start = self.frames
         times = [float(t) for t in timestamps]
         features = features.to(self.backend.device)
@@ -162,54 +160,62 @@ class MukvMemory(MemoryMethod):
 
     def _pending_blocks(self, group: _Group) -> list[_Pending]:
         frames = torch.stack(group.features)  # [G, P, d]
-        return [
-            _Pending(group, part, frames[:, idx].reshape(-1, frames.shape[-1]))
-            for part, idx in enumerate(self._parts[group.spec.name])
-        ]
+        count, p = frames.shape[:2]
+        scheme, layout = self.backend.positions, self.backend.layout
+        pending = []
+        for part, idx in enumerate(self._parts[group.spec.name]):
+            # The block's tokens within its G units, fed on their own right after the system prompt.
+            tokens = (torch.arange(count, device=idx.device)[:, None] * p + idx[None, :]).reshape(-1)
+            positions, _ = scheme.block(self.init_len, layout, count, tokens, self.backend.device)
+            pending.append(_Pending(group, part, frames[:, idx].reshape(-1, frames.shape[-1]), positions))
+        return pending
 
     def _encode_pending(self, pending: list[_Pending], *, provisional: bool) -> None:
-        """Prefill ``pending`` blocks independently, batching blocks of equal length, and store
+        """Prefill ``pending`` blocks independently, batching blocks at equal positions, and store
         each batch as soon as it is scored (uncompressed KV never outlives its batch)."""
-        by_length: dict[int, list[_Pending]] = {}
+        by_positions: dict[tuple, list[_Pending]] = {}
         for block in pending:
-            by_length.setdefault(block.embeds.shape[0], []).append(block)
+            by_positions.setdefault(tuple(block.positions.flatten().tolist()), []).append(block)
         size = self.config.encode_batch_blocks
-        for blocks in by_length.values():
+        for blocks in by_positions.values():
             for start in range(0, len(blocks), size):
                 chunk = blocks[start : start + size]
-                scored = self._independent_blocks(torch.stack([b.embeds for b in chunk]))
+                scored = self._independent_blocks(torch.stack([b.embeds for b in chunk]), chunk[0].positions)
                 for block, result in zip(chunk, scored, strict=True):
                     self._store_group_block(block.group, block.part, result, provisional=provisional)
 
-    def _batched_prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill ``embeds [B, n, d]`` as ``B`` independent blocks after the system prompt.
+    def _batched_prefill(self, embeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill ``embeds [B, n, d]`` at ``positions [R, n]`` as ``B`` independent blocks after
+        the system prompt.
 
         Returns ``kv [B, L, 2, Hkv, n, D]`` and head-averaged probabilities ``[B, n, init + n]``.
         """
-        b, n = embeds.shape[:2]
-        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in self._init])
-        positions = torch.arange(self._init_len, self._init_len + n, device=self.backend.device).expand(b, n)
+        b = embeds.shape[0]
+        cache = DynamicCache(
+            ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in self.init_kv]
+        )
         with self.backend.capture_attention(self._layers) as capture:
             self.backend.forward(embeds, cache, positions, logits="none")
-        init = self._init_len
+        init = self.init_len
         kv = torch.stack(
             [torch.stack((layer.keys[:, :, init:], layer.values[:, :, init:]), 1) for layer in cache.layers], dim=1
         )
         return kv, capture.probs
 
-    def _independent_blocks(self, embeds: torch.Tensor) -> list[_Scored]:
-        """Encode ``embeds [B, n, d]`` as independent blocks (in batches) and score attention."""
+    def _independent_blocks(self, embeds: torch.Tensor, positions: torch.Tensor) -> list[_Scored]:
+        """Encode ``embeds [B, n, d]`` at ``positions [R, n]`` as independent blocks (in batches)
+        and score attention."""
         out: list[_Scored] = []
         n = embeds.shape[1]
-        rows = torch.arange(n, device=self.backend.device)
-        cols = rows + self._init_len
+        rows = torch.arange(n, device=self.backend.device)  # query indices within the block
+        cols = rows + self.init_len  # key indices in the block's cache
         for start in range(0, embeds.shape[0], self.config.encode_batch_blocks):
-            kv, probs = self._batched_prefill(embeds[start : start + self.config.encode_batch_blocks])
+            kv, probs = self._batched_prefill(embeds[start : start + self.config.encode_batch_blocks], positions)
             for b in range(kv.shape[0]):
                 attention = attention_importance(
-                    probs[b], rows, cols, past=self._init_len, causal_correction=self.config.causal_correction
+                    probs[b], rows, cols, past=self.init_len, causal_correction=self.config.causal_correction
                 )
-                out.append(_Scored(kv[b], cols.clone(), attention))
+                out.append(_Scored(kv[b], positions.clone(), attention))
         return out
 
     def _prefill_shared(self, features: torch.Tensor, first: int, times: list[float]) -> None:
@@ -217,12 +223,17 @@ class MukvMemory(MemoryMethod):
         blocks take their KV from it, and their attention sums grow with each new query row."""
         p = self.backend.tokens_per_frame
         if first % self._unit == 0 or self._shared_cache is None:
-            self._shared_cache = DynamicCache(ddp_cache_data=self._init)
+            self._shared_cache = self.init_cache()
             self._shared_first = first
+            self._shared_positions = None
+            self._shared_cursor = self.init_len
         cache = self._shared_cache
-        past = cache.get_seq_length()
         m = features.shape[0]
-        positions = torch.arange(past, past + m * p, device=self.backend.device).unsqueeze(0)
+        positions, self._shared_cursor = self.backend.positions.visual(
+            self._shared_cursor, self.backend.layout, m, self.backend.device
+        )
+        previous = self._shared_positions
+        self._shared_positions = positions if previous is None else torch.cat((previous, positions), dim=1)
         with self.backend.capture_attention(self._layers) as capture:
             self.backend.forward(features.reshape(1, m * p, -1), cache, positions, logits="none")
         probs = capture.probs[0]  # [m*P, past + m*P]: row r is the query at key index past + r
@@ -248,12 +259,13 @@ class MukvMemory(MemoryMethod):
                     self._open[spec.name] = _Group(spec)
         if (first + m) % self._unit == 0:
             self._shared_cache = None
+            self._shared_positions = None
 
     def _shared_columns(self, group: _Group) -> list[torch.Tensor]:
-        """Key indices (= positions) in the shared prefill of each part's tokens so far."""
+        """Key indices in the shared prefill's cache of each part's tokens so far."""
         p = self.backend.tokens_per_frame
         offsets = torch.tensor([f - self._shared_first for f in group.frames], device=self.backend.device) * p
-        return [(self._init_len + offsets[:, None] + idx[None, :]).reshape(-1) for idx in self._parts[group.spec.name]]
+        return [(self.init_len + offsets[:, None] + idx[None, :]).reshape(-1) for idx in self._parts[group.spec.name]]
 
     def _store_shared_group(self, group: _Group, *, provisional: bool) -> None:
         assert self._shared_cache is not None
@@ -264,21 +276,13 @@ class MukvMemory(MemoryMethod):
             if self.config.causal_correction:
                 # Block tokens are in position order, so key j is seen by the n - j queries from j on.
                 attention = attention / torch.arange(attention.shape[0], 0, -1, device=attention.device)
-            self._store_group_block(group, part, _Scored(kv, cols.clone(), attention), provisional=provisional)
+            assert self._shared_positions is not None
+            positions = self._shared_positions[:, cols - self.init_len]
+            self._store_group_block(group, part, _Scored(kv, positions, attention), provisional=provisional)
 
-    def _drop_provisional(self) -> None:
-        for block_id in self._provisional:
-            self.store.remove(block_id)
-        self._provisional = []
-        self._provisional_upto = None
-
-    def _store_open_groups(self, upto: int) -> None:
-        """Store the open (incomplete) groups' frames before ``upto`` as provisional blocks,
-        removed at the next ingest or when a question needs another prefix."""
-        if self._provisional_upto == upto:
-            return
-        self._drop_provisional()
-        self._provisional_upto = upto
+    def _store_open(self, upto: int) -> None:
+        """Store the open (incomplete) groups' frames before ``upto`` as provisional blocks (a
+        partial segment is retrievable like a whole one)."""
         pending: list[_Pending] = []
         for group in self._open.values():
             count = sum(f < upto for f in group.frames)
@@ -292,7 +296,7 @@ class MukvMemory(MemoryMethod):
         self._encode_pending(pending, provisional=True)
 
     def _store_group_block(self, group: _Group, part: int, block: _Scored, *, provisional: bool) -> None:
-        record = self._store(
+        self._store(
             group.spec.name,
             block,
             group.frames[0],
@@ -302,8 +306,6 @@ class MukvMemory(MemoryMethod):
             group.times[-1],
             provisional=provisional,
         )
-        if provisional:
-            self._provisional.append(record.block_id)
 
     def _store(
         self,
@@ -331,8 +333,8 @@ class MukvMemory(MemoryMethod):
             kept = select_tokens(fused, keep)
         kv = block.kv[:, :, :, kept].contiguous()
         representative = kv[-1, 0].float().mean(dim=1).reshape(-1)  # [Hkv * D]
-        payload = BlockPayload(kv=kv, positions=block.positions[kept], kept=kept, scores=fused)
-        return self.store.add(
+        payload = BlockPayload(kv=kv, positions=block.positions[:, kept], kept=kept, scores=fused)
+        return self.add_block(
             granularity=granularity,
             first_frame=first,
             last_frame=last,
@@ -349,9 +351,9 @@ class MukvMemory(MemoryMethod):
     def query_vector(self, ids: torch.Tensor) -> torch.Tensor:
         """The question's retrieval vector ``[Hkv * D]`` (float32), from a prefill of the bare
         question after the system prompt that is then discarded."""
-        cache = DynamicCache(ddp_cache_data=self._init)
+        cache = self.init_cache()
         n = ids.shape[1]
-        positions = torch.arange(self._init_len, self._init_len + n, device=self.backend.device).unsqueeze(0)
+        positions = self.backend.positions.text(self.init_len, n, self.backend.device)
         last = self.backend.text.num_layers - 1
         embeds = self.backend.embed_ids(ids)
         if self.config.query == "last_key":
@@ -365,27 +367,22 @@ class MukvMemory(MemoryMethod):
         # Query heads sharing a KV head are averaged, so the vector lives in the keys' space.
         return queries.reshape(kv_heads, -1, queries.shape[-1]).mean(dim=1).reshape(-1).cpu()
 
-    def _eligible_index(self, time: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per granularity, ``(ids, representatives)`` of blocks that end at or before ``time``."""
+    def prepare(self, query: Query) -> AnswerContext:
+        self.check_materialized(query.time)
+        cfg = self.config
+        clock = StageClock(self.backend.device)
         index = {}
         for spec in self.specs:
-            g = spec.name
-            ids, reps = self.store.index(g)
-            if ids.numel() == 0:
-                continue
-            mask = self.store.end_times(g) <= time
-            index[g] = (ids[mask], reps[mask])
-        return index
-
-    def prepare(self, query: Query) -> AnswerContext:
-        # Frames of an open group (a partial segment) up to the question time are retrievable too.
-        self._store_open_groups(self.frames_until(query.time))
-        cfg = self.config
-        index = self._eligible_index(query.time)
+            ids, reps = self.eligible(spec.name, query.time)
+            if ids.numel():
+                index[spec.name] = (ids, reps)
+        clock.lap("eligible")
         chosen: list[tuple[BlockRecord, float]] = []
-        if any(ids.numel() for ids, _ in index.values()):
+        if index:
+            vector = self.query_vector(query.ids)
+            clock.lap("query")
             result = retrieve(
-                self.query_vector(query.ids),
+                vector,
                 index,
                 {g: cfg.top_k.get(g) for g in GRANULARITIES},
                 strategy=cfg.retrieval,
@@ -398,26 +395,18 @@ class MukvMemory(MemoryMethod):
                 chosen.extend(
                     (self.store.record(i), s) for i, s in zip(ranked.ids.tolist(), ranked.scores.tolist(), strict=True)
                 )
+            clock.lap("rank")
         if cfg.order == "reference":
             chosen.sort(key=lambda item: (_GROUP_ORDER[item[0].granularity], -item[1]))
         else:
             chosen.sort(key=lambda item: (item[0].first_frame, _COARSE_FIRST[item[0].granularity], item[0].part))
-        cache, tokens = self._assemble([record for record, _ in chosen])
-        retrieved = tuple(
-            RetrievedBlock(
-                granularity=r.granularity,
-                first_frame=r.first_frame,
-                last_frame=r.last_frame,
-                start_time=r.start_time,
-                end_time=r.end_time,
-                tokens=r.tokens,
-                score=score,
-                block_id=r.block_id,
-            )
-            for r, score in chosen
+        cache, tokens = self.assemble([r.block_id for r, _ in chosen], reposition=cfg.order == "temporal")
+        clock.lap("assemble")
+        retrieved = self.retrieved_blocks([(r.block_id, score) for r, score in chosen])
+        length = self.init_len + tokens
+        return AnswerContext(
+            cache=cache, next_position=length, context_tokens=length, retrieved=retrieved, stages=clock.seconds
         )
-        length = self._init_len + tokens
-        return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
 
     def _hierarchy(self) -> dict:
         """Frame spans for ``hierarchical`` retrieval (not built for the other strategies)."""
@@ -428,29 +417,11 @@ class MukvMemory(MemoryMethod):
             "frame_of": {g: {r.block_id: r.first_frame for r in self.store.records(g)} for g in ("frame", "patch")},
         }
 
-    def _assemble(self, records: list[BlockRecord]) -> tuple[DynamicCache, int]:
-        """``[init | blocks...]`` as a cache on the model's device: one host-to-device copy of all
-        chosen payloads, then (``temporal``) exact re-rotation to contiguous positions."""
-        if not records:
-            return DynamicCache(ddp_cache_data=self._init), 0
-        payloads = [self.store.payload(r.block_id) for r in records]
-        kv = to_device([p.kv for p in payloads], dim=3, device=self.backend.device)  # [L, 2, Hkv, total, D]
-        total = kv.shape[3]
-        if self.config.order == "temporal":
-            old = torch.cat([p.positions for p in payloads]).to(self.backend.device)
-            new = torch.arange(self._init_len, self._init_len + total, device=self.backend.device)
-            kv[:, 0] = rerotate(kv[:, 0], new - old, self.backend.rope_inv_freq)
-        layers = [
-            (torch.cat((k, kv[i, 0].unsqueeze(0)), dim=2), torch.cat((v, kv[i, 1].unsqueeze(0)), dim=2))
-            for i, (k, v) in enumerate(self._init)
-        ]
-        return DynamicCache(ddp_cache_data=layers), total
-
     def stats(self) -> MemoryStats:
         blocks, tokens, nbytes = self.store.totals()
         blocks["init"] = 1
-        tokens["init"] = self._init_len
-        nbytes["init"] = sum(k.nbytes + v.nbytes for k, v in self._init)
+        tokens["init"] = self.init_len
+        nbytes["init"] = self.init_nbytes()
         pending = sum(f.nbytes for group in self._open.values() for f in group.features)
         pending += sum(c.nbytes for group in self._open.values() for c in group.colsums)
         if self._shared_cache is not None:

@@ -5,11 +5,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mukv._lazy import import_submodules
 from mukv.backends.base import Backend
 from mukv.config import apply_overrides
 from mukv.memory.base import MemoryMethod
 
 _METHODS: dict[str, type[MemoryMethod]] = {}
+# Modules of mukv.memory that define no method (shared pieces).
+_NOT_METHODS = frozenset({"base", "blocks", "granularity", "mukv_config", "registry"})
+
+
+def discover_methods() -> None:
+    """Import every module of :mod:`mukv.memory`, registering the methods they define (done when
+    the package is imported; call again after adding a directory to its ``__path__``)."""
+    import_submodules("mukv.memory", _NOT_METHODS)
 
 
 def register_method(cls: type[MemoryMethod]) -> type[MemoryMethod]:

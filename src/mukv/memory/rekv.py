@@ -24,10 +24,10 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mukv.errors import StreamError
-from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore, to_device
-from mukv.kv.rope import rerotate
+from mukv.kv.blocks import BlockPayload, BlockRecord, to_device
 from mukv.kv.window import SlidingWindow
-from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query, RetrievedBlock
+from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query
+from mukv.memory.blocks import BlockMemory
 from mukv.memory.registry import register_method
 
 
@@ -48,10 +48,11 @@ class RekvConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-def _unrotated_group_query(query: torch.Tensor, positions: torch.Tensor, kv_heads: int, inv_freq) -> torch.Tensor:
-    """Mean over tokens of un-rotated queries ``[1, H, n, D]``, summed within each KV group:
-    ``[Hkv * D]``, so that ``score = q . r`` equals the dot product with KV heads repeated to ``H``."""
-    q = rerotate(query[0].float(), -positions.to(query.device), inv_freq).mean(dim=1)  # [H, D]
+def _unrotated_group_query(query: torch.Tensor, positions: torch.Tensor, kv_heads: int, scheme) -> torch.Tensor:
+    """Mean over tokens of queries ``[1, H, n, D]`` un-rotated from ``positions [R, n]``, summed
+    within each KV group: ``[Hkv * D]``, so that ``score = q . r`` equals the dot product with KV
+    heads repeated to ``H``."""
+    q = scheme.unrotate(query[0].float(), positions.to(query.device)).mean(dim=1)  # [H, D]
     # Representatives live off the accelerator; the ranking (and its top-k) happens there.
     return q.reshape(kv_heads, -1, q.shape[-1]).sum(dim=1).reshape(-1).cpu()
 
@@ -97,8 +98,8 @@ class _LayerRetrieval:
         memory = self.memory
         backend = memory.backend
         n = query.shape[2]
-        positions = torch.arange(self.question_start, self.question_start + n, device=query.device)
-        q = _unrotated_group_query(query, positions, backend.text.num_kv_heads, backend.rope_inv_freq)
+        positions = backend.positions.text(self.question_start, n, query.device)
+        q = _unrotated_group_query(query, positions, backend.text.num_kv_heads, backend.positions)
         ids = memory.select(self.ids, self.reps[:, layer] @ q, self.forced)
         self.chosen[layer] = ids
         k_blocks, v_blocks = memory.layer_blocks(ids, layer, query.device)
@@ -122,7 +123,7 @@ class _QueryCollector:
 
 
 @register_method
-class RekvMemory(MemoryMethod):
+class RekvMemory(BlockMemory):
     """ReKV (see the module docstring)."""
 
     name = "rekv"
@@ -131,23 +132,18 @@ class RekvMemory(MemoryMethod):
     def __init__(self, backend, config: RekvConfig | None = None) -> None:
         super().__init__(backend, config)
         self.window = SlidingWindow(backend, self.config.n_local)
-        self.init_len = self.window.init_len
-        cache, _ = backend.system_cache()
-        self._init = [(layer.keys, layer.values) for layer in cache.layers]
-        self.store = BlockStore()
+        # The open block: frame indices, times, and each frame's (kv, positions) from the window.
         self._open_frames: list[int] = []
         self._open_times: list[float] = []
         self._open_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._provisional: list[int] = []
-        self._provisional_count = 0
+
+    @property
+    def store_granularity(self) -> str:
+        return "frame" if self.config.block_frames == 1 else "block"
 
     # ------------------------------------------------------------------ encoding
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
-        for block_id in self._provisional:
-            self.store.remove(block_id)
-        self._provisional = []
-        self._provisional_count = 0
         start = self.frames
         for i in range(features.shape[0]):
             # One frame per chunk: each frame's tokens see the system prompt, the window and the
@@ -157,25 +153,30 @@ class RekvMemory(MemoryMethod):
             self._open_times.append(float(timestamps[i]))
             self._open_kv.append((kv, positions))
             if len(self._open_frames) == self.config.block_frames:
-                self._store_open(provisional=False)
+                self._store_open_block(provisional=False)
                 self._open_frames, self._open_times, self._open_kv = [], [], []
         if self.backend.device.type == "cpu":
             _release_free_heap()
 
-    def _store_open(self, *, provisional: bool, count: int | None = None) -> BlockRecord:
+    def _store_open(self, upto: int) -> None:
+        count = sum(f < upto for f in self._open_frames)
+        if count:
+            self._store_open_block(provisional=True, count=count)
+
+    def _store_open_block(self, *, provisional: bool, count: int | None = None) -> BlockRecord:
         """Store the open block's first ``count`` frames (all by default)."""
         count = len(self._open_frames) if count is None else count
         if count == 1 and not provisional:
             kv, positions = self._open_kv[0]  # the window's copy, no longer held anywhere else
         else:
             kv = torch.cat([kv for kv, _ in self._open_kv[:count]], dim=3)
-            positions = torch.cat([p for _, p in self._open_kv[:count]])
+            positions = torch.cat([p for _, p in self._open_kv[:count]], dim=1)
         # Representatives from un-rotated keys, per layer: [L, Hkv * D].
-        unrotated = rerotate(kv[:, 0], -positions, self.backend.rope_inv_freq)
+        unrotated = self.backend.positions.unrotate(kv[:, 0], positions)
         representative = unrotated.float().mean(dim=2).reshape(kv.shape[0], -1)
         payload = BlockPayload(kv=kv, positions=positions, kept=torch.arange(kv.shape[3]), scores=torch.empty(0))
-        record = self.store.add(
-            granularity="frame" if self.config.block_frames == 1 else "block",
+        return self.add_block(
+            granularity=self.store_granularity,
             first_frame=self._open_frames[0],
             last_frame=self._open_frames[count - 1],
             part=0,
@@ -185,9 +186,6 @@ class RekvMemory(MemoryMethod):
             representative=representative,
             provisional=provisional,
         )
-        if provisional:
-            self._provisional.append(record.block_id)
-        return record
 
     # ------------------------------------------------------------------ answering
 
@@ -201,47 +199,27 @@ class RekvMemory(MemoryMethod):
         return sorted(best + forced)  # ids grow with time
 
     def layer_blocks(self, ids: list[int], layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[1, Hkv, R, D]`` of blocks ``ids`` at ``layer``, keys re-rotated to
-        contiguous positions after the system prompt."""
+        """Keys and values ``[1, Hkv, R, D]`` of blocks ``ids`` at ``layer``, keys re-positioned one
+        block after another right after the system prompt."""
         if not ids:
             shape = (1, self.backend.text.num_kv_heads, 0, self.backend.text.head_dim)
             empty = torch.empty(shape, device=device, dtype=self.backend.dtype)
             return empty, empty
         payloads = [self.store.payload(i) for i in ids]
         kv = to_device([p.kv[layer] for p in payloads], dim=2, device=device)  # [2, Hkv, R, D]
-        old = torch.cat([p.positions for p in payloads]).to(device)
-        new = torch.arange(self.init_len, self.init_len + old.shape[0], device=device)
-        keys = rerotate(kv[0], new - old, self.backend.rope_inv_freq)
+        old = torch.cat([p.positions for p in payloads], dim=1)
+        new, _ = self.placed_positions(payloads, self.init_len)
+        keys = self.backend.positions.shift(kv[0], old, new)
         return keys.unsqueeze(0), kv[1].unsqueeze(0)
 
-    def _eligible(self, time: float) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, reps = self.store.index(self.store_granularity)
-        if ids.numel() == 0:
-            return ids, reps
-        mask = self.store.end_times(self.store_granularity) <= time
-        return ids[mask], reps[mask]
-
-    @property
-    def store_granularity(self) -> str:
-        return "frame" if self.config.block_frames == 1 else "block"
-
     def prepare(self, query: Query) -> AnswerContext:
-        # The open block's frames up to the question time are retrievable too (as one block).
-        upto = self.frames_until(query.time)
-        count = sum(f < upto for f in self._open_frames)
-        if self._provisional_count != count:
-            for block_id in self._provisional:
-                self.store.remove(block_id)
-            self._provisional = []
-            self._provisional_count = count
-            if count:
-                self._store_open(provisional=True, count=count)
-        ids, reps = self._eligible(query.time)
-        forced = [i for i in self._provisional if i in set(ids.tolist())]
+        self.check_materialized(query.time)
+        ids, reps = self.eligible(self.store_granularity, query.time)
+        eligible = set(ids.tolist())
+        # The open block's frames up to the question time (materialized) are in every layer's choice.
+        forced = [i for i in self.provisional_ids if i in eligible]
         if ids.numel() == 0:
-            return AnswerContext(
-                cache=DynamicCache(ddp_cache_data=self._init), next_position=self.init_len, context_tokens=self.init_len
-            )
+            return AnswerContext(cache=self.init_cache(), next_position=self.init_len, context_tokens=self.init_len)
         if self.config.layer_shared:
             chosen = self._retrieve_shared(query, ids, reps, forced)
             cache = DynamicCache(
@@ -249,7 +227,7 @@ class RekvMemory(MemoryMethod):
                     tuple(
                         torch.cat((init, block), dim=2)
                         for init, block in zip(
-                            self._init[layer], self.layer_blocks(chosen, layer, self.backend.device), strict=True
+                            self.init_kv[layer], self.layer_blocks(chosen, layer, self.backend.device), strict=True
                         )
                     )
                     for layer in range(self.backend.text.num_layers)
@@ -260,21 +238,10 @@ class RekvMemory(MemoryMethod):
             cache, per_layer = self._retrieve_in_forward(query, ids, reps, forced)
         length = cache.get_seq_length()
         union = sorted({i for chosen in per_layer.values() for i in chosen})
-        counts = {i: sum(i in chosen for chosen in per_layer.values()) for i in union}
         layers = len(per_layer)
-        retrieved = tuple(
-            RetrievedBlock(
-                granularity=(record := self.store.record(i)).granularity,
-                first_frame=record.first_frame,
-                last_frame=record.last_frame,
-                start_time=record.start_time,
-                end_time=record.end_time,
-                tokens=record.tokens,
-                score=counts[i] / layers,  # share of layers that retrieved the block
-                block_id=i,
-            )
-            for i in union
-        )
+        # Score: the share of layers that retrieved the block.
+        shares = [(i, sum(i in chosen for chosen in per_layer.values()) / layers) for i in union]
+        retrieved = self.retrieved_blocks(shares)
         return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
 
     def _retrieved_tokens(self, ids: torch.Tensor, forced: list[int]) -> int:
@@ -283,28 +250,28 @@ class RekvMemory(MemoryMethod):
         return sum(sizes[:r]) + sum(self.store.record(i).tokens for i in forced)
 
     def _retrieve_in_forward(self, query: Query, ids, reps, forced) -> tuple[DynamicCache, dict[int, list[int]]]:
-        cache = DynamicCache(ddp_cache_data=self._init)
+        cache = self.init_cache()
         # Every layer retrieves the same number of tokens (blocks are equal in size, the
         # provisional one is in every layer), so the question can sit right after them.
         start = self.init_len + self._retrieved_tokens(ids, forced)
         hook = _LayerRetrieval(self, cache, ids, reps, forced, start)
         n = query.ids.shape[1]
-        positions = torch.arange(start, start + n, device=self.backend.device).unsqueeze(0)
+        positions = self.backend.positions.text(start, n, self.backend.device)
         with self.backend.attention_hook(hook):
             self.backend.forward(self.backend.embed_ids(query.ids), cache, positions, logits="none")
         cache.crop(-n)  # drop the question: the engine appends it again, with its prompt
         return cache, hook.chosen
 
     def _retrieve_shared(self, query: Query, ids, reps, forced) -> list[int]:
-        cache = DynamicCache(ddp_cache_data=self._init)
+        cache = self.init_cache()
         n = query.ids.shape[1]
-        positions = torch.arange(self.init_len, self.init_len + n, device=self.backend.device)
+        positions = self.backend.positions.text(self.init_len, n, self.backend.device)
         collector = _QueryCollector()
         with self.backend.attention_hook(collector):
-            self.backend.forward(self.backend.embed_ids(query.ids), cache, positions.unsqueeze(0), logits="none")
+            self.backend.forward(self.backend.embed_ids(query.ids), cache, positions, logits="none")
         kv_heads = self.backend.text.num_kv_heads
         scores = sum(
-            reps[:, layer] @ _unrotated_group_query(q, positions, kv_heads, self.backend.rope_inv_freq)
+            reps[:, layer] @ _unrotated_group_query(q, positions, kv_heads, self.backend.positions)
             for layer, q in collector.queries.items()
         )
         return self.select(ids, scores, forced)
@@ -314,7 +281,7 @@ class RekvMemory(MemoryMethod):
         blocks["init"] = 1
         tokens["init"] = self.init_len
         # The prompt's KV is held twice: to answer from, and at the head of the window.
-        nbytes["init"] = sum(k.nbytes + v.nbytes for k, v in self._init) + self.window.init_nbytes
+        nbytes["init"] = self.init_nbytes() + self.window.init_nbytes
         nbytes["window"] = self.window.nbytes
         nbytes["pending"] = sum(kv.nbytes + positions.nbytes for kv, positions in self._open_kv)
         nbytes["index"] = self.store.index_nbytes()

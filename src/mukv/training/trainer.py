@@ -10,8 +10,11 @@
   ordinary causal attention.
 
 The sequence format is exactly the one :class:`mukv.engine.StreamSession` builds: system
-prompt, 16 visual tokens per frame, the question template, then the one-word answer and
-``<|im_end|>``. Everything is deterministic by seed.
+prompt, the visual tokens of every frame (16 at 112 px), the question template, then the
+one-word answer and ``<|im_end|>``. Batches are built through the inference backend
+(:class:`~mukv.backends.llava_onevision.LlavaOnevisionBackend` wrapping the model being trained):
+its frame encoding, prompt template and position scheme, so training and inference cannot
+drift apart. Everything is deterministic by seed.
 """
 
 from __future__ import annotations
@@ -28,8 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mukv.backends.llava_onevision import video_tokens_per_frame
-from mukv.backends.prompts import PromptTemplate
+from mukv.backends.llava_onevision import LlavaOnevisionBackend, video_tokens_per_frame
 from mukv.backends.tiny import TinyModelSpec, create_tiny_model, save_checkpoint
 from mukv.video.preprocess import FramePreprocessor
 from mukv.video.streams import COLOURS, COMMON_SHAPES, KINDS, RARE_SHAPES, Thing, make_stream, render
@@ -206,59 +208,105 @@ def sample_clip(rng: np.random.Generator, frames: int, kind: str, size: int, *, 
 
 
 class SequenceBuilder:
-    """Turns clips into training batches in the session's exact sequence format."""
+    """Turns clips into training batches in the session's exact sequence format.
 
-    def __init__(self, model, tokenizer, preprocessor: FramePreprocessor, prompts: PromptTemplate) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocessor = preprocessor
-        self.prompts = prompts
-        self.system_ids = self._ids(prompts.system)
-        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        vision = model.config.vision_config
-        self.tokens_per_frame = video_tokens_per_frame(vision.image_size, vision.patch_size)
+    Every piece comes from the inference backend, so training sees what a session feeds the model:
+    visual tokens from :meth:`LlavaOnevisionBackend.visual_tokens` (vision tower, projector and
+    pooling, with gradients), the token count from ``backend.layout``, the system prompt and
+    question text from ``backend.prompts``, token ids from ``backend.tokenize`` and positions from
+    ``backend.positions``. The language model then runs over the whole sequence at once (a training
+    forward needs no cache), which supports 1-D RoPE models only: their positions are ``[B, L]``.
+    """
+
+    def __init__(self, backend: LlavaOnevisionBackend) -> None:
+        if backend.positions.rows != 1:
+            raise ValueError(
+                f"SequenceBuilder supports 1-D RoPE models (one row of positions); {backend.model_id!r} places "
+                f"tokens with {backend.positions.rows} rows ({type(backend.positions).__name__})"
+            )
+        self.backend = backend
+        self.model = backend.model
+        self.tokenizer = backend.tokenizer
+        self.preprocessor = backend.preprocessor
+        self.prompts = backend.prompts
+        self.layout = backend.layout
+        self.system_ids = self._ids(self.prompts.system)
+        # Answers end with the chat format's end of turn, which must be one of the tokens generation
+        # stops on: a trained answer then ends a decoded one.
+        end = self._ids("<|im_end|>")
+        if len(end) != 1 or end[0] not in backend.eos_token_ids:
+            raise ValueError(f"{backend.model_id!r}: <|im_end|> is not a single end-of-sequence token ({end})")
+        self.eos = end[0]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens per frame (``backend.layout.tokens``)."""
+        return self.layout.tokens
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.backend.tokenize(text)[0].tolist()
+
+    def visual(self, clips: list[Clip]) -> torch.Tensor:
+        """Visual tokens ``[B, T*P, d]`` of equal-length clips (frames ``[T, S, S, 3]`` each), through
+        the backend's frame encoding, with gradients."""
+        t = clips[0].frames.shape[0]
+        if any(c.frames.shape[0] != t for c in clips):
+            raise ValueError("one clip length per batch")
+        pixels = self.preprocessor(
+            np.concatenate([c.frames for c in clips]), device=self.backend.device, dtype=self.backend.dtype
+        )
+        tokens = self.backend.visual_tokens(pixels.reshape(len(clips), t, *pixels.shape[1:]))  # [B, T, P, d]
+        return tokens.flatten(1, 2)
+
+    def positions(self, frames: int, text: int, *, isolated: bool) -> torch.Tensor:
+        """Positions ``[L]`` of one sequence: the system prompt, ``frames`` frames and ``text`` tokens
+        (question, answer and padding), from the backend's scheme.
+
+        Causal: the frames follow the system prompt as one visual sequence. Isolated: every frame
+        sits where an independently encoded block sits, right after the system prompt. Either way
+        the text starts at the cursor after all frames, where memory methods put the question (the
+        length of a cache holding the system prompt and every frame's tokens).
+        """
+        scheme = self.backend.positions
+        init = len(self.system_ids)
+        visual, cursor = scheme.visual(init, self.layout, frames)
+        if isolated:
+            block, _ = scheme.visual(init, self.layout, 1)
+            visual = block.repeat(1, frames)
+        return torch.cat([scheme.text(0, init), visual, scheme.text(cursor, text)], dim=1)[0]
 
     def batch(self, clips: list[Clip], *, isolated: bool) -> dict[str, torch.Tensor]:
         """Embeddings ``[B, L, d]``, labels ``[B, L]`` (-100 outside answers), positions ``[B, L]``
-        and a boolean attention mask ``[B, 1, L, L]``."""
-        lm = self.model.model.language_model
-        embed = lm.get_input_embeddings()
+        and a boolean attention mask ``[B, 1, L, L]`` for equal-length clips."""
+        embed = self.model.model.language_model.get_input_embeddings()
         t = clips[0].frames.shape[0]
-        assert all(c.frames.shape[0] == t for c in clips), "one clip length per batch"
-        pixels = self.preprocessor(np.concatenate([c.frames for c in clips]))
-        features = self.model.model.get_video_features(
-            pixel_values_videos=pixels.reshape(len(clips), t, *pixels.shape[1:])
-        )
-        visual = features.pooler_output[:, :-1]  # [B, T*P, d]; the trailing newline is not used
+        visual = self.visual(clips)
         init = len(self.system_ids)
-        p = self.tokens_per_frame
+        context = init + visual.shape[1]  # system prompt and every frame's tokens
+        p = self.layout.tokens
         tails = [self._ids(self.prompts.render_question(c.question)) for c in clips]
         answers = [[*self._ids(c.answer), self.eos] for c in clips]
-        length = init + t * p + max(len(q) + len(a) for q, a in zip(tails, answers, strict=True))
+        length = context + max(len(q) + len(a) for q, a in zip(tails, answers, strict=True))
         b = len(clips)
         pad = self.tokenizer.pad_token_id
-        text_ids = torch.full((b, length - init - t * p), pad, dtype=torch.long)
+        text_ids = torch.full((b, length - context), pad, dtype=torch.long)
         labels = torch.full((b, length), -100, dtype=torch.long)
         valid = torch.zeros(b, length, dtype=torch.bool)
         for i, (q, a) in enumerate(zip(tails, answers, strict=True)):
             text_ids[i, : len(q) + len(a)] = torch.tensor(q + a)
-            start = init + t * p + len(q)
+            start = context + len(q)
             # The token before each answer token predicts it.
             labels[i, start - 1 : start - 1 + len(a)] = torch.tensor(a)
-            valid[i, : init + t * p + len(q) + len(a)] = True
+            valid[i, : context + len(q) + len(a)] = True
         system = embed(torch.tensor(self.system_ids)).unsqueeze(0).expand(b, -1, -1)
         embeds = torch.cat([system, visual, embed(text_ids)], dim=1)
-        positions = torch.arange(length).unsqueeze(0).repeat(b, 1)
+        positions = self.positions(t, length - context, isolated=isolated).unsqueeze(0).repeat(b, 1)
         allowed = torch.ones(length, length, dtype=torch.bool).tril()
         if isolated:
-            frame_pos = torch.arange(init, init + p)
+            # A frame sees the system prompt and itself (causally), as an independently encoded block.
             for f in range(t):
                 rows = slice(init + f * p, init + (f + 1) * p)
-                positions[:, rows] = frame_pos
-                allowed[rows, init : init + t * p] = False
+                allowed[rows, init:context] = False
                 allowed[rows, rows] = torch.ones(p, p, dtype=torch.bool).tril()
         mask = allowed.unsqueeze(0).unsqueeze(0) & valid[:, None, None, :]
         mask = mask | torch.eye(length, dtype=torch.bool)  # padded rows attend to themselves only
@@ -414,7 +462,12 @@ def train_tiny(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model, tokenizer = create_tiny_model(seed=cfg.seed, spec=cfg.spec)
-    preprocessor = FramePreprocessor(size=cfg.spec.image_size)
+    # The inference backend wraps the model being trained: batches are built through its frame
+    # encoding, prompts and positions. It puts the model in eval mode; each stage sets train mode.
+    backend = LlavaOnevisionBackend(
+        model, tokenizer, FramePreprocessor(size=cfg.spec.image_size), model_id="mukv-tiny-training"
+    )
+    preprocessor = backend.preprocessor
     report = report or (lambda stage, step, stats: log.info("%s step %d: %s", stage, step, stats))
     started = time.time()
     out = Path(out)
@@ -426,7 +479,7 @@ def train_tiny(
         save_checkpoint(model, tokenizer, out / "stages" / name)
         (out / "stages" / name / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    builder = SequenceBuilder(model, tokenizer, preprocessor, PromptTemplate())
+    builder = SequenceBuilder(backend)
     if resume is None:
         record["stage0_accuracy"] = train_stage0(model, preprocessor, cfg, rng, report)
         checkpoint("stage0")

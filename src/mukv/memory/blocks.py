@@ -1,0 +1,242 @@
+"""The block-memory base: what every method that stores retrievable KV blocks shares.
+
+A block method (``mukv``, ``rekv``, later ones) decides how frames become blocks, how blocks are
+scored and which ones a question retrieves. This base owns the rest:
+
+- the block store (records apart from payloads, one representative matrix per granularity) and
+  the system prompt's KV that every answering cache starts with;
+- **provisional blocks**: frames of a group that is still open (a partial segment, ReKV's
+  partial block) are made retrievable by :meth:`materialize`, the explicit question-time step the
+  session calls (under its lock) before :meth:`prepare`; they are replaced when more frames arrive.
+  :meth:`prepare` itself never changes stored state;
+- eligibility by time (a question at ``t`` sees blocks that end at or before ``t``);
+- :meth:`assemble`: the chosen payloads gathered into one answering cache with one copy per
+  element, in the order given, either keeping the positions their keys were computed at or
+  re-positioned one after another by the backend's position scheme (exact re-rotation).
+
+Payload positions are ``[R, n]``, in the backend's position scheme's shape.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from mukv.backends.base import Backend
+from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore
+from mukv.memory.base import MemoryMethod, RetrievedBlock
+
+
+@dataclass(frozen=True)
+class EncodedBlock:
+    """A block encoded elsewhere (a saved memory, a synthetic benchmark state), for
+    :meth:`BlockMemory.restore`: frames ``first_frame..last_frame`` (part ``part``) taken at
+    ``start_time..end_time``, its payload and its retrieval representative."""
+
+    granularity: str
+    first_frame: int
+    last_frame: int
+    part: int
+    start_time: float
+    end_time: float
+    payload: BlockPayload
+    representative: torch.Tensor
+
+
+class BlockMemory(MemoryMethod):
+    """Base of block-based memory methods (see the module docstring).
+
+    Subclasses implement ``_ingest`` (frames to stored blocks, via :meth:`add_block`),
+    :meth:`_store_open` (the open groups' frames before a frame index, as provisional blocks),
+    ``prepare`` and ``stats``.
+    """
+
+    def __init__(self, backend: Backend, config: Any = None) -> None:
+        super().__init__(backend, config)
+        self.store = BlockStore()
+        cache, self.init_len = backend.system_cache()
+        # The system prompt's KV per layer ``[1, Hkv, init, D]``, shared by every answering cache.
+        self.init_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(layer.keys, layer.values) for layer in cache.layers]
+        self._provisional: list[int] = []
+        self._materialized: int | None = None  # frames the provisional blocks were built for
+
+    # ------------------------------------------------------------------ storing
+
+    def add_block(
+        self,
+        *,
+        granularity: str,
+        first_frame: int,
+        last_frame: int,
+        part: int,
+        start_time: float,
+        end_time: float,
+        payload: BlockPayload,
+        representative: torch.Tensor,
+        provisional: bool = False,
+    ) -> BlockRecord:
+        """Store a block of frames ``first_frame..last_frame`` taken at ``start_time..end_time``;
+        ``representative`` is what retrieval scores it by (``[C]`` or ``[L, C]``)."""
+        record = self.store.add(
+            granularity=granularity,
+            first_frame=first_frame,
+            last_frame=last_frame,
+            part=part,
+            start_time=start_time,
+            end_time=end_time,
+            payload=payload,
+            representative=representative,
+            provisional=provisional,
+        )
+        if provisional:
+            self._provisional.append(record.block_id)
+        return record
+
+    def ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
+        """Add frames (see :meth:`MemoryMethod.ingest`); provisional blocks are dropped first."""
+        self.drop_provisional()
+        super().ingest(features, timestamps)
+
+    def restore(self, blocks: Iterable[EncodedBlock], timestamps: Sequence[float]) -> None:
+        """Adopt already-encoded ``blocks`` covering the next ``len(timestamps)`` frames, taken at
+        ``timestamps`` (continuing the stream's clock), as if they had been ingested: for loading a
+        saved memory, and for benchmarks that build hours of stream state without encoding it.
+
+        Only whole groups should be adopted (the method's open groups are not touched); a block
+        outside the adopted frames is a ``ValueError`` and nothing is stored.
+        """
+        blocks = list(blocks)
+        first, last = self.frames, self.frames + len(timestamps) - 1
+        for block in blocks:
+            if not first <= block.first_frame <= block.last_frame <= last:
+                raise ValueError(
+                    f"restore: block of frames {block.first_frame}-{block.last_frame} is outside the adopted "
+                    f"frames {first}-{last}"
+                )
+        self.drop_provisional()
+        self._advance_clock(timestamps)
+        for block in blocks:
+            self.add_block(
+                granularity=block.granularity,
+                first_frame=block.first_frame,
+                last_frame=block.last_frame,
+                part=block.part,
+                start_time=block.start_time,
+                end_time=block.end_time,
+                payload=block.payload,
+                representative=block.representative,
+            )
+
+    def drop_provisional(self) -> None:
+        """Remove the provisional blocks (they describe open groups as they were)."""
+        for block_id in self._provisional:
+            self.store.remove(block_id)
+        self._provisional = []
+        self._materialized = None
+
+    @property
+    def provisional_ids(self) -> tuple[int, ...]:
+        return tuple(self._provisional)
+
+    def materialize(self, time: float) -> None:
+        """Make every frame up to ``time`` retrievable: frames of groups that are still open are
+        stored as provisional blocks (replaced at the next ingest, or when a question needs another
+        prefix). The session calls this, under its lock, before :meth:`prepare`."""
+        upto = self.frames_until(time)
+        if self._materialized == upto:
+            return
+        self.drop_provisional()
+        self._materialized = upto
+        self._store_open(upto)
+
+    @abstractmethod
+    def _store_open(self, upto: int) -> None:
+        """Store the open groups' frames with index < ``upto`` as provisional blocks."""
+
+    def check_materialized(self, time: float) -> None:
+        """Raise ``RuntimeError`` unless :meth:`materialize` was called for ``time``'s frames."""
+        if self._materialized != self.frames_until(time):
+            raise RuntimeError(
+                f"{self.name}: call materialize({time}) before prepare (the session does): frames of open "
+                "groups would otherwise be missing from the answer"
+            )
+
+    # ------------------------------------------------------------------ answering
+
+    def eligible(self, granularity: str, time: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [N], representatives [N, ...])`` of ``granularity``'s blocks ending at or before
+        ``time``, in storage (= time) order."""
+        ids, reps = self.store.index(granularity)
+        if ids.numel() == 0:
+            return ids, reps
+        mask = self.store.end_times(granularity) <= time
+        return ids[mask], reps[mask]
+
+    def retrieved_blocks(self, chosen: Sequence[tuple[int, float | None]]) -> tuple[RetrievedBlock, ...]:
+        """Typed records of the chosen ``(block id, score)`` pairs, in the given order."""
+        return tuple(RetrievedBlock.from_record(self.store.record(i), score) for i, score in chosen)
+
+    def placed_positions(self, payloads: Sequence[BlockPayload], start: int) -> tuple[torch.Tensor, int]:
+        """New positions ``[R, total]`` of ``payloads`` placed one after another from cursor
+        ``start`` by the backend's scheme, and the cursor after them."""
+        scheme = self.backend.positions
+        pieces = []
+        cursor = start
+        for payload in payloads:
+            new, cursor = scheme.place(payload.positions, cursor)
+            pieces.append(new)
+        if not pieces:
+            return torch.empty(scheme.rows, 0, dtype=torch.long), start
+        return torch.cat(pieces, dim=1), cursor
+
+    def assemble(self, block_ids: Sequence[int], *, reposition: bool) -> tuple[DynamicCache, int]:
+        """``[init | blocks...]`` as a new cache on the model's device, blocks in the given order.
+
+        ``reposition``: blocks are placed one after another right after the system prompt (keys
+        re-rotated exactly); otherwise keys keep the positions they were computed at. Returns the
+        cache and the number of block tokens. Every element is copied once (on CUDA: through one
+        pinned staging buffer and one host-to-device copy); nothing stored is modified.
+        """
+        payloads = [self.store.payload(i) for i in block_ids]
+        device, init = self.backend.device, self.init_len
+        total = sum(p.kv.shape[3] for p in payloads)
+        first_k, _ = self.init_kv[0]
+        layers, kv_heads, head_dim = len(self.init_kv), first_k.shape[1], first_k.shape[3]
+        dtype = first_k.dtype
+        # [L, 2, 1, Hkv, init + total, D]: each layer's keys/values are contiguous views of it.
+        buffer = torch.empty((layers, 2, 1, kv_heads, init + total, head_dim), dtype=dtype, device=device)
+        for i, (k, v) in enumerate(self.init_kv):
+            buffer[i, 0, :, :, :init] = k
+            buffer[i, 1, :, :, :init] = v
+        if total:
+            blocks = buffer[:, :, 0, :, init:]  # [L, 2, Hkv, total, D]
+            staging = blocks
+            if device.type == "cuda":
+                staging = torch.empty(blocks.shape, dtype=dtype, pin_memory=True)
+            offset = 0
+            for payload in payloads:
+                n = payload.kv.shape[3]
+                staging[:, :, :, offset : offset + n] = payload.kv
+                offset += n
+            if staging is not blocks:
+                blocks.copy_(staging, non_blocking=True)
+            if reposition:
+                old = torch.cat([p.positions for p in payloads], dim=1)
+                new, _ = self.placed_positions(payloads, init)
+                keys = blocks[:, 0]
+                keys.copy_(self.backend.positions.shift(keys, old, new))
+        cache = DynamicCache(ddp_cache_data=[(buffer[i, 0], buffer[i, 1]) for i in range(layers)])
+        return cache, total
+
+    def init_cache(self) -> DynamicCache:
+        """A cache holding only the system prompt (views: the first update concatenates)."""
+        return DynamicCache(ddp_cache_data=self.init_kv)
+
+    def init_nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.init_kv)
