@@ -125,11 +125,37 @@ class PositionScheme(ABC):
         new = old - old.min() + start
         return new, self.after(new)
 
-    @abstractmethod
     def shift(self, states: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Move post-RoPE ``states [..., n, D]`` (keys, or queries) from positions ``old [R, n]``
         to ``new [R, n]`` exactly (rotations compose). Computed in float32, returned in the
         states' dtype. ``new`` all zero un-rotates."""
+        cos, sin = self.rotation(old, new)
+        return self.rotate(states, cos.to(states.device), sin.to(states.device))
+
+    @abstractmethod
+    def rotation(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[n, D]`` (float32, CPU) of the rotation from ``old [R, n]`` to ``new [R, n]``
+        (angles in float64): compute once, :meth:`rotate` many tensors (every layer's keys)."""
+
+    @staticmethod
+    def rotate_into(out: torch.Tensor, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Write :meth:`rotate`'s result into ``out`` (same shape as ``states``, not overlapping it).
+        In float32 it is three passes over the data and no temporaries: ``rotate_half`` is applied
+        half by half instead of being materialised."""
+        if out.dtype != torch.float32 or states.dtype != torch.float32:
+            out.copy_(PositionScheme.rotate(states, cos, sin))
+            return
+        half = states.shape[-1] // 2
+        torch.mul(states, cos, out=out)
+        out[..., :half].addcmul_(states[..., half:], sin[:, :half], value=-1.0)
+        out[..., half:].addcmul_(states[..., :half], sin[:, half:])
+
+    @staticmethod
+    def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``states [..., n, D]`` rotated by ``cos``/``sin`` ``[n, D]`` (from :meth:`rotation`, on
+        the states' device), in float32, returned in the states' dtype."""
+        x = states.float()
+        return (x * cos + rotate_half(x) * sin).to(states.dtype)
 
     def unrotate(self, states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``states [..., n, D]`` as they were before RoPE at ``positions [R, n]``."""
@@ -153,12 +179,9 @@ class RopePositions(PositionScheme):
         n = int(old.shape[-1])
         return self.text(start, n, old.device), start + n
 
-    def shift(self, states: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def rotation(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_exact()
-        delta = (new[0] - old[0]).to(states.device)
-        cos, sin = rope_angles(self.inv_freq.to(states.device), delta)
-        x = states.float()
-        return (x * cos + rotate_half(x) * sin).to(states.dtype)
+        return rope_angles(self.inv_freq, (new[0] - old[0]).cpu())
 
 
 class MultimodalRopePositions(PositionScheme):
@@ -258,12 +281,10 @@ class MultimodalRopePositions(PositionScheme):
         positions, cursor = self.visual(start, layout, units)
         return positions[:, tokens.cpu()].to(device), cursor
 
-    def shift(self, states: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def rotation(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_exact()
         delta = (new - old).to(torch.float64).cpu()  # [3, n]
         # Angle of slot j for token i: delta[axis_of_slot[j], i] * inv_freq[j].
         freqs = delta[self.axis_of_slot].T * self.inv_freq[None, :]  # [n, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().float().to(states.device), emb.sin().float().to(states.device)
-        x = states.float()
-        return (x * cos + rotate_half(x) * sin).to(states.dtype)
+        return emb.cos().float(), emb.sin().float()

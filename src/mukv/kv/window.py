@@ -16,51 +16,13 @@ process kept several times the bytes the method held, and more with every frame.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, DynamicLayer
+from transformers import DynamicCache
 
 from mukv.backends.base import Backend
+from mukv.kv.cache import GrowingLayer, reserve
 
 # Largest float32 temporary (per layer) that eviction creates on CPU.
 _PIECE_BYTES = 1 << 18
-
-
-def _reserve(buffer: torch.Tensor, used: int, needed: int, limit: int, dim: int = 2) -> torch.Tensor:
-    """``buffer`` with room for ``needed`` tokens along ``dim`` (its first ``used`` kept): itself
-    if it has room, else a copy with twice the capacity, at most ``max(limit, needed)``."""
-    capacity = buffer.shape[dim]
-    if needed <= capacity:
-        return buffer
-    shape = list(buffer.shape)
-    shape[dim] = max(needed, min(2 * capacity, limit))
-    grown = buffer.new_empty(shape)
-    grown.narrow(dim, 0, used).copy_(buffer.narrow(dim, 0, used))
-    return grown
-
-
-class _WindowLayer(DynamicLayer):
-    """A cache layer whose ``keys``/``values`` are views of the first ``length`` tokens of
-    buffers with room to spare: appending writes in place instead of concatenating."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, limit: int) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.limit = limit
-        self.key_buffer = keys.clone()
-        self.value_buffer = values.clone()
-        self.resize(keys.shape[2])
-
-    def resize(self, length: int) -> None:
-        self.keys = self.key_buffer[:, :, :length]
-        self.values = self.value_buffer[:, :, :length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n, m = self.keys.shape[2], key_states.shape[2]
-        self.key_buffer = _reserve(self.key_buffer, n, n + m, self.limit)
-        self.value_buffer = _reserve(self.value_buffer, n, n + m, self.limit)
-        self.key_buffer[:, :, n : n + m] = key_states
-        self.value_buffer[:, :, n : n + m] = value_states
-        self.resize(n + m)
-        return self.keys, self.values
 
 
 class SlidingWindow:
@@ -74,7 +36,7 @@ class SlidingWindow:
         self.n_local = n_local
         self.cache, self.init_len = backend.system_cache()
         limit = self.init_len + n_local
-        self.cache.layers = [_WindowLayer(layer.keys, layer.values, limit) for layer in self.cache.layers]
+        self.cache.layers = [GrowingLayer.copy_of(layer.keys, layer.values, limit) for layer in self.cache.layers]
         # Window keys as computed, and the positions they were computed at (the first ``length``
         # tokens of each buffer): every re-positioning rotates from these, so rounding never
         # accumulates over many evictions.
@@ -109,9 +71,9 @@ class SlidingWindow:
         # The buffers are inference tensors (the backend's outputs are), written in place.
         with torch.inference_mode():
             for i, layer in enumerate(self.cache.layers):
-                self._computed_keys[i] = _reserve(self._computed_keys[i], n, n + m, self.n_local)
+                self._computed_keys[i] = reserve(self._computed_keys[i], n, n + m, self.n_local)
                 self._computed_keys[i][:, :, n : n + m] = layer.keys[:, :, -m:]
-            self._computed_at = _reserve(self._computed_at, n, n + m, self.n_local, dim=1)
+            self._computed_at = reserve(self._computed_at, n, n + m, self.n_local, dim=1)
             self._computed_at[:, n : n + m] = positions
             self._evict()
         return kv, positions

@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from transformers import DynamicCache
 
 from mukv.backends.base import Backend
 from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore
+from mukv.kv.cache import GrowingLayer, cache_of
 from mukv.memory.base import MemoryMethod, RetrievedBlock
 
 
@@ -56,6 +57,10 @@ class BlockMemory(MemoryMethod):
     :meth:`_store_open` (the open groups' frames before a frame index, as provisional blocks),
     ``prepare`` and ``stats``.
     """
+
+    # Tokens of room left after an assembled context for the question and the answer; beyond it
+    # the cache doubles once (a copy), so it only needs to cover typical questions and answers.
+    answer_room: ClassVar[int] = 256
 
     def __init__(self, backend: Backend, config: Any = None) -> None:
         super().__init__(backend, config)
@@ -201,7 +206,9 @@ class BlockMemory(MemoryMethod):
         ``reposition``: blocks are placed one after another right after the system prompt (keys
         re-rotated exactly); otherwise keys keep the positions they were computed at. Returns the
         cache and the number of block tokens. Every element is copied once (on CUDA: through one
-        pinned staging buffer and one host-to-device copy); nothing stored is modified.
+        pinned staging buffer and one host-to-device copy), and the cache's layers append in place
+        (:class:`mukv.kv.cache.GrowingLayer`), so decoding does not copy the context again at every
+        token; nothing stored is modified.
         """
         payloads = [self.store.payload(i) for i in block_ids]
         device, init = self.backend.device, self.init_len
@@ -209,30 +216,54 @@ class BlockMemory(MemoryMethod):
         first_k, _ = self.init_kv[0]
         layers, kv_heads, head_dim = len(self.init_kv), first_k.shape[1], first_k.shape[3]
         dtype = first_k.dtype
-        # [L, 2, 1, Hkv, init + total, D]: each layer's keys/values are contiguous views of it.
-        buffer = torch.empty((layers, 2, 1, kv_heads, init + total, head_dim), dtype=dtype, device=device)
+        # [L, 2, 1, Hkv, init + total + room, D]: each layer's keys/values are views of it, and the
+        # answer (question prompt, generated tokens) is written into the room in place.
+        capacity = init + total + self.answer_room
+        buffer = torch.empty((layers, 2, 1, kv_heads, capacity, head_dim), dtype=dtype, device=device)
         for i, (k, v) in enumerate(self.init_kv):
             buffer[i, 0, :, :, :init] = k
             buffer[i, 1, :, :, :init] = v
         if total:
-            blocks = buffer[:, :, 0, :, init:]  # [L, 2, Hkv, total, D]
-            staging = blocks
-            if device.type == "cuda":
-                staging = torch.empty(blocks.shape, dtype=dtype, pin_memory=True)
-            offset = 0
-            for payload in payloads:
-                n = payload.kv.shape[3]
-                staging[:, :, :, offset : offset + n] = payload.kv
-                offset += n
-            if staging is not blocks:
-                blocks.copy_(staging, non_blocking=True)
+            blocks = buffer[:, :, 0, :, init : init + total]  # [L, 2, Hkv, total, D]
+            cos = sin = None
             if reposition:
                 old = torch.cat([p.positions for p in payloads], dim=1)
                 new, _ = self.placed_positions(payloads, init)
-                keys = blocks[:, 0]
-                keys.copy_(self.backend.positions.shift(keys, old, new))
-        cache = DynamicCache(ddp_cache_data=[(buffer[i, 0], buffer[i, 1]) for i in range(layers)])
+                cos, sin = self.backend.positions.rotation(old, new)  # once, for every layer
+            if device.type == "cuda":
+                # One pinned staging buffer, one host-to-device copy; rotations run on the device.
+                staging = torch.empty(blocks.shape, dtype=dtype, pin_memory=True)
+                self._gather(payloads, staging)
+                blocks.copy_(staging, non_blocking=True)
+                if cos is not None:
+                    cos, sin = cos.to(device), sin.to(device)
+                    for keys in blocks[:, 0]:
+                        keys.copy_(self.backend.positions.rotate(keys, cos, sin))
+            else:
+                # Rotation fused with the copy, block by block: temporaries stay small.
+                self._gather(payloads, blocks, cos, sin)
+        cache = cache_of([GrowingLayer(buffer[i, 0], buffer[i, 1], init + total) for i in range(layers)])
         return cache, total
+
+    def _gather(
+        self,
+        payloads: Sequence[BlockPayload],
+        out: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+    ) -> None:
+        """Write the payloads one after another into ``out [L, 2, Hkv, total, D]``, keys rotated
+        by ``cos``/``sin`` ``[total, D]`` when given."""
+        offset = 0
+        for payload in payloads:
+            n = payload.kv.shape[3]
+            if cos is None:
+                out[:, :, :, offset : offset + n] = payload.kv
+            else:
+                piece = slice(offset, offset + n)
+                self.backend.positions.rotate_into(out[:, 0, :, piece], payload.kv[:, 0], cos[piece], sin[piece])
+                out[:, 1, :, piece] = payload.kv[:, 1]
+            offset += n
 
     def init_cache(self) -> DynamicCache:
         """A cache holding only the system prompt (views: the first update concatenates)."""

@@ -222,17 +222,7 @@ class RekvMemory(BlockMemory):
             return AnswerContext(cache=self.init_cache(), next_position=self.init_len, context_tokens=self.init_len)
         if self.config.layer_shared:
             chosen = self._retrieve_shared(query, ids, reps, forced)
-            cache = DynamicCache(
-                ddp_cache_data=[
-                    tuple(
-                        torch.cat((init, block), dim=2)
-                        for init, block in zip(
-                            self.init_kv[layer], self.layer_blocks(chosen, layer, self.backend.device), strict=True
-                        )
-                    )
-                    for layer in range(self.backend.text.num_layers)
-                ]
-            )
+            cache, _ = self.assemble(chosen, reposition=True)
             per_layer = {layer: chosen for layer in range(self.backend.text.num_layers)}
         else:
             cache, per_layer = self._retrieve_in_forward(query, ids, reps, forced)
