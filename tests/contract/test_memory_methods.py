@@ -88,13 +88,16 @@ def test_frames_after_the_question_time_do_not_influence_the_answer(backend, met
     if not everything.answers_past_questions:
         # A method that cannot look back must refuse rather than use later frames.
         with pytest.raises(StreamError):
+            everything.materialize(query.time)
             everything.prepare(query)
         return
+    early.materialize(query.time)
+    everything.materialize(query.time)
     a, b = early.prepare(query), everything.prepare(query)
     assert a.context_tokens == b.context_tokens and a.next_position == b.next_position
     assert [r.first_frame for r in a.retrieved] == [r.first_frame for r in b.retrieved]
     prompt = backend.embed_ids(backend.tokenize(backend.prompts.render_question(query.text)))
-    positions = torch.arange(a.next_position, a.next_position + prompt.shape[1]).unsqueeze(0)
+    positions = backend.positions.text(a.next_position, prompt.shape[1])
     logits_a = backend.forward(prompt, a.cache, positions)
     logits_b = backend.forward(prompt, b.cache, positions)
     assert (logits_a - logits_b).abs().max().item() < 1e-5

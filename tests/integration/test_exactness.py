@@ -71,6 +71,7 @@ def _decoding_error(backend, decode_backend, frames, max_new=12) -> tuple[float,
     Token mismatches count as an error of 1."""
     session = StreamSession(backend, "full")
     session.ingest(frames, np.arange(len(frames)) * 2.0)
+    session.memory.materialize(session.time)
     context = session.memory.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=session.time))
     prompt_ids = backend.tokenize(backend.prompts.render_question(QUESTION))
     steps: list[torch.Tensor] = []

@@ -36,7 +36,8 @@ def eager_attention(backend, embeds: torch.Tensor, layer: int) -> torch.Tensor:
 def test_attention_importance_equals_eager_attention(backend, choice, layer):
     memory = create_memory("mukv", backend, overrides={"attention_layer": choice})
     features = backend.encode_frames(make_frames(2))
-    blocks = memory._independent_blocks(features)
+    positions, _ = backend.positions.visual(memory.init_len, backend.layout, 1)
+    blocks = memory._independent_blocks(features, positions)
     _, init = backend.system_cache()
     for b, block in enumerate(blocks):
         probs = eager_attention(backend, features[b : b + 1], layer)
@@ -151,7 +152,7 @@ def test_lossless_mukv_detects_a_wrong_segment_position(backend):
     (record,) = store.records("segment")
     payload = store.payload(record.block_id)
     # Claim the keys were rotated in reverse order: re-rotation then moves every key but the middle.
-    object.__setattr__(payload, "positions", payload.positions.flip(0))
+    object.__setattr__(payload, "positions", payload.positions.flip(-1))
     answer = mukv.ask(QUESTION, max_new_tokens=2, output_logits=True)
     assert (answer.first_logits - reference.first_logits).abs().max().item() > 1e-3
 
@@ -202,7 +203,8 @@ def test_kept_tokens_follow_the_keep_ratios(backend):
     assert {r.tokens for r in store.records("segment")} == {keep_count(4 * p, 0.8)}
     for record in store.records():
         payload = store.payload(record.block_id)
-        assert payload.kv.shape[3] == record.tokens == payload.kept.shape[0] == payload.positions.shape[0]
+        assert payload.kv.shape[3] == record.tokens == payload.kept.shape[0] == payload.positions.shape[1]
+        assert payload.positions.shape[0] == backend.positions.rows
         assert torch.equal(payload.kept, payload.kept.sort().values)
 
 
@@ -272,6 +274,7 @@ def test_paper_preset_token_counts_at_196_tokens_per_frame(backend_196):
     query = backend_196.tokenize(QUESTION)
     from mukv.memory import Query
 
+    memory.materialize(1e9)
     context = memory.prepare(Query(text=QUESTION, ids=query, time=1e9))
     assert context.context_tokens - backend_196.system_cache()[1] == 20 * 4 + 32 * 19 + 12 * 627 == 8212
     assert isinstance(context.cache, DynamicCache)
@@ -291,6 +294,8 @@ def test_a_question_before_the_newest_frame_gets_the_open_segment_prefix(backend
     early = create_memory("mukv", backend, overrides={"encode": encode})
     early.ingest(features[:5], times[:5])
     query = Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=4.5)
+    later.materialize(4.5)
+    early.materialize(4.5)
     a, b = later.prepare(query), early.prepare(query)
     spans = sorted((r.first_frame, r.last_frame) for r in later.store.records("segment") if r.end_time <= 4.5)
     assert spans == [(0, 3), (4, 4)]
@@ -301,16 +306,15 @@ def test_a_question_before_the_newest_frame_gets_the_open_segment_prefix(backend
     assert (pa.kv - pb.kv).abs().max().item() < 1e-5 and (pa.scores - pb.scores).abs().max().item() < 1e-5
     assert a.context_tokens == b.context_tokens
     # Asking at the newest frame afterwards rebuilds the provisional block for frames 4-5.
-    later.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=5.0))
+    later.materialize(5.0)
     assert sorted((r.first_frame, r.last_frame) for r in later.store.records("segment")) == [(0, 3), (4, 5)]
 
 
 def test_rekv_open_block_prefix_for_an_earlier_question(backend):
-    from mukv.memory import Query
 
     memory = create_memory("rekv", backend, overrides={"block_frames": 3})
     memory.ingest(backend.encode_frames(make_frames(5, seed=32)), np.arange(5.0))
-    memory.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=3.5))
+    memory.materialize(3.5)
     assert sorted((r.first_frame, r.last_frame, r.provisional) for r in memory.store.records()) == [
         (0, 2, False),
         (3, 3, True),

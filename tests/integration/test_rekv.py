@@ -43,8 +43,6 @@ def test_sliding_window_limits_what_each_frame_attends_to(backend):
     if it also saw frames 0-2."""
     from transformers import DynamicCache
 
-    from mukv.kv.rope import rerotate
-
     p = backend.tokens_per_frame
     features = backend.encode_frames(make_frames(6, seed=22))
     memory = create_memory("rekv", backend, overrides={"n_local": 2 * p})
@@ -52,8 +50,8 @@ def test_sliding_window_limits_what_each_frame_attends_to(backend):
     stored = {r.first_frame: memory.store.payload(r.block_id) for r in memory.store.records()}
     init_cache, init = backend.system_cache()
     window = torch.cat([stored[3].kv, stored[4].kv], dim=3)  # [L, 2, Hkv, 2P, D]
-    old = torch.cat([stored[3].positions, stored[4].positions])
-    keys = rerotate(window[:, 0], torch.arange(init, init + 2 * p) - old, backend.rope_inv_freq)
+    old = torch.cat([stored[3].positions, stored[4].positions], dim=1)  # [1, 2P]
+    keys = backend.positions.shift(window[:, 0], old, torch.arange(init, init + 2 * p)[None])
     cache = DynamicCache(
         ddp_cache_data=[
             (torch.cat((layer.keys, keys[i][None]), 2), torch.cat((layer.values, window[i, 1][None]), 2))
@@ -61,8 +59,8 @@ def test_sliding_window_limits_what_each_frame_attends_to(backend):
         ]
     )
     positions = torch.arange(init + 2 * p, init + 3 * p)
-    assert torch.equal(stored[5].positions, positions)
-    backend.forward(features[5:6], cache, positions.unsqueeze(0), logits="none")
+    assert torch.equal(stored[5].positions, positions[None])
+    backend.forward(features[5:6], cache, positions[None], logits="none")
     expected = torch.stack([torch.stack((layer.keys[0, :, -p:], layer.values[0, :, -p:])) for layer in cache.layers])
     assert (stored[5].kv - expected).abs().max().item() < 1e-5
     # Without the window, frame 5 also sees frames 0-2 and its values differ.
@@ -88,6 +86,7 @@ def test_per_layer_retrieval_differs_by_layer_and_the_cache_is_well_formed(backe
 
     _LayerRetrieval.__call__ = spy
     try:
+        memory.materialize(7.0)
         context = memory.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=7.0))
     finally:
         _LayerRetrieval.__call__ = original
@@ -144,6 +143,7 @@ def test_recent_refuses_a_question_whose_frames_left_the_window(backend):
     memory = create_memory("recent", backend, overrides={"num_frames": 2})
     memory.ingest(backend.encode_frames(make_frames(5)), np.arange(5.0))
     with pytest.raises(StreamError, match="left the rolling window"):
+        memory.materialize(1.0)
         memory.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=1.0))
 
 

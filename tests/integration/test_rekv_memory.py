@@ -55,6 +55,7 @@ def test_stats_bytes_are_the_storages_the_memory_holds(backend, block_frames):
     memory.ingest(features[:5], np.arange(5.0))
     # A question inside an open block stores it as a provisional block.
     question = "What colour was the triangle?"
+    memory.materialize(4.0)
     memory.prepare(Query(text=question, ids=backend.tokenize(question), time=4.0))
     memory.ingest(features[5:], np.arange(5.0, 9.0))  # the window has evicted by now
     assert memory.window.length == 3 * p

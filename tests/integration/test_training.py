@@ -1,4 +1,5 @@
-"""A few training steps on CPU (smoke: seconds) reduce the loss, in the session's sequence format."""
+"""A few training steps on CPU (smoke: seconds) reduce the loss, in the session's sequence format,
+with batches built through the inference backend's frame encoding, prompts and positions."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mukv.backends.prompts import PromptTemplate
+from mukv.backends.llava_onevision import LlavaOnevisionBackend
+from mukv.backends.positions import MultimodalRopePositions
 from mukv.backends.tiny import TinyModelSpec, create_tiny_model
 from mukv.training.trainer import SequenceBuilder, TrainConfig, sample_clip, train_stage0, train_tiny
 from mukv.video.preprocess import FramePreprocessor
@@ -14,13 +16,17 @@ from mukv.video.preprocess import FramePreprocessor
 SMALL = TinyModelSpec(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2)
 
 
+def tiny_backend() -> LlavaOnevisionBackend:
+    model, tokenizer = create_tiny_model(seed=0, spec=SMALL)
+    return LlavaOnevisionBackend(model, tokenizer, FramePreprocessor(size=112), model_id="test-training")
+
+
 def test_a_few_qa_steps_reduce_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model, tokenizer = create_tiny_model(seed=0, spec=SMALL)
-    builder = SequenceBuilder(model, tokenizer, FramePreprocessor(size=112), PromptTemplate())
+    builder = SequenceBuilder(tiny_backend())
     rng = np.random.default_rng(0)
     clips = [sample_clip(rng, 3, kind, 112) for kind in ("frame", "patch", "order", "frame")]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(builder.model.parameters(), lr=3e-3)
     losses = []
     for step in range(12):
         loss, _ = builder.loss(builder.batch(clips, isolated=step % 2 == 1))
@@ -32,15 +38,17 @@ def test_a_few_qa_steps_reduce_the_loss_on_a_fixed_batch():
 
 
 def test_sequences_match_the_session_format():
-    model, tokenizer = create_tiny_model(seed=0, spec=SMALL)
-    builder = SequenceBuilder(model, tokenizer, FramePreprocessor(size=112), PromptTemplate())
+    backend = tiny_backend()
+    builder = SequenceBuilder(backend)
+    tokenizer = backend.tokenizer
     clip = sample_clip(np.random.default_rng(1), 2, "frame", 112)
     batch = builder.batch([clip], isolated=False)
-    prompts = PromptTemplate()
+    prompts = backend.prompts
     system = tokenizer(prompts.system, add_special_tokens=False).input_ids
     tail = tokenizer(
         prompts.render_question(clip.question) + clip.answer + "<|im_end|>", add_special_tokens=False
     ).input_ids
+    assert builder.tokens_per_frame == backend.layout.tokens == 16
     assert batch["embeds"].shape[1] == len(system) + 2 * builder.tokens_per_frame + len(tail)
     answer = [t for t in batch["labels"][0].tolist() if t != -100]
     assert tokenizer.decode(answer) == clip.answer + "<|im_end|>"
@@ -48,9 +56,45 @@ def test_sequences_match_the_session_format():
     p, init = builder.tokens_per_frame, len(system)
     second = init + p
     assert isolated["positions"][0, second].item() == init  # every frame at the same positions
+    assert isolated["positions"][0, init + 2 * p].item() == init + 2 * p  # the question after both frames
     assert not isolated["mask"][0, 0, second, init].item()  # frame 2 does not see frame 1
     assert isolated["mask"][0, 0, second, 0].item()  # but sees the system prompt
     assert isolated["mask"][0, 0, -1, init].item()  # the question sees every frame
+
+
+def test_batches_use_the_backends_frame_encoding_and_positions():
+    backend = tiny_backend()
+    builder = SequenceBuilder(backend)
+    rng = np.random.default_rng(2)
+    t = 3
+    clips = [sample_clip(rng, t, kind, 112) for kind in ("frame", "order")]
+    init = backend.tokenize(backend.prompts.system).shape[1]
+    p = backend.layout.tokens
+    scheme = backend.positions
+    causal_visual, cursor = scheme.visual(init, backend.layout, t)
+    block, _ = scheme.visual(init, backend.layout, 1)
+    for isolated in (False, True):
+        batch = builder.batch(clips, isolated=isolated)
+        length = batch["embeds"].shape[1]
+        for i, clip in enumerate(clips):
+            # The visual tokens are the ones a session stores for these frames.
+            torch.testing.assert_close(
+                batch["embeds"][i, init : init + t * p].detach(),
+                backend.encode_frames(clip.frames).reshape(t * p, -1),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+        visual = block.repeat(1, t) if isolated else causal_visual
+        expected = torch.cat([scheme.text(0, init), visual, scheme.text(cursor, length - init - t * p)], dim=1)
+        assert torch.equal(batch["positions"], expected.expand(len(clips), -1))
+
+
+def test_the_builder_refuses_a_multimodal_rope_backend():
+    backend = tiny_backend()
+    half = backend.text.head_dim // 2
+    backend.positions = MultimodalRopePositions(torch.ones(half), (half - 2 * (half // 3), half // 3, half // 3))
+    with pytest.raises(ValueError, match="1-D RoPE"):
+        SequenceBuilder(backend)
 
 
 def test_stage0_and_full_pipeline_smoke(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import mukv.models
-from mukv.backends.llava_onevision import resolve_model_dir
+from mukv.backends.registry import resolve_model_dir
 from mukv.errors import ModelLoadError
 
 

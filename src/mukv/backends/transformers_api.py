@@ -7,8 +7,10 @@ in ``**kwargs`` and answer with no video context, so an older release is refused
 in (:func:`check_cache_grew`), so that a future silent change fails loudly too.
 
 Public APIs used elsewhere: ``DynamicCache`` (and its ``layers[i].keys/values``, ``crop``,
-``get_seq_length``), ``DynamicLayer`` (subclassed by the sliding window, whose layers grow in
-place: ``lazy_initialization``, ``update``, ``keys``/``values``), ``AttentionInterface`` /
+``get_seq_length``; a cache is assembled by setting its ``layers`` list, because building one from
+``ddp_cache_data`` copies every tensor), ``DynamicLayer`` (subclassed by
+:class:`mukv.kv.cache.GrowingLayer`, whose layers grow in place: ``lazy_initialization``,
+``update``, ``keys``/``values``), ``AttentionInterface`` /
 ``AttentionMaskInterface`` registration, the LLaVA-OneVision / Qwen2 model classes and
 ``AutoConfig`` / ``AutoTokenizer``.
 
