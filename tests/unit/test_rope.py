@@ -1,4 +1,4 @@
-"""Exact re-rotation of post-RoPE keys, checked against transformers' own Qwen2 RoPE."""
+"""Exact re-rotation of post-RoPE keys by the 1-D scheme, checked against transformers' own Qwen2 RoPE."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ import torch
 import transformers
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
-from mukv.kv.rope import rerotate, rope_angles, rotate_half
+from mukv.backends.positions import RopePositions, rope_angles, rotate_half
 
 THETA = 1_000_000.0
+
+
+def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move ``keys [..., n, D]`` by ``delta [n]`` positions with the 1-D scheme."""
+    return RopePositions(inv_freq).shift(keys, torch.zeros_like(delta)[None], delta[None])
 
 
 def realistic_inv_freq(head_dim: int = 64) -> torch.Tensor:

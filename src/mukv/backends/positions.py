@@ -27,7 +27,19 @@ from dataclasses import dataclass
 
 import torch
 
-from mukv.kv.rope import rope_angles, rotate_half
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The pairing transformers' Qwen2/Llama RoPE uses: (x1, x2) -> (-x2, x1) over the two halves."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[n, D]`` for integer ``positions [n]`` (float64 angles, then float32): rotations
+    compose, R(p + d) = R(d) R(p), so moving a key by ``d`` is exact up to float32 rounding."""
+    freqs = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
 
 
 @dataclass(frozen=True)
