@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench install install-dev clean
+.PHONY: demo test test-slow test-all lint bench install install-dev clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -20,9 +20,19 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/mukv demo
 
+# The default set: tests marked slow are left out (pyproject.toml), CI runs this.
 test: install-dev
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Only the tests marked slow (each covers a path a faster test of `make test` also covers).
+test-slow: install-dev
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Every test, the slow ones included.
+test-all: install-dev
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: install-dev
 	$(PY) -m ruff check src tests benchmarks

@@ -15,6 +15,8 @@ from mukv.video.synthetic import make_scenes, write_video
 
 SCRIPT = Path(sys.executable).parent / "mukv"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mukv.cli"]
+# Not in the default run (`make test-slow` runs these): a faster test covers the same path.
+SLOW = pytest.mark.slow
 
 
 def mukv(*args: str, input: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -86,6 +88,9 @@ def test_ask_mukv_with_preset_and_overrides(video, model_dir):
     assert all(b["score"] is not None for b in record["retrieved"])
 
 
+# Slow: the same `ask --method --set --json` path as the mukv test above, one process each; every
+# method's answers are tested in process (tests/contract, tests/integration/test_rekv.py).
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "option"), [("rekv", "retrieve_blocks=3"), ("recent", "num_frames=2")])
 def test_ask_with_rekv_and_recent(video, model_dir, method, option):
     result = mukv(
@@ -109,6 +114,8 @@ def test_ask_npy_needs_and_uses_a_frame_rate(tmp_path, model_dir):
     assert json.loads(result.stdout)["frames_seen"] == 5  # 10 s at 0.5 fps: t = 0, 2, 4, 6, 8
 
 
+# The cases marked slow load the model before they fail (seconds each); each is also checked in
+# process by tests/integration/test_cli_inputs.py, and `--method nope` stands for them here.
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -116,13 +123,23 @@ def test_ask_npy_needs_and_uses_a_frame_rate(tmp_path, model_dir):
         (["ask", "{corrupt}", "-q", "What?"], "cannot open as a video"),
         (["ask", "{video}", "-q", "  "], "question: must not be empty"),
         (["ask", "{video}", "-q", "What?", "--method", "nope"], "unknown 'nope'"),
-        (["ask", "{video}", "-q", "What?", "--set", "nope=1"], "nope: unknown field"),
+        pytest.param(["ask", "{video}", "-q", "What?", "--set", "nope=1"], "nope: unknown field", marks=SLOW),
         (["ask", "{video}", "-q", "What?", "--fps", "0"], "sample_fps"),
         (["ask", "{video}", "-q", "What?", "--at", "-1"], "--at"),
-        (["ask", "{video}", "-q", "What?", "--dtype", "int4"], "dtype"),
-        (["ask", "{video}", "-q", "What?", "--method", "mukv", "--preset", "best"], "no preset 'best'"),
-        (["ask", "{video}", "-q", "What?", "--method", "mukv", "--set", "keep_ratio.patch=2"], "keep_ratio.patch"),
-        (["ask", "{video}", "-q", "What?", "--method", "mukv", "--set", "order=random"], "order: must be one of"),
+        pytest.param(["ask", "{video}", "-q", "What?", "--dtype", "int4"], "dtype", marks=SLOW),
+        pytest.param(
+            ["ask", "{video}", "-q", "What?", "--method", "mukv", "--preset", "best"], "no preset 'best'", marks=SLOW
+        ),
+        pytest.param(
+            ["ask", "{video}", "-q", "What?", "--method", "mukv", "--set", "keep_ratio.patch=2"],
+            "keep_ratio.patch",
+            marks=SLOW,
+        ),
+        pytest.param(
+            ["ask", "{video}", "-q", "What?", "--method", "mukv", "--set", "order=random"],
+            "order: must be one of",
+            marks=SLOW,
+        ),
     ],
 )
 def test_bad_input_gives_one_line_errors(tmp_path, video, model_dir, args, message):
@@ -138,6 +155,9 @@ def test_bad_input_gives_one_line_errors(tmp_path, video, model_dir, args, messa
     assert "Traceback" not in result.stderr
 
 
+# Slow: the message is load_backend's (tests/integration/test_backend.py), and the CLI's path for a
+# model that does not load is taken by test_demo_refuses_unknown_methods_and_short_streams.
+@pytest.mark.slow
 def test_unknown_model_offline(video):
     result = mukv("ask", str(video), "-q", "What?", "--model", "no-such-org/no-such-model")
     assert result.returncode == 2

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mukv.memory import available_methods
 from tests.e2e.test_cli import COMMAND, mukv
 from tests.integration.test_judge import MODEL, Reply, endpoint  # noqa: F401  (fixture)
@@ -36,6 +38,10 @@ def eval_args(bench: Path, model_dir: Path, out: Path, method: str) -> list[str]
     return args
 
 
+# Slow: five `mukv eval` processes. Every method answers in process in tests/contract and the runner
+# tests; `eval`, `report` and its plots through the CLI are covered by the tests below and by
+# tests/integration/test_cli_inputs.py.
+@pytest.mark.slow
 def test_every_method_runs_and_reports(bench, model_dir, tmp_path):
     questions = sum(len(v["conversations"]) for v in json.loads((bench / "annotations.json").read_text()))
     runs = []
@@ -85,6 +91,9 @@ def test_killed_run_resumes_without_loss_or_duplicates(bench, model_dir, tmp_pat
     assert records[: len(done)] == done
 
 
+# Slow: three processes. `eval --shard` and `merge` run in process in tests/integration/
+# test_cli_inputs.py, and merged shards equal an unsharded run in tests/integration/test_runner.py.
+@pytest.mark.slow
 def test_shards_and_merge_through_the_cli(bench, model_dir, tmp_path):
     out = tmp_path / "sharded"
     for shard in ("0/2", "1/2"):

@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.test_cli import COMMAND, mukv
 from tests.e2e.test_eval_cli import eval_args
 from tests.integration.test_run_reliability import damage_middle
@@ -27,6 +29,9 @@ def no_traceback(*results: subprocess.CompletedProcess) -> None:
         assert "Traceback" not in result.stderr + result.stdout, result.stderr
 
 
+# Slow: the run lock's refusal and its message are tested in process (tests/integration/
+# test_run_reliability.py: a second writer refused naming the owner, shards and the run-file lock).
+@pytest.mark.slow
 def test_two_evals_on_one_directory_keep_one_record_per_question(bench, model_dir, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -81,6 +81,8 @@ def test_report_of_runs_with_one_name_labels_them_by_path(bench, model_dir, tmp_
     report = mukv("report", *map(str, runs), "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
     assert "| a/run | full" in report.stdout and "| b/run | recent" in report.stdout
+    for plot in ("quality_vs_memory.png", "cost_vs_length.png"):
+        assert (tmp_path / "report" / plot).stat().st_size > 1000
     unknown = mukv("report", str(runs[0]), "--out", str(tmp_path / "r2"), "--video", "nonexistent")
     assert unknown.returncode == 2 and "--video 'nonexistent'" in unknown.stderr and "synthetic_000" in unknown.stderr
     assert not (tmp_path / "r2" / "retrieval_nonexistent.png").exists()
@@ -163,6 +165,13 @@ def test_ask_checks_its_options_before_encoding(model_dir, tmp_path):
         (["-q", "What?", "-c", "red", "-c", " "], "choices: every option needs text"),
         (["-q", "What?", "--set", "top_k=0", "--method", "mukv"], "top_k: holds one value per patch, frame, segment"),
         (["-q", "x" * 600_000], "longer than the model's context"),
+        # The same as the subprocess cases of tests/e2e/test_cli.py marked slow.
+        (["-q", "What?", "--method", "nope"], "unknown 'nope'"),
+        (["-q", "What?", "--set", "nope=1"], "nope: unknown field"),
+        (["-q", "What?", "--dtype", "int4"], "dtype"),
+        (["-q", "What?", "--method", "mukv", "--preset", "best"], "no preset 'best'"),
+        (["-q", "What?", "--method", "mukv", "--set", "keep_ratio.patch=2"], "keep_ratio.patch"),
+        (["-q", "What?", "--method", "mukv", "--set", "order=random"], "order: must be one of"),
     ]
     for extra, message in cases:
         result = mukv(*base, *extra)
