@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the virtual environment (if missing) and install mukv into it.
 #
-#   scripts/install.sh [--dev]
+#   scripts/install.sh [--dev]     installs .[serve], or .[dev,serve] with --dev
 #   scripts/install.sh --system-packages   # only the system tools the tests need (see below)
 #
 # torch first: on a machine without a CUDA GPU, torch==2.13.0 (CPU build) is installed before
@@ -12,9 +12,12 @@ set -euo pipefail
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 CPU_TORCH="${CPU_TORCH:-torch==2.13.0}"
-extras=""
+# The server (`mukv serve`) is part of every install; --dev adds the test and lint tools.
+extras="[serve]"
+dev=""
 if [[ "${1:-}" == "--dev" ]]; then
-  extras="[dev]"
+  extras="[dev,serve]"
+  dev=1
 fi
 
 # System tools the tests need: ffmpeg serves a real live stream on loopback for the live-source
@@ -48,7 +51,7 @@ if [[ "${1:-}" == "--system-packages" ]]; then
   install_system_packages
   exit 0
 fi
-if [[ -n "$extras" ]]; then
+if [[ -n "$dev" ]]; then
   install_system_packages
 fi
 

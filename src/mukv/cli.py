@@ -1,4 +1,4 @@
-"""The ``mukv`` command line: ask, chat, demo, tiny-model, methods.
+"""The ``mukv`` command line: ask, chat, demo, tiny-model, methods, serve.
 
 Heavy modules (torch, transformers, PyAV) are imported inside the commands, so ``mukv --help``
 is instant. User errors (bad paths, values, model ids) print one line and exit with status 2.
@@ -547,6 +547,109 @@ def report(
     path = write_report(run_dirs, out, video)
     typer.echo(path.read_text())
     typer.echo(f"written to {path}")
+
+
+@app.command()
+@_user_errors
+def serve(
+    model: ModelOption = DEFAULT_MODEL_ID,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "auto",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; any but a loopback one needs --token.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MUKV_SERVE_TOKEN",
+            show_default=False,
+            help="Bearer token every /v1 and /metrics request must send (at least 16 characters).",
+        ),
+    ] = None,
+    allow_dir: Annotated[
+        list[Path] | None, typer.Option("--allow-dir", help="Directory whose files streams may play (repeatable).")
+    ] = None,
+    allow_scheme: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-scheme", help="URL scheme live sources may use (repeatable; default: rtsp(s), rtmp(s), srt)."
+        ),
+    ] = None,
+    max_streams: Annotated[int, typer.Option(help="Streams open at once.")] = 8,
+    max_body_mib: Annotated[float, typer.Option(help="Largest request body in MiB.")] = 32.0,
+    max_frame_pixels: Annotated[int, typer.Option(help="Largest frame (width x height).")] = 3840 * 2160,
+    stream_memory_mib: Annotated[
+        int, typer.Option(help="Memory budget of one stream in MiB (then it takes no more frames).")
+    ] = 8192,
+    max_queued_frames: Annotated[
+        int, typer.Option(help="Frames waiting to be encoded per stream; beyond, the oldest are dropped.")
+    ] = 64,
+    encode_batch_frames: Annotated[
+        int, typer.Option(help="Frames encoded per device job (a question waits for at most one job).")
+    ] = 8,
+    method: Annotated[str, typer.Option("--method", help="Memory method of streams that name none.")] = "mukv",
+    preset: PresetOption = None,
+    fps: Annotated[float, typer.Option("--fps", help="Frames sampled per second of file and live sources.")] = 0.5,
+    model_name: Annotated[
+        str | None, typer.Option(help="Model id listed by /v1/models (default: the checkpoint's).")
+    ] = None,
+) -> None:
+    """Serve the model over HTTP: streams, pushed frames, questions as Server-Sent Events, an
+    OpenAI-compatible /v1/chat/completions, health checks and Prometheus metrics."""
+    from mukv.serve.config import MIB, ServeConfig
+
+    config = ServeConfig(
+        model=model,
+        model_name=model_name,
+        device=device,
+        dtype=dtype,
+        host=host,
+        port=port,
+        token=token,
+        max_streams=max_streams,
+        max_body_bytes=int(max_body_mib * MIB),
+        max_frame_pixels=max_frame_pixels,
+        stream_memory_bytes=stream_memory_mib * MIB,
+        max_queued_frames=max_queued_frames,
+        encode_batch_frames=encode_batch_frames,
+        allow_dirs=tuple(allow_dir or ()),
+        **({"allowed_schemes": tuple(allow_scheme)} if allow_scheme else {}),
+        default_method=method,
+        default_preset=preset,
+        default_fps=fps,
+    )
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import sse_starlette  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise ImportError(f"the server needs its extra: pip install 'mukv[serve]' (missing: {exc.name})") from None
+    from mukv.errors import ModelLoadError
+    from mukv.serve.app import create_app
+
+    # The server's own messages (model loaded, failures) as "info: ..." lines next to uvicorn's.
+    serve_logger = logging.getLogger("mukv.serve")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    level, propagate = serve_logger.level, serve_logger.propagate
+    serve_logger.addHandler(handler)
+    serve_logger.setLevel(logging.INFO)
+    serve_logger.propagate = False
+    web_app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(web_app, host=host, port=port, log_level="info"))
+    state = web_app.state.mukv
+    state.on_load_error = lambda exc: setattr(server, "should_exit", True)
+    typer.secho(f"loading {model} on {device}; serving on http://{host}:{port}", err=True, dim=True)
+    try:
+        server.run()
+    finally:  # a program that runs the command in-process gets its logging back as it was
+        serve_logger.removeHandler(handler)
+        serve_logger.setLevel(level)
+        serve_logger.propagate = propagate
+    if state.load_error is not None:
+        raise ModelLoadError(str(state.load_error))
 
 
 @app.command("train-tiny")

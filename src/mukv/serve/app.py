@@ -1,0 +1,544 @@
+"""The HTTP API: :func:`create_app` builds a FastAPI app serving one model to many video streams.
+
+Routes (``/v1`` and ``/metrics`` need ``Authorization: Bearer <token>`` when a token is set):
+
+- ``GET /health/live``, ``GET /health/ready`` (503 until the model is loaded), ``GET /metrics``;
+- ``POST /v1/streams`` (create), ``GET /v1/streams``, ``GET|DELETE /v1/streams/{id}``;
+- ``POST /v1/streams/{id}/frames``: one PNG/JPEG body (``?t=`` seconds) or ``multipart/form-data``
+  with ``frame`` images and one ``t`` per frame; answered 202 once queued;
+- ``POST /v1/streams/{id}/questions``: the answer as Server-Sent Events (``token``, then ``done``);
+- ``GET /v1/models``, ``POST /v1/chat/completions`` (OpenAI-compatible; ``stream_id`` names the stream).
+
+Every error is JSON ``{"error": {"code", "message", "field"?}}`` (:mod:`mukv.serve.errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mukv import __version__
+from mukv.engine import DoneEvent, TokenEvent
+from mukv.serve import chat
+from mukv.serve.answers import AnswerRun, done_json, token_json
+from mukv.serve.config import ServeConfig
+from mukv.serve.errors import ApiError, field_of, from_exception
+from mukv.serve.images import DECODERS, decode_image, media_type, sniff
+from mukv.serve.metrics import CONTENT_TYPE, ServeMetrics
+from mukv.serve.sources import parse_source
+from mukv.serve.streams import ServedStream, StreamManager, StreamOptions
+from mukv.serve.worker import DeviceWorker, Priority
+
+logger = logging.getLogger(__name__)
+
+# Seconds between SSE comments that keep idle connections (and proxies) open.
+SSE_PING_SECONDS = 15
+
+
+class ServerState:
+    """Everything one app holds: its config, device worker, model, streams and metrics."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.metrics = ServeMetrics()
+        self.worker: DeviceWorker | None = None
+        self.manager: StreamManager | None = None
+        self.model_id: str | None = None
+        self.load_error: BaseException | None = None
+        self.started = int(time.time())
+        # Called (on the worker thread) when the model fails to load: `mukv serve` stops the server.
+        self.on_load_error: Callable[[BaseException], None] | None = None
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        """Start the device worker and load the model on it (the app serves health checks meanwhile)."""
+        self.worker = DeviceWorker()
+        self.manager = StreamManager(self.config, self.worker, self.metrics)
+        self.metrics.watch(self.manager.streams, self.worker.waiting)
+        self.worker.submit(Priority.QUESTION, self._load).add_done_callback(self._loaded)
+
+    def _load(self) -> str:
+        from mukv.backends import load_backend
+
+        logger.info("loading %s on %s", self.config.model, self.config.device)
+        backend = load_backend(self.config.model, device=self.config.device, dtype=self.config.dtype)
+        assert self.manager is not None
+        self.manager.backend = backend
+        return self.config.model_name or backend.model_id
+
+    def _loaded(self, future: Any) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            self.model_id = future.result()
+            self._ready.set()
+            logger.info("model %s loaded: ready", self.model_id)
+            return
+        self.load_error = error
+        logger.error("loading %s failed: %s", self.config.model, error)
+        if self.on_load_error is not None:
+            self.on_load_error(error)
+
+    def stop(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+        if self.worker is not None:
+            self.worker.close()
+
+    @property
+    def streams(self) -> StreamManager:
+        assert self.manager is not None
+        return self.manager
+
+
+class _Guard:
+    """Checks made before a request reaches a route: the bearer token (``/v1`` and ``/metrics``),
+    readiness (``/v1``), and the body size (the declared length at once, a streamed body as it
+    arrives)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        config = self.state.config
+        error = None
+        if (path.startswith("/v1") or path == "/metrics") and config.token is not None:
+            error = _check_token(headers.get("authorization"), config.token)
+        if error is None and path.startswith("/v1") and not self.state.ready:
+            error = _not_ready(self.state)
+        limit = config.max_body_bytes
+        if error is None:
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                error = _too_large(limit)
+        if error is not None:
+            await _json_error(error)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _check_token(header: str | None, token: str) -> ApiError | None:
+    scheme, _, value = (header or "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
+        return None
+    return ApiError(
+        401,
+        "unauthorized",
+        "missing or wrong token: send Authorization: Bearer <token>",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _not_ready(state: ServerState) -> ApiError:
+    if state.load_error is not None:
+        return ApiError(503, "model_load_failed", f"the model failed to load: {state.load_error}")
+    message = f"the model {state.config.model} is still loading"
+    return ApiError(503, "model_loading", message, headers={"Retry-After": "5"})
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"request body is over the limit of {limit:,} bytes")
+
+
+def _json_error(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+# -- request bodies ----------------------------------------------------------------------------
+OverrideValue = str | bool | int | float | None
+
+
+class StreamRequest(BaseModel):
+    """``POST /v1/streams``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=4096, description='"push", a file path, or a live URL')
+    method: str | None = None
+    preset: str | None = None
+    overrides: dict[str, OverrideValue] | None = Field(default=None, description="dotted option -> value")
+    fps: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="frames sampled per second")
+    speed: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="file playback speed")
+    npy_fps: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="frame rate of .npy")
+
+
+class QuestionRequest(BaseModel):
+    """``POST /v1/streams/{id}/questions``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str
+    choices: list[str] | None = None
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    at: float | None = Field(default=None, allow_inf_nan=False, description="seconds of stream time")
+
+
+def _text(value: OverrideValue) -> str:
+    """An override as the command line types it, so that it is converted and checked the same way."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def stream_options(body: StreamRequest, config: ServeConfig) -> StreamOptions:
+    """Validate a stream request (source, method, preset, overrides) as the command line does."""
+    from mukv.memory import method_config
+
+    source = parse_source(body.source, config)
+    if source.kind == "push":
+        for name in ("fps", "speed", "npy_fps"):
+            if getattr(body, name) is not None:
+                raise ApiError(422, "invalid_request", f"{name}: pushed frames carry their own times", field=name)
+    if source.kind == "live":
+        for name in ("speed", "npy_fps"):
+            if getattr(body, name) is not None:
+                raise ApiError(422, "invalid_request", f"{name}: a live source plays at its own pace", field=name)
+    method = body.method or config.default_method
+    preset = body.preset if body.method is not None or body.preset is not None else config.default_preset
+    overrides = {key: _text(value) for key, value in (body.overrides or {}).items()}
+    if "preset" in overrides:
+        raise ApiError(
+            422, "invalid_override", "preset: give it as the request's preset, not as an override", field="overrides"
+        )
+    try:
+        resolved = method_config(method, overrides, preset)
+    except ValueError as exc:
+        message = str(exc)
+        named = field_of(message)
+        if named in ("method", "preset"):
+            raise ApiError(422, f"invalid_{named}", message, field=named) from None
+        raise ApiError(422, "invalid_override", message, field=f"overrides.{named}" if named else "overrides") from None
+    return StreamOptions(
+        source=source,
+        method=method,
+        preset=preset,
+        overrides=overrides,
+        method_config=resolved,
+        fps=body.fps if body.fps is not None else config.default_fps,
+        speed=body.speed if body.speed is not None else 1.0,
+        npy_fps=body.npy_fps,
+    )
+
+
+# -- the app -------------------------------------------------------------------------------------
+def create_app(config: ServeConfig) -> FastAPI:
+    """A FastAPI app serving ``config.model`` (loaded when the app starts, on its device worker)."""
+    state = ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.stop)
+
+    app = FastAPI(
+        title="mukv",
+        version=__version__,
+        summary="Questions about live video streams, answered from a compressed KV-cache memory.",
+        lifespan=lifespan,
+    )
+    app.state.mukv = state
+    app.add_middleware(_Guard, state=state)
+    _add_error_handlers(app)
+    _add_health_routes(app, state)
+    app.include_router(_api_router(state), prefix="/v1")
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _json_error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _json_error(ApiError(400, "invalid_json", f"the body is not valid JSON: {first.get('msg')}"))
+        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+        field = ".".join(location) or None
+        message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+        return _json_error(ApiError(422, "invalid_request", message, field=field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        error = ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return _json_error(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+
+
+def _add_health_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        """The process answers."""
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        """200 once the model is loaded, 503 before (or when it failed to load)."""
+        if not state.ready:
+            return _json_error(_not_ready(state))
+        return JSONResponse({"status": "ready", "model": state.model_id})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _api_router(state: ServerState) -> APIRouter:
+    router = APIRouter()
+    config = state.config
+
+    @router.get("/models")
+    async def models() -> dict[str, Any]:
+        """The one model this server serves."""
+        return {
+            "object": "list",
+            "data": [{"id": state.model_id, "object": "model", "created": state.started, "owned_by": "mukv"}],
+        }
+
+    @router.post("/streams", status_code=201)
+    async def create_stream(body: StreamRequest) -> JSONResponse:
+        """Create a stream: pushed frames, a file played at its clock, or a live URL."""
+        stream = await state.streams.create(stream_options(body, config))
+        return JSONResponse(stream.info(), status_code=201, headers={"Location": f"/v1/streams/{stream.id}"})
+
+    @router.get("/streams")
+    async def list_streams() -> dict[str, Any]:
+        return {"object": "list", "data": [stream.info() for stream in state.streams.streams()]}
+
+    @router.get("/streams/{stream_id}")
+    async def get_stream(stream_id: str) -> dict[str, Any]:
+        return state.streams.get(stream_id).info()
+
+    @router.delete("/streams/{stream_id}")
+    async def delete_stream(stream_id: str) -> dict[str, Any]:
+        """Stop the stream's source, cancel its answers, free its memory."""
+        await state.streams.delete(stream_id)
+        return {"id": stream_id, "object": "stream", "deleted": True}
+
+    @router.post("/streams/{stream_id}/frames", status_code=202)
+    async def push_frames(
+        stream_id: str,
+        request: Request,
+        t: float | None = Query(default=None, ge=0, allow_inf_nan=False, description="seconds of stream time"),
+    ) -> JSONResponse:
+        """Queue frames for encoding: a PNG/JPEG body at ``t`` (default: seconds since the stream was
+        created), or multipart ``frame`` parts with one ``t`` part each (a single frame may take
+        ``t`` from the query or the clock instead)."""
+        stream = state.streams.get(stream_id)
+        arrival = stream.clock()
+        if stream.options.source.kind != "push":
+            raise ApiError(
+                409, "not_a_push_stream", f"stream {stream_id} plays its {stream.options.source.kind} source"
+            )
+        kind = media_type(request.headers.get("content-type"))
+        if kind == "multipart/form-data":
+            images, times = await _multipart_frames(request, config, default_time=arrival if t is None else t)
+        elif kind in DECODERS:
+            images, times = [(await request.body(), kind, "body")], [arrival if t is None else t]
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"frames are image/png, image/jpeg or multipart/form-data, got {kind or 'no Content-Type'}",
+                field="content-type",
+            )
+        frames = await asyncio.to_thread(
+            lambda: [decode_image(data, what, max_pixels=config.max_frame_pixels, field=f) for data, what, f in images]
+        )
+        offer = state.streams.offer(stream, frames, times)
+        return JSONResponse(
+            {
+                "stream_id": stream.id,
+                "accepted": offer.accepted,
+                "timestamps": times,
+                "queue_position": offer.position,
+                "queued": offer.queued,
+                "dropped": offer.dropped,
+            },
+            status_code=202,
+        )
+
+    @router.post("/streams/{stream_id}/questions")
+    async def ask(stream_id: str, body: QuestionRequest) -> EventSourceResponse:
+        """Answer at time ``at`` (default: the stream time), as Server-Sent Events: ``token``
+        events ``{"text", "id"}``, then one ``done`` event (or an ``error`` event)."""
+        stream = state.streams.get(stream_id)
+        _check_max_new_tokens(body.max_new_tokens, config, "max_new_tokens")
+        run, first = await _start_answer(
+            state, stream, body.question, body.choices, max_new_tokens=body.max_new_tokens, at=body.at
+        )
+        return EventSourceResponse(_question_events(run, first, stream), ping=SSE_PING_SECONDS, sep="\n")
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat_completions(body: chat.ChatRequest, request: Request) -> JSONResponse | EventSourceResponse:
+        """OpenAI-compatible: the last user message is the question about stream ``stream_id``."""
+        if body.model != state.model_id:
+            message = f"model {body.model!r} is not served here; this server serves {state.model_id!r}"
+            raise ApiError(404, "model_not_found", message, field="model")
+        question, max_new_tokens = chat.question_of(body)
+        _check_max_new_tokens(max_new_tokens, config, chat.max_tokens_field(body))
+        stream = state.streams.get(chat.stream_id_of(body))
+        run, first = await _start_answer(state, stream, question, None, max_new_tokens=max_new_tokens, at=body.at)
+        completion = chat.Completion(model=state.model_id or "")
+        if body.stream:
+            chunks = chat.stream_chunks(run, first, completion, include_usage=chat.wants_usage(body))
+            return EventSourceResponse(chunks, ping=SSE_PING_SECONDS, sep="\n")
+        return JSONResponse(await chat.collect(run, first, completion, request))
+
+    return router
+
+
+def _check_max_new_tokens(value: int | None, config: ServeConfig, field: str) -> None:
+    if value is not None and value > config.max_new_tokens:
+        raise ApiError(
+            422, "invalid_request", f"{field}: at most {config.max_new_tokens} on this server, got {value}", field=field
+        )
+
+
+async def _start_answer(
+    state: ServerState,
+    stream: ServedStream,
+    question: str,
+    choices: list[str] | None,
+    *,
+    max_new_tokens: int | None,
+    at: float | None,
+) -> tuple[AnswerRun, TokenEvent | DoneEvent]:
+    """Start an answer and wait for its first event, so that a refused question is a JSON error
+    (the status line is not sent until the question is accepted)."""
+    run = state.streams.ask(stream, question, choices, max_new_tokens=max_new_tokens, at=at)
+    try:
+        first = await run.next()
+    except asyncio.CancelledError:
+        run.cancel()
+        raise
+    except Exception as exc:
+        raise from_exception(exc) from None
+    return run, first
+
+
+async def _question_events(
+    run: AnswerRun, first: TokenEvent | DoneEvent, stream: ServedStream
+) -> AsyncIterator[dict[str, str]]:
+    """SSE events of an answer; leaving early (the client disconnected) cancels the answer."""
+    try:
+        event = first
+        while True:
+            if isinstance(event, TokenEvent):
+                yield {"event": "token", "data": json.dumps(token_json(event))}
+            else:
+                data = done_json(event.answer, run, frames_queued=stream.counters()["queued"])
+                yield {"event": "done", "data": json.dumps(data)}
+                return
+            try:
+                event = await run.next()
+            except Exception as exc:
+                yield {"event": "error", "data": json.dumps(from_exception(exc).body())}
+                return
+    finally:
+        run.cancel()
+
+
+async def _multipart_frames(
+    request: Request, config: ServeConfig, *, default_time: float
+) -> tuple[list[tuple[bytes, str, str]], list[float]]:
+    """``frame`` image parts and their ``t`` parts (one each, in order; a single frame may omit it)."""
+    from starlette.datastructures import UploadFile
+
+    try:
+        form = await request.form(max_files=config.max_frames_per_request, max_fields=config.max_frames_per_request + 8)
+    except StarletteHTTPException as exc:
+        raise ApiError(422, "invalid_multipart", f"cannot read the multipart body: {exc.detail}") from None
+    try:
+        unknown = sorted(set(form.keys()) - {"frame", "t"})
+        if unknown:
+            raise ApiError(422, "invalid_multipart", f"{unknown[0]}: unknown part (parts: frame, t)", field=unknown[0])
+        parts = form.getlist("frame")
+        if not parts:
+            raise ApiError(422, "invalid_multipart", "frame: no frame parts", field="frame")
+        images = []
+        for index, part in enumerate(parts):
+            field = f"frame.{index}"
+            if not isinstance(part, UploadFile):
+                raise ApiError(422, "invalid_multipart", f"{field}: must be an image file part", field=field)
+            data = await part.read()
+            kind = media_type(part.content_type)
+            if kind not in DECODERS:
+                if kind not in (None, "application/octet-stream") or sniff(data) is None:
+                    raise ApiError(
+                        415, "unsupported_media_type", f"{field}: frames are image/png or image/jpeg", field=field
+                    )
+                kind = sniff(data)
+            images.append((data, kind, field))
+        texts = form.getlist("t")
+        if not texts and len(images) == 1:
+            return images, [default_time]
+        if len(texts) != len(images):
+            message = f"t: one timestamp per frame ({len(images)} frames, {len(texts)} t parts)"
+            raise ApiError(422, "invalid_multipart", message, field="t")
+        times = []
+        for index, text in enumerate(texts):
+            times.append(_seconds(text if isinstance(text, str) else "", f"t.{index}"))
+        return images, times
+    finally:
+        await form.close()
+
+
+def _seconds(text: str, field: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ApiError(422, "invalid_request", f"{field}: expected seconds, got {text!r}", field=field) from None
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(422, "invalid_request", f"{field}: must be finite seconds >= 0, got {text}", field=field)
+    return value

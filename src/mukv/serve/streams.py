@@ -1,0 +1,533 @@
+"""Streams as server resources: each holds a :class:`~mukv.engine.StreamSession`, a bounded queue of
+frames waiting to be encoded, its source player (file and live sources) and its counters.
+
+Frames reach a stream from HTTP pushes or its player; they wait in the stream's queue and are
+encoded by the device worker in batches, at encoding priority. When a stream falls behind, its
+queue holds at most ``max_queued_frames``: the oldest waiting frames are dropped to make room for
+new ones (a live stream's memory should reach the present; what is dropped is counted, in the
+stream's info and in the metrics). A stream whose memory reaches its budget takes no more frames.
+
+A question is answered at its time ``at`` (default: the newest frame received): its first step,
+at question priority, encodes the frames up to ``at`` still waiting in the queue, so an answer
+never misses a frame the stream had received before it, and never sees one after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mukv.backends.base import Backend
+from mukv.engine import DoneEvent, Event, StreamSession
+from mukv.memory import MemoryStats
+from mukv.serve.answers import AnswerRun
+from mukv.serve.config import ServeConfig
+from mukv.serve.errors import ApiError
+from mukv.serve.metrics import ServeMetrics
+from mukv.serve.sources import SourcePlayer, SourceSpec, open_frames
+from mukv.serve.worker import DeviceWorker, Priority
+
+logger = logging.getLogger(__name__)
+
+DROP_REASONS = ("queue_full", "memory_budget", "stream_closed", "encode_failed")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What a stream was created with (validated): its source, memory method and frame sampling."""
+
+    source: SourceSpec
+    method: str
+    preset: str | None
+    overrides: dict[str, str]
+    method_config: Any
+    fps: float
+    speed: float
+    npy_fps: float | None = None
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The outcome of queueing frames: ``accepted`` frames, ``dropped`` (the oldest waiting frames
+    pushed out to make room, possibly some of these), ``queued`` frames now waiting, and
+    ``position``: how many waiting frames are ahead of the first accepted one."""
+
+    accepted: int
+    dropped: int
+    queued: int
+    position: int
+
+
+class ServedStream:
+    """One stream held by the server. Thread-safe: the event loop, its player and the device worker
+    all touch it; the session itself is only driven from the device worker.
+
+    ``state``: ``live`` (a push stream), ``playing`` (a file or live source being read), ``ended``
+    (its source ended), ``stopped`` (its memory reached its budget) or ``failed`` (its source or
+    the encoder failed; ``error`` says why).
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        options: StreamOptions,
+        session: StreamSession,
+        stats: MemoryStats,
+        *,
+        max_queued: int,
+        memory_budget: int,
+        metrics: ServeMetrics,
+    ) -> None:
+        self.id = stream_id
+        self.options = options
+        self.session = session
+        self.max_queued = max_queued
+        self.memory_budget = memory_budget
+        self._metrics = metrics
+        self.created_at = time.time()
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[np.ndarray, float]] = deque()
+        self._encode_scheduled = False
+        self._received = 0
+        self._encoded = 0
+        self._encoding = 0  # taken from the queue, being encoded now
+        self._dropped: Counter[str] = Counter()
+        self._answers: Counter[str] = Counter()
+        self._last_received: float | None = None
+        self._encoded_time: float | None = None
+        # Computed on the worker after each change: reading it never waits for the session's lock.
+        self._stats = stats
+        self.state = "live" if options.source.kind == "push" else "playing"
+        self.error: dict[str, str] | None = None
+        self.closed = False
+        self.player: SourcePlayer | None = None
+        self.active: set[AnswerRun] = set()
+
+    # -- clock and counters --------------------------------------------------------------------
+    def clock(self) -> float:
+        """Seconds since the stream was created (the default timestamp of a pushed frame)."""
+        return time.monotonic() - self._started
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._stats.total_bytes
+
+    @property
+    def encoded_time(self) -> float | None:
+        """Timestamp of the newest frame in memory."""
+        return self._encoded_time
+
+    @property
+    def last_received(self) -> float | None:
+        """Timestamp of the newest frame received (queued or encoded): the stream time."""
+        return self._last_received
+
+    def counters(self) -> dict[str, Any]:
+        """Frames ``received`` (queued at least once), ``encoded``, ``queued``, ``encoding`` (being
+        encoded now) and ``dropped`` (never encoded), with the drops ``dropped_by_reason``."""
+        source_dropped = self.player.dropped() if self.player is not None else 0
+        with self._lock:
+            by_reason = {reason: self._dropped[reason] for reason in DROP_REASONS}
+            by_reason["source_behind"] = source_dropped
+            return {
+                "received": self._received,
+                "encoded": self._encoded,
+                "queued": len(self._queue),
+                "encoding": self._encoding,
+                "dropped": sum(by_reason.values()),
+                "dropped_by_reason": by_reason,
+            }
+
+    def lag(self) -> float | None:
+        """How far the memory is behind real time, in seconds of stream time (file and live sources):
+        the source's real-time position (its newest frame once it ended, or for a live source)
+        minus the newest encoded frame's time."""
+        if self.options.source.kind == "push":
+            return None
+        position = self.player.position() if self.player is not None else None
+        if position is None or (self.player is not None and self.player.ended):
+            position = self._last_received
+        if position is None:
+            return 0.0
+        return max(0.0, position - (self._encoded_time if self._encoded_time is not None else 0.0))
+
+    def info(self) -> dict[str, Any]:
+        """The stream as the API shows it: ``time`` is the newest frame received (the stream time),
+        ``encoded_time`` the newest in memory, ``position`` where real time is (a file's playing
+        position, a live source's clock, the default timestamp of a pushed frame), ``lag_seconds``
+        how far the memory is behind it (file and live sources)."""
+        counters = self.counters()
+        dropped = {reason: n for reason, n in counters.pop("dropped_by_reason").items() if n}
+        with self._lock:
+            answers = {"completed": 0, "cancelled": 0, "failed": 0, **self._answers, "active": len(self.active)}
+        if self.options.source.kind == "push":
+            position: float | None = self.clock()  # the time a frame pushed now without ``t`` gets
+        else:
+            position = self.player.position() if self.player is not None and not self.player.ended else None
+        return {
+            "id": self.id,
+            "object": "stream",
+            "created_at": self.created_at,
+            "state": self.state,
+            "source": self.options.source.to_json(),
+            "method": self.options.method,
+            "preset": self.options.preset,
+            "overrides": self.options.overrides,
+            "fps": self.options.fps if self.options.source.kind != "push" else None,
+            "speed": self.options.speed if self.options.source.kind == "file" else None,
+            "frames": {**counters, "dropped_by_reason": dropped},
+            "time": self._last_received,
+            "encoded_time": self._encoded_time,
+            "position": position,
+            "lag_seconds": self.lag(),
+            "memory": self._stats.to_dict(),
+            "memory_budget_bytes": self.memory_budget,
+            "answers": answers,
+            "error": self.error,
+        }
+
+    # -- frames in -----------------------------------------------------------------------------
+    def offer(self, frames: Sequence[np.ndarray], timestamps: Sequence[float]) -> tuple[Offer, bool]:
+        """Queue frames (uint8 ``[H, W, 3]`` each) at increasing ``timestamps``.
+
+        Returns the :class:`Offer` and whether the caller must schedule an encoding job. Raises
+        :class:`ApiError` (keeping none of these frames) for a timestamp not after the stream's
+        newest, or when the stream takes no more frames.
+        """
+        count = len(frames)
+        with self._lock:
+            if self.closed:
+                raise ApiError(404, "stream_not_found", f"stream {self.id} was deleted")
+            if self._stats.total_bytes >= self.memory_budget:
+                raise self._budget_error()
+            if self.error is not None:
+                message = f"stream {self.id} takes no more frames: {self.error['message']}"
+                raise ApiError(409, self.error["code"], message)
+            previous = self._last_received
+            for t in timestamps:
+                if previous is not None and t <= previous:
+                    raise ApiError(
+                        409,
+                        "timestamp_not_increasing",
+                        f"frame at {t:.6g} s is not after the stream's newest frame ({previous:.6g} s): "
+                        "timestamps must increase",
+                        field="t",
+                    )
+                previous = t
+            ahead = len(self._queue)
+            self._queue.extend(zip(frames, (float(t) for t in timestamps), strict=True))
+            self._received += count
+            self._last_received = float(timestamps[-1])
+            overflow = max(0, len(self._queue) - self.max_queued)
+            for _ in range(overflow):
+                self._queue.popleft()
+            self._count_dropped("queue_full", overflow)
+            schedule = not self._encode_scheduled and bool(self._queue)
+            self._encode_scheduled = self._encode_scheduled or schedule
+            offer = Offer(count, overflow, len(self._queue), max(0, ahead - overflow))
+        return offer, schedule
+
+    def _budget_error(self) -> ApiError:
+        return ApiError(
+            507,
+            "memory_budget_exceeded",
+            f"stream {self.id} holds {self._stats.total_bytes:,} bytes, its budget is {self.memory_budget:,}: "
+            "it takes no more frames (delete it, or create a stream with a smaller memory method)",
+        )
+
+    def _count_dropped(self, reason: str, count: int) -> None:
+        if count:
+            self._dropped[reason] += count
+            self._metrics.frames_dropped.labels(reason).inc(count)
+
+    def take(self, max_frames: int, until: float | None = None, *, release: bool = False) -> list:
+        """Take up to ``max_frames`` waiting frames of one size with timestamp <= ``until``.
+
+        ``release``: the caller is the stream's encoding job, which is no longer scheduled when
+        nothing is left to take (checked under the lock the pushes take, so no frame is forgotten).
+        """
+        with self._lock:
+            batch: list[tuple[np.ndarray, float]] = []
+            while self._queue and len(batch) < max_frames:
+                frame, t = self._queue[0]
+                if (until is not None and t > until) or (batch and frame.shape != batch[0][0].shape):
+                    break
+                batch.append(self._queue.popleft())
+            if release and not batch:
+                self._encode_scheduled = False
+            self._encoding += len(batch)
+            return batch
+
+    def discard_queue(self, reason: str) -> None:
+        with self._lock:
+            self._count_dropped(reason, len(self._queue))
+            self._queue.clear()
+
+    def stop_taking(self, code: str, message: str, *, state: str) -> None:
+        """Take no more frames (the budget is reached, the source failed): the reason is shown in the
+        stream's info and given to anyone who pushes."""
+        with self._lock:
+            if self.error is None:
+                self.error = {"code": code, "message": message}
+            self.state = state
+        if self.player is not None:
+            self.player.stop()
+
+    # -- worker side -----------------------------------------------------------------------------
+    def encode(self, max_frames: int, until: float | None = None, *, release: bool = False) -> int:
+        """Encode one batch of waiting frames into the session (device worker only). Returns the
+        number of frames encoded (0: nothing to do)."""
+        if self.closed:
+            return 0
+        if self._stats.total_bytes >= self.memory_budget:
+            self.stop_taking("memory_budget_exceeded", self._budget_error().message, state="stopped")
+            with self._lock:
+                self._count_dropped("memory_budget", len(self._queue))
+                self._queue.clear()
+                if release:
+                    self._encode_scheduled = False
+            return 0
+        batch = self.take(max_frames, until, release=release)
+        if not batch:
+            return 0
+        times = np.asarray([t for _, t in batch], dtype=np.float64)
+        try:
+            self.session.ingest(np.stack([frame for frame, _ in batch]), times)
+            stats = self.session.stats()
+        except Exception as exc:
+            logger.exception("encoding frames of stream %s failed", self.id)
+            with self._lock:
+                self._encoding -= len(batch)
+                self._count_dropped("encode_failed", len(batch))
+            self.stop_taking("encode_failed", f"{type(exc).__name__}: {exc}", state="failed")
+            self.discard_queue("encode_failed")
+            return 0
+        with self._lock:
+            self._encoding -= len(batch)
+            self._encoded += len(batch)
+            self._encoded_time = float(times[-1])
+            self._stats = stats
+        self._metrics.frames_ingested.inc(len(batch))
+        return len(batch)
+
+    def refresh_stats(self) -> None:
+        """Re-read the memory's stats (device worker only; a question may add provisional blocks)."""
+        stats = self.session.stats()
+        with self._lock:
+            self._stats = stats
+
+    def add_answer(self, run: AnswerRun) -> None:
+        with self._lock:
+            if self.closed:
+                raise ApiError(404, "stream_not_found", f"stream {self.id} was deleted")
+            self.active.add(run)
+
+    def record_answer(self, run: AnswerRun) -> None:
+        with self._lock:
+            self._answers[run.outcome or "failed"] += 1
+            self.active.discard(run)
+
+    def source_ended(self, error: ApiError | None) -> None:
+        """Called by the player when its source ended (or failed)."""
+        if error is not None:
+            state = "stopped" if error.code == "memory_budget_exceeded" else "failed"
+            self.stop_taking(error.code, error.message, state=state)
+        elif self.state == "playing":
+            self.state = "ended"
+
+    def close(self) -> None:
+        """Stop the source, cancel answers in progress and drop the waiting frames."""
+        with self._lock:
+            self.closed = True
+            active = list(self.active)
+        if self.player is not None:
+            self.player.stop()
+        for run in active:
+            run.cancel()
+        self.discard_queue("stream_closed")
+
+
+class StreamManager:
+    """The streams of one server, created and driven through one device worker and one model."""
+
+    def __init__(self, config: ServeConfig, worker: DeviceWorker, metrics: ServeMetrics) -> None:
+        self.config = config
+        self.worker = worker
+        self.metrics = metrics
+        self.backend: Backend | None = None
+        self._streams: dict[str, ServedStream] = {}
+        self._reserved = 0  # streams being created (counted against the limit before they exist)
+        self._lock = threading.Lock()
+
+    def streams(self) -> list[ServedStream]:
+        with self._lock:
+            return list(self._streams.values())
+
+    def get(self, stream_id: str) -> ServedStream:
+        with self._lock:
+            stream = self._streams.get(stream_id)
+        if stream is None:
+            raise ApiError(404, "stream_not_found", f"no stream {stream_id!r}", field="stream_id")
+        return stream
+
+    async def create(self, options: StreamOptions) -> ServedStream:
+        """Open the source, set up the session on the device worker, start playing."""
+        assert self.backend is not None
+        with self._lock:
+            if len(self._streams) + self._reserved >= self.config.max_streams:
+                raise ApiError(
+                    429,
+                    "too_many_streams",
+                    f"the server holds {self.config.max_streams} streams, its limit: delete one first",
+                )
+            self._reserved += 1
+        source = None
+        try:
+            if options.source.kind != "push":
+                source = await asyncio.to_thread(open_frames, options.source, fps=options.fps, npy_fps=options.npy_fps)
+            backend = self.backend
+
+            def setup() -> tuple[StreamSession, MemoryStats]:
+                session = StreamSession(backend, options.method, method_config=options.method_config)
+                return session, session.stats()
+
+            session, stats = await asyncio.wrap_future(self.worker.submit(Priority.QUESTION, setup))
+            stream = ServedStream(
+                f"st_{secrets.token_hex(8)}",
+                options,
+                session,
+                stats,
+                max_queued=self.config.max_queued_frames,
+                memory_budget=self.config.stream_memory_bytes,
+                metrics=self.metrics,
+            )
+        except BaseException:
+            if source is not None:
+                source.close()
+            with self._lock:
+                self._reserved -= 1
+            raise
+        with self._lock:
+            self._reserved -= 1
+            self._streams[stream.id] = stream
+        if source is not None:
+            stream.player = SourcePlayer(
+                source,
+                speed=options.speed if options.source.kind == "file" else None,
+                deliver=lambda frames, times: self.offer(stream, list(frames), times.tolist()),
+                on_end=stream.source_ended,
+                name=f"mukv-source-{stream.id}",
+            )
+            stream.player.start()
+        return stream
+
+    def offer(self, stream: ServedStream, frames: Sequence[np.ndarray], timestamps: Sequence[float]) -> Offer:
+        """Queue frames in ``stream`` and make sure an encoding job will take them (thread-safe)."""
+        offer, schedule = stream.offer(frames, timestamps)
+        if schedule:
+            self.worker.submit(Priority.ENCODE, lambda: self._encode_job(stream))
+        return offer
+
+    def _encode_job(self, stream: ServedStream) -> None:
+        """One batch of a stream's queue; queued again behind other streams' batches while frames wait."""
+        if stream.encode(self._batch_frames(stream), release=True):
+            self.worker.submit(Priority.ENCODE, lambda: self._encode_job(stream))
+
+    def _batch_frames(self, stream: ServedStream) -> int:
+        return self.config.encode_batch_frames
+
+    def ask(
+        self,
+        stream: ServedStream,
+        question: str,
+        choices: Sequence[str] | None,
+        *,
+        max_new_tokens: int | None,
+        at: float | None,
+    ) -> AnswerRun:
+        """Start answering ``question`` at time ``at`` (default: the stream time); events come from
+        :meth:`AnswerRun.next` (the first raises if the question is refused)."""
+        newest = stream.last_received
+        if newest is None:
+            raise ApiError(
+                409, "no_frames", f"stream {stream.id} has no frames yet: push frames (or wait for its source) first"
+            )
+        encoded = stream.encoded_time
+        if at is not None and encoded is not None and at < encoded:
+            raise ApiError(
+                409,
+                "at_before_memory",
+                f"at: {at:.6g} s is before the newest frame already in memory ({encoded:.6g} s)",
+                field="at",
+            )
+        if at is not None and at > newest:
+            raise ApiError(
+                409,
+                "at_after_stream_time",
+                f"at: {at:.6g} s is after the stream time {newest:.6g} s (a question never sees a frame after it)",
+                field="at",
+            )
+        when = newest if at is None else at
+
+        def start() -> Iterator[Event]:
+            while stream.encode(self._batch_frames(stream), until=when):
+                pass  # frames the question must see, still waiting: encoded first
+            # A question "now" keeps up with frames another question had encoded meanwhile.
+            memory_time = stream.session.time
+            asked_at = max(when, memory_time) if at is None and memory_time is not None else when
+            return self._answer_events(stream, question, choices, max_new_tokens, asked_at)
+
+        run = AnswerRun(self.worker, start, on_finish=lambda finished: self._finished(stream, finished))
+        stream.add_answer(run)
+        try:
+            run.start()
+        except RuntimeError:
+            stream.record_answer(run)
+            raise ApiError(503, "shutting_down", "the server is shutting down") from None
+        return run
+
+    @staticmethod
+    def _answer_events(
+        stream: ServedStream, question: str, choices: Sequence[str] | None, max_new_tokens: int | None, at: float
+    ) -> Iterator[Event]:
+        for event in stream.session.ask_stream(question, choices, max_new_tokens=max_new_tokens, at=at):
+            if isinstance(event, DoneEvent):
+                stream.refresh_stats()
+            yield event
+
+    def _finished(self, stream: ServedStream, run: AnswerRun) -> None:
+        stream.record_answer(run)
+        self.metrics.answers.labels(run.outcome).inc()
+        self.metrics.answer_tokens.inc(run.tokens)
+        if run.first_token_seconds is not None and run.outcome == "completed":
+            self.metrics.first_token.observe(run.first_token_seconds)
+        if run.total_seconds is not None:
+            self.metrics.answer_seconds.observe(run.total_seconds)
+
+    async def delete(self, stream_id: str) -> None:
+        """Remove a stream: stop its source, cancel its answers, drop its memory."""
+        with self._lock:
+            stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            raise ApiError(404, "stream_not_found", f"no stream {stream_id!r}", field="stream_id")
+        stream.close()
+        if stream.player is not None:
+            await asyncio.to_thread(stream.player.stop, 2.0)
+
+    def close(self) -> None:
+        """Close every stream (server shutdown)."""
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream.close()
