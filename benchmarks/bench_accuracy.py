@@ -1,32 +1,39 @@
 """Accuracy study: every memory method on synthetic streams whose evidence is known, with the
-shipped ``mukv-tiny`` checkpoint, as streams grow from 16 to 1024 frames.
+shipped ``mukv-tiny`` checkpoint, as streams grow from 16 to 1024 frames, run through the
+evaluation harness (``mukv eval generic`` + ``mukv report``).
 
-For each stream length T, streams are generated (``mukv.video.streams.make_stream``, seeds 0,
-1, ...; two questions each, ``eval_kinds(seed)``: a large rare target asked about by a ``frame``
-(even seeds) or ``order`` (odd seeds) question, and a small one by a ``patch`` question); every
-configuration ingests the whole stream (frames straight from memory, 0.5 fps timestamps) and
-then answers both questions, so questions are always asked after T frames. Recorded per
-question: the answer and whether it is right (normalised exact match of the one-word answer),
-the evidence recall of what the method put in the answering cache (``hit``: a retrieved block
-covers an evidence frame; ``coverage``: share of the evidence frames covered; a patch block, or
-a frame block keeping one token, counts for its frame), the distinct frames the cache touches (k
-of that question's random baseline k/T: MuKV's 664 tokens touch up to 100 frames in pieces;
-ReKV's retrieval is per layer and the union over layers is what is counted), answering tokens
-(the cache the answer is decoded from, system prompt included), stored bytes and seconds.
+For each stream length T, S streams are generated (``mukv.video.streams.make_stream``, seeds 0 ..
+S-1; two questions each, ``eval_kinds(seed)``: a large rare target asked about by a ``frame`` (even
+seeds) or ``order`` (odd seeds) question, and a small one by a ``patch`` question) and written as a
+benchmark in the harness's ``generic`` format (:func:`write_dataset`): one ``.npy`` frame array per
+stream (exact frames, read at 0.5 fps), every question asked after the last frame, the question
+kind as its ``task``, the evidence frames as its ``evidence`` window. Each configuration is one
+``mukv eval generic`` run per length (resumable, one process owning its run directory), and
+``mukv report`` compares the configurations of a length (EM, retrieval recall, memory, seconds).
 
-Matched answering budgets: MuKV's paper preset places at most
-``sum_g top_k_g * keep(tokens_g)`` visual tokens (at P = 16 tokens per frame: 20 x 1 + 32 x 1 +
-12 x 51 = 664 tokens, 41.5 frames); ``uniform``, ``recent`` and ``rekv`` get the same number of
-frames B = round(664 / 16) = 42 (``num_frames``, ``num_frames``, ``retrieve_blocks``), so every
-method answers from about the same number of tokens; ``full`` keeps everything (the reference,
-and at long T far beyond the clip lengths the model was trained on). ReKV's sliding window spans
-the same number of frames as the release's 15,000 tokens at P = 196 (76 frames).
+What the harness does not report, and this script adds from its predictions (:func:`study_records`):
+accuracy per question kind, and retrieval recall against chance: the harness's
+``retrieval_recall`` over the sampled spans of the retrieved blocks (``hit``, ``coverage``), next to
+the random baseline k/T, k being the distinct frames the method put in the answering cache (MuKV's
+664 tokens touch up to 100 frames in pieces; ReKV's retrieval is per layer and the union over layers
+is counted). Evidence windows lie strictly inside the evidence frames' sampling periods, so a
+neighbouring frame's sampled span never touches them and time-based recall equals frame-based
+recall.
+
+Matched answering budgets: MuKV's paper preset places at most ``sum_g top_k_g * keep(tokens_g)``
+visual tokens (at P = 16 tokens per frame: 20 x 1 + 32 x 1 + 12 x 51 = 664 tokens, 41.5 frames);
+``uniform``, ``recent`` and ``rekv`` get the same number of frames B = round(664 / 16) = 42
+(``num_frames``, ``num_frames``, ``retrieve_blocks``), so every method answers from about the same
+number of tokens; ``full`` keeps everything (the reference, and at long T far beyond the clip lengths
+the model was trained on). ReKV's sliding window spans the same number of frames as the release's
+15,000 tokens at P = 196 (76 frames).
 
 Run: ``.venv/bin/python benchmarks/bench_accuracy.py`` (defaults: lengths 16, 64, 256, 1024 with
-60/40/24/12 streams, about 30 minutes on 2 CPU cores). Records go to
-``benchmarks/results/accuracy.jsonl`` (resumable: streams with every question recorded for the
-same model are skipped), the summary to ``accuracy.md`` and the plot to ``accuracy.png``.
-``--summarise`` rebuilds the summary and plot from the records without running.
+60/40/24/12 streams, hours on 2 CPU cores). Benchmark files, harness runs and reports go to
+``--work`` (default ``benchmarks/work/NAME``, not tracked); one record per question, plus one record per
+invocation (machine, command, load, settings), is appended to ``benchmarks/results/NAME.jsonl``
+(questions already recorded are skipped), and ``NAME.md`` (tables) and ``NAME.png`` (plot) are
+re-rendered from all of its records. ``--summarise`` only re-renders them.
 """
 
 from __future__ import annotations
@@ -34,25 +41,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import mukv
-from bench_encode_ask import LoadMonitor, load_line, machine_info
+from common import RESULTS, LoadMonitor, load_line, machine_info, read_records, render_results, write_results
 from mukv.config import apply_overrides
-from mukv.eval.metrics import exact_match
+from mukv.eval.metrics import exact_match, retrieval_recall
+from mukv.eval.report import load_predictions, sampled_spans
 from mukv.memory.mukv_config import GRANULARITIES, MukvConfig
-from mukv.video import from_array
 from mukv.video.streams import KINDS, eval_kinds, make_stream
 
 FPS = 0.5
+MAX_NEW_TOKENS = 6
 # ReKV's window: 15,000 tokens at 196 tokens per frame in the release, about 76 frames.
 REKV_WINDOW_FRAMES = 76
+WORK = Path(__file__).resolve().parent / "work"
 
 
 def configurations(
@@ -88,95 +99,185 @@ def scaled_mukv(scale: float) -> tuple[MukvConfig, dict[str, int] | None]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mukv-tiny")
+    parser = argparse.ArgumentParser(
+        description="Accuracy study of every memory method on synthetic streams, through the eval harness.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="mukv-tiny", help="model of `mukv eval --model`")
     parser.add_argument("--lengths", default="16:60,64:40,256:24,1024:12", help="frames:streams, comma-separated")
     parser.add_argument("--configs", default=None, help="comma-separated study names (default: all)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the harness runs")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--name", default="accuracy", help="file stem of the records, summary and plot")
-    parser.add_argument("--summarise", action="store_true", help="only rebuild the summary and plot")
+    parser.add_argument("--work", type=Path, default=None, help="benchmark files and harness runs (WORK/NAME)")
+    parser.add_argument("--summarise", action="store_true", help="only re-render the summary and plot")
     parser.add_argument(
         "--budget-scale",
         type=float,
         default=1.0,
         help="multiply MuKV's top_k by this (the other methods' budget follows its answering tokens)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.budget_scale <= 0:
+        parser.error(f"--budget-scale: must be > 0, got {args.budget_scale}")
+    try:
+        args.plan = [tuple(int(x) for x in item.split(":")) for item in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths: expected frames:streams pairs, got {args.lengths!r}")
+    if any(len(p) != 2 or p[0] < 2 or p[1] < 1 for p in args.plan):
+        parser.error("--lengths: frames >= 2 and streams >= 1")
+    args.work = args.work or WORK / args.name
+    return args
 
 
-def evidence_recall(retrieved, first: int, last: int) -> tuple[float, float, int]:
-    """(hit, coverage, frames touched): whether retrieved blocks (frame ranges) cover an evidence
-    frame ``first..last``, the share of evidence frames covered, and how many distinct frames
-    the blocks touch at all (the k of that question's random baseline k/T)."""
-    touched: set[int] = set()
-    for block in retrieved:
-        touched.update(range(block.first_frame, block.last_frame + 1))
-    covered = touched & set(range(first, last + 1))
-    return float(bool(covered)), len(covered) / (last - first + 1), len(touched)
+# --------------------------------------------------------------------------- the benchmark files
 
 
-def run_stream(backend, model: str, name: str, method: str, overrides: dict, length: int, seed: int) -> list[dict]:
-    stream = make_stream(length, seed=seed, fps=FPS, kinds=eval_kinds(seed))
-    session = mukv.StreamSession(backend, method, overrides=overrides)
-    started = time.perf_counter()
-    session.ingest_source(from_array(stream.frames, timestamps=stream.timestamps))
-    ingest_seconds = time.perf_counter() - started
-    records = []
-    for q in stream.questions:
-        started = time.perf_counter()
-        answer = session.ask(q.question, max_new_tokens=6)
-        hit, coverage, touched = evidence_recall(answer.retrieved, q.first_frame, q.last_frame)
-        records.append(
+def video_id(seed: int) -> str:
+    return f"stream_{seed:04d}"
+
+
+def write_dataset(root: Path, length: int, streams: int) -> Path:
+    """Streams ``0 .. streams-1`` of ``length`` frames as a ``generic`` benchmark under ``root``
+    (``annotations.json`` and ``videos/*.npy``); returns the annotation path. Existing files are kept."""
+    anno = root / "annotations.json"
+    if anno.is_file():
+        return anno
+    period = 1 / FPS
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    videos = []
+    for seed in range(streams):
+        stream = make_stream(length, seed=seed, fps=FPS, kinds=eval_kinds(seed))
+        np.save(root / "videos" / f"{video_id(seed)}.npy", stream.frames)
+        ask = float(stream.timestamps[-1]) + 0.75 * period  # after the last frame, within its period
+        questions = [
             {
-                "model": model,
-                "config": name,
-                "method": method,
-                "overrides": overrides,
-                "length": length,
-                "seed": seed,
-                "kind": q.kind,
                 "question": q.question,
-                "reference": q.answer,
-                "answer": answer.text,
-                "correct": exact_match(answer.text, q.answer),
-                "evidence_frames": [q.first_frame, q.last_frame],
-                "hit": hit,
-                "coverage": coverage,
-                "frames_touched": touched,
-                "questions_in_stream": len(stream.questions),
-                "answer_tokens": answer.context_tokens,
-                "retrieved_tokens": sum(b.tokens for b in answer.retrieved),
-                "stored_bytes": answer.memory.total_bytes,
-                "ingest_seconds": ingest_seconds,
-                "ask_seconds": time.perf_counter() - started,
+                "answer": q.answer,
+                "time": ask,
+                # Inside the evidence frames' sampling periods: no neighbouring frame's span touches it.
+                "evidence": [
+                    float(stream.timestamps[q.first_frame]) + 0.25 * period,
+                    float(stream.timestamps[q.last_frame]) + 0.75 * period,
+                ],
+                "task": q.kind,
+            }
+            for q in stream.questions
+        ]
+        videos.append(
+            {
+                "video_id": video_id(seed),
+                "video": f"videos/{video_id(seed)}.npy",
+                "duration": length * period,
+                "questions": questions,
             }
         )
-    return records
+    tmp = anno.with_suffix(".tmp")
+    tmp.write_text(json.dumps(videos, indent=1) + "\n")
+    tmp.replace(anno)
+    return anno
 
 
-def load_records(path: Path, model: str) -> list[dict]:
-    """Records of ``model`` from complete streams (every question answered), one per question:
-    an interrupted run can leave a stream's records torn or partial, and that stream is redone."""
-    if not path.is_file():
-        return []
-    streams: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn line of an interrupted run
-        if record.get("model") == model:
-            streams[(record["config"], record["length"], record["seed"])][record["kind"]] = record
-    return [r for by_kind in streams.values() for r in by_kind.values() if len(by_kind) == r["questions_in_stream"]]
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
-def append(path: Path, records: list[dict]) -> None:
-    with path.open("a") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def mukv_cli() -> list[str]:
+    """The ``mukv`` command of this interpreter's environment."""
+    script = Path(sys.executable).with_name("mukv")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from mukv.cli import main; main()"]
+
+
+def harness(args: argparse.Namespace, *command: str) -> None:
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    subprocess.run([*mukv_cli(), *command], check=True, env=env)
+
+
+def run_config(args: argparse.Namespace, anno: Path, run_dir: Path, method: str, overrides: dict[str, Any]) -> None:
+    """One ``mukv eval generic`` run (resumes where an earlier one stopped)."""
+    text = {True: "true", False: "false"}
+    sets = [item for key, value in overrides.items() for item in ("--set", f"{key}={text.get(value, value)}")]
+    harness(
+        args,
+        "eval",
+        "generic",
+        "--anno",
+        str(anno),
+        "--videos",
+        str(anno.parent / "videos"),
+        "--out",
+        str(run_dir),
+        "--model",
+        args.model,
+        "--method",
+        method,
+        *sets,
+        "--fps",
+        str(FPS),
+        "--npy-fps",
+        str(FPS),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+    )
+
+
+# --------------------------------------------------------------------------- records
+
+
+def study_records(predictions: list[dict[str, Any]], model: str, config: str, method: str, overrides, length: int):
+    """One study record per harness prediction: exact match, the harness's retrieval recall (hit,
+    coverage) over the sampled spans, and the distinct frames the answering cache touches."""
+    by_video: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for p in predictions:
+        by_video[p["video_id"]].append(p)
+    out = []
+    for vid, records in by_video.items():
+        ingest = sum(p["encode_seconds"] for p in records)  # the stream's ingest, split over its questions
+        for p in records:
+            recall = retrieval_recall(sampled_spans(p), p["evidence"])
+            touched: set[int] = set()
+            for block in p["retrieved"]:
+                touched.update(range(block["first_frame"], block["last_frame"] + 1))
+            out.append(
+                {
+                    "record": "question",
+                    "model": model,
+                    "config": config,
+                    "method": method,
+                    "overrides": overrides,
+                    "length": length,
+                    "seed": int(vid.rsplit("_", 1)[1]),
+                    "qid": p["qid"],
+                    "kind": p["task"],
+                    "question": p["question"],
+                    "reference": p["answer"],
+                    "answer": p["prediction"],
+                    "correct": exact_match(p["prediction"], p["answer"]),
+                    "evidence": p["evidence"],
+                    "hit": recall["hit"],
+                    "coverage": recall["coverage"],
+                    "frames_touched": len(touched),
+                    "frames_seen": p["frames_seen"],
+                    "questions_in_stream": len(records),
+                    "answer_tokens": p["context_tokens"],
+                    "retrieved_tokens": sum(b["tokens"] for b in p["retrieved"]),
+                    "stored_bytes": p["memory"]["total_bytes"],
+                    "ingest_seconds": ingest,
+                    "ask_seconds": p["total_seconds"],
+                }
+            )
+    return out
+
+
+def question_records(records: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """The question records of ``model`` (records of earlier versions of this script carry no ``record`` key)."""
+    return [r for r in records if r.get("record", "question") == "question" and r.get("model") == model]
 
 
 def _mean(values) -> float:
@@ -184,13 +285,13 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarise(records: list[dict], meta: dict) -> tuple[str, dict]:
+def summarise(records: list[dict], settings: dict) -> tuple[str, dict]:
     """Markdown tables and the aggregated numbers (config -> length -> metrics)."""
     groups: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         groups[r["config"]][r["length"]].append(r)
     lengths = sorted({r["length"] for r in records})
-    budget = meta["budget_frames"]
+    budget = settings["budget_frames"]
     table: dict[str, dict[int, dict[str, float]]] = {}
     for config, by_length in groups.items():
         for length, rs in by_length.items():
@@ -208,7 +309,7 @@ def summarise(records: list[dict], meta: dict) -> tuple[str, dict]:
                 "ask_seconds": _mean(r["ask_seconds"] for r in rs),
             }
             table.setdefault(config, {})[length] = row
-    order = [c for c in meta["configs"] if c in table]
+    order = [c for c in settings["configs"] if c in table]
 
     def section(title: str, cell, extra: list[str] = ()) -> list[str]:
         rows = ["", title, "", "| config | " + " | ".join(f"T={t}" for t in lengths) + " |"]
@@ -218,10 +319,10 @@ def summarise(records: list[dict], meta: dict) -> tuple[str, dict]:
         return rows
 
     lines = [
-        f"Budget: {meta['budget_tokens']} visual tokens (MuKV paper preset"
-        + (f" with top_k {meta['mukv_top_k']}" if meta.get("mukv_top_k") else "")
+        f"Budget: {settings['budget_tokens']} visual tokens (MuKV paper preset"
+        + (f" with top_k {settings['mukv_top_k']}" if settings.get("mukv_top_k") else "")
         + f") = B = {budget} frames for uniform, "
-        f"recent and rekv; P = {meta['tokens_per_frame']} tokens per frame."
+        f"recent and rekv; P = {settings['tokens_per_frame']} tokens per frame."
     ]
     lines += section(
         "Answer accuracy (all kinds; n questions per cell in brackets):", lambda r: f"{r['accuracy']:.2f} ({r['n']})"
@@ -246,13 +347,13 @@ def summarise(records: list[dict], meta: dict) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", table
 
 
-def plot(table: dict, meta: dict, path: Path) -> None:
+def plot(table: dict, settings: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = [c for c in meta["configs"] if c in table]
+    configs = [c for c in settings["configs"] if c in table]
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     panels = [("acc_frame", "frame"), ("acc_patch", "patch"), ("acc_order", "order")]
     for ax, (key, title) in zip(axes[:3], panels, strict=True):
@@ -268,7 +369,7 @@ def plot(table: dict, meta: dict, path: Path) -> None:
         ts = sorted(table[c])
         ax.plot(ts, [table[c][t]["hit"] for t in ts], marker="o", label=c)
     ts = sorted({t for c in configs for t in table[c]})
-    ax.plot(ts, [min(1.0, meta["budget_frames"] / t) for t in ts], "k--", label="random k/T")
+    ax.plot(ts, [min(1.0, settings["budget_frames"] / t) for t in ts], "k--", label="random k/T")
     ax.set_title("evidence recall (hit)")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.03, 1.03)
@@ -276,27 +377,51 @@ def plot(table: dict, meta: dict, path: Path) -> None:
     axes[0].set_ylabel("share of questions")
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, frameon=False)
-    fig.suptitle(f"{meta['model']}: accuracy and recall at a matched budget of {meta['budget_frames']} frames")
+    fig.suptitle(f"{settings['model']}: accuracy and recall at a matched budget of {settings['budget_frames']} frames")
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def renderer(model: str, out: Path, name: str):
+    """``render(records)`` for :func:`common.write_results`: the run lines, the tables (and, as a
+    side effect, the plot ``out/name.png``) from every record."""
+
+    def render(records: list[dict[str, Any]]) -> str:
+        runs = [r for r in records if r.get("record") == "run" and r["settings"]["model"] == model]
+        if not runs:
+            return f"# Accuracy study: {model} on synthetic streams\n\nNo runs recorded.\n"
+        settings = runs[-1]["settings"]
+        questions = [r for r in question_records(records, model) if r["config"] in settings["configs"]]
+        text, table = summarise(questions, settings)
+        header = [f"# Accuracy study: {model} on synthetic streams", ""]
+        header.append(f"Rendered by `benchmarks/bench_accuracy.py` from every record of `{name}.jsonl`. Runs:")
+        header.append("")
+        for run in runs:
+            m = run["machine"]
+            via = f" (harness runs and reports: `{run['work']}`)" if run.get("work") else ""
+            header.append(
+                f"- {m['date_utc']}: `{m['command']}` on {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} "
+                f"threads), torch {m['torch']}, transformers {m['transformers']}; {load_line(run['load'])}{via}"
+            )
+        plot(table, settings, out / f"{name}.png")
+        return "\n".join(header) + "\n\n" + text
+
+    return render
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    plan = []
-    for item in args.lengths.split(","):
-        length, streams = (int(x) for x in item.split(":"))
-        plan.append((length, streams))
-    args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / f"{args.name}.jsonl"
-    meta_path = args.out / f"{args.name}.meta.json"
+    render = renderer(args.model, args.out, args.name)
+    if args.summarise:
+        print(render_results(args.out, args.name, render).read_text())
+        return 0
     backend = mukv.load_backend(args.model)
     p = backend.tokens_per_frame
-    if args.budget_scale <= 0:
-        sys.exit(f"--budget-scale: must be > 0, got {args.budget_scale}")
     mukv_config, mukv_top_k = scaled_mukv(args.budget_scale)
     budget_tokens = mukv_config.answer_tokens(p)
     budget_frames = max(1, round(budget_tokens / p))
@@ -305,58 +430,59 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [c for c in chosen if c not in configs]
     if unknown:
         sys.exit(f"--configs: unknown {unknown}; known: {', '.join(configs)}")
-    meta = {
-        "model": args.model,
-        "tokens_per_frame": p,
-        "budget_tokens": budget_tokens,
-        "budget_frames": budget_frames,
-        "mukv_top_k": mukv_top_k,
-        "configs": list(configs),
-        "plan": plan,
+    monitor = LoadMonitor()
+    done = {
+        (r["config"], r["length"], r["seed"], r["kind"])
+        for r in question_records(read_records(records_path), args.model)
     }
-    if not args.summarise:
-        monitor = LoadMonitor()
-        done = {(r["config"], r["length"], r["seed"]) for r in load_records(records_path, args.model)}
-        for length, streams in plan:
-            for name in chosen:
-                method, overrides = configs[name]
-                for seed in range(streams):
-                    if (name, length, seed) in done:
-                        continue
-                    started = time.perf_counter()
-                    records = run_stream(backend, args.model, name, method, overrides, length, seed)
-                    append(records_path, records)
-                    right = sum(r["correct"] for r in records)
-                    print(
-                        f"T={length:5d} {name:24s} stream {seed:2d}: {right:.0f}/{len(records)} right, "
-                        f"{time.perf_counter() - started:6.1f} s",
-                        flush=True,
-                    )
-        load = monitor.report()
-        runs = json.loads(meta_path.read_text()).get("runs", []) if meta_path.is_file() else []
-        info = machine_info(
-            argparse.Namespace(attn_implementation=backend.model.config._attn_implementation),
-            backend.device,
-            backend.dtype,
-        )
-        runs.append({"machine": info, "load": load, "load_line": load_line(load)})
-        meta["runs"] = runs
-        meta_path.write_text(json.dumps(meta, indent=1) + "\n")
-    elif meta_path.is_file():
-        meta["runs"] = json.loads(meta_path.read_text()).get("runs", [])
-    records = [r for r in load_records(records_path, args.model) if r["config"] in configs]
-    text, table = summarise(records, meta)
-    header = [f"# Accuracy study: {args.model} on synthetic streams", ""]
-    for run in meta.get("runs", []):
-        m = run["machine"]
-        header.append(
-            f"- {m['date_utc']}: `{m['command']}` on {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} "
-            f"threads), torch {m['torch']}, transformers {m['transformers']}; {run['load_line']}"
-        )
-    (args.out / f"{args.name}.md").write_text("\n".join(header) + "\n\n" + text)
-    plot(table, meta, args.out / f"{args.name}.png")
-    print(text)
+    reports = []
+    for length, streams in args.plan:
+        data = args.work / "data" / f"T{length}-S{streams}"
+        anno = write_dataset(data, length, streams)
+        run_dirs = []
+        for name in chosen:
+            method, overrides = configs[name]
+            run_dir = args.work / "runs" / f"T{length}-S{streams}" / slug(name)
+            print(f"T={length} ({streams} streams): {name}", flush=True)
+            run_config(args, anno, run_dir, method, overrides)
+            run_dirs.append(run_dir)
+            new = [
+                r
+                for r in study_records(load_predictions(run_dir), args.model, name, method, overrides, length)
+                if (r["config"], r["length"], r["seed"], r["kind"]) not in done
+            ]
+            done.update((r["config"], r["length"], r["seed"], r["kind"]) for r in new)
+            write_results(args.out, args.name, new)  # recorded at once; the tables are rendered at the end
+            right = sum(r["correct"] for r in new)
+            print(f"  {right:.0f}/{len(new)} new answers right", flush=True)
+        report_dir = args.work / "report" / f"T{length}-S{streams}"
+        harness(args, "report", *map(str, run_dirs), "--out", str(report_dir))
+        reports.append(str(report_dir / "report.md"))
+    machine = machine_info("cpu", torch.float32)  # the harness runs: --device cpu --dtype float32
+    run = {
+        "record": "run",
+        "machine": machine,
+        "load": monitor.report(),
+        "work": os.path.relpath(args.work),
+        "reports": reports,
+        "settings": {
+            "model": args.model,
+            "tokens_per_frame": p,
+            "budget_tokens": budget_tokens,
+            "budget_frames": budget_frames,
+            "mukv_top_k": mukv_top_k,
+            "configs": list(configs),
+            "chosen": chosen,
+            "plan": args.plan,
+            "fps": FPS,
+            "max_new_tokens": MAX_NEW_TOKENS,
+        },
+    }
+    jsonl, md = write_results(args.out, args.name, [run], render)
+    print(md.read_text())
+    print(f"appended to {jsonl}, re-rendered {md} and {args.out / (args.name + '.png')}; reports: {', '.join(reports)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -8,21 +8,23 @@ What it measures
 
     1. ``backend.encode_frames`` on ``--frames-encode`` uint8 frames ``[T, 384, 384, 3]``:
        seconds per frame (vision tower + projector + pooling, 196 tokens per frame).
-    2. For the methods ``full`` and ``uniform``: a :class:`mukv.StreamSession` ingests
-       ``--frames-context`` frames (timestamps 0, 2, 4, ... s), then asks one open question with
-       ``--max-new-tokens``. Reported: ingest time (split into vision encoding and the memory's own
-       work, which for ``full`` is the language-model prefill of the visual tokens), the answer's
-       ``timings`` (encode, prepare, first_token, total), context tokens, generated tokens,
-       decode seconds per token, and the bytes the method stores. ``uniform`` samples all frames
-       (``num_frames`` = ``--frames-context``), so both methods answer from the same context;
-       ``full`` prefills it while ingesting, ``uniform`` when the question is asked.
+    2. For each scenario of :func:`scenarios` (``full``, and ``uniform`` over every frame): a
+       :class:`mukv.StreamSession` ingests ``--frames-context`` frames (timestamps 0, 2, 4, ... s),
+       then asks one open question with ``--max-new-tokens``. Reported: ingest time (split into
+       vision encoding and the memory's own work, which for ``full`` is the language-model
+       prefill of the visual tokens), the answer's ``timings`` (encode, prepare, first_token,
+       total), context tokens, generated tokens, decode seconds per token, and the bytes the
+       method stores. ``uniform`` samples all frames (``num_frames`` = ``--frames-context``), so
+       both methods answer from the same context; ``full`` prefills it while ingesting,
+       ``uniform`` when the question is asked.
 
     Every measurement follows a warm-up call; on CUDA the device is synchronised around each timed
     region. Peak RSS (and on CUDA peak allocated memory) is recorded.
 
 Results
-    A table is printed; one JSON record is appended to ``OUT/encode_ask.jsonl`` and one Markdown
-    section to ``OUT/encode_ask.md`` (``OUT`` is ``--out``, default ``benchmarks/results``).
+    A table is printed; one JSON record is appended to ``OUT/encode_ask.jsonl`` and
+    ``OUT/encode_ask.md`` is re-rendered from all its records (``OUT`` is ``--out``, default
+    ``benchmarks/results``).
 
 How to run (from the repository root)::
 
@@ -34,12 +36,7 @@ How to run (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import resource
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -47,25 +44,36 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
-from transformers import (
-    AutoModelForImageTextToText,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
 
 import mukv
-from mukv.backends.llava_onevision import LlavaOnevisionBackend, resolve_device, resolve_dtype
-from mukv.backends.tiny import build_tokenizer
-from mukv.video.preprocess import FramePreprocessor
+from common import (
+    RESULTS,
+    LoadMonitor,
+    fmt,
+    fx,
+    load_line,
+    machine_info,
+    machine_lines,
+    markdown_table,
+    mib,
+    ratio,
+    text_table,
+    write_results,
+)
+from mukv.backends.llava_onevision import LlavaOnevisionBackend
+from mukv.backends.registry import resolve_device, resolve_dtype
+from synthetic import IMAGE_SIZE, QUESTION, build_backend, parameter_counts, synchronize
 
-MODEL_ID = "random-llava-onevision-0.5b"
-QUESTION = "What happened in the video?"
-METHODS = ("full", "uniform")
-IMAGE_SIZE = 384
 FRAME_INTERVAL_S = 2.0
+
+
+def scenarios(frames_context: int) -> dict[str, tuple[str, dict[str, Any], str]]:
+    """label -> (method, overrides, where the visual prefill happens: ``ingest`` or ``question``).
+    ``uniform`` samples every frame, so both answer from the same context."""
+    return {
+        "full": ("full", {}, "ingest"),
+        "uniform": ("uniform", {"num_frames": frames_context}, "question"),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision-batch-frames", type=int, default=16, help="frames per vision-tower call")
     parser.add_argument("--attn-implementation", default="sdpa", help="attention kernel of the model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and frames")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--render", action="store_true", help="only re-render OUT/encode_ask.md, run nothing")
     args = parser.parse_args(argv)
     for name in ("frames_encode", "frames_context", "max_new_tokens", "vision_batch_frames"):
         if getattr(args, name) < 1:
@@ -92,86 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------- model
-
-
-def build_config(tokenizer) -> LlavaOnevisionConfig:
-    """The llava-onevision-qwen2-0.5b-ov architecture, with the package's tiny tokenizer's special ids."""
-    vision = SiglipVisionConfig(
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=26,
-        num_attention_heads=16,
-        image_size=IMAGE_SIZE,
-        patch_size=14,
-    )
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    text = Qwen2Config(
-        vocab_size=151936,  # the real vocabulary, so embedding and lm_head cost what they really cost
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        tie_word_embeddings=False,
-    )
-
-
-def build_backend(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LlavaOnevisionBackend:
-    """Random weights built directly in ``dtype`` on ``device``, wrapped as the loader would wrap them."""
-    tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(
-            config, dtype=dtype, attn_implementation=args.attn_implementation
-        )
-    if not isinstance(model, LlavaOnevisionForConditionalGeneration):
-        raise TypeError(f"expected LlavaOnevisionForConditionalGeneration, got {type(model).__name__}")
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    return LlavaOnevisionBackend(
-        model,
-        tokenizer,
-        FramePreprocessor(size=IMAGE_SIZE),
-        model_id=MODEL_ID,
-        vision_batch_frames=args.vision_batch_frames,
-    )
-
-
-def parameter_counts(backend: LlavaOnevisionBackend) -> dict[str, int]:
-    model = backend.model
-
-    def count(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    return {
-        "total": count(model),
-        "vision_tower": count(model.model.vision_tower),
-        "projector": count(model.model.multi_modal_projector),
-        "language_model": count(model.model.language_model),
-        "lm_head": count(model.lm_head),
-    }
-
-
 # --------------------------------------------------------------------------- timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_rss_bytes() -> int:
@@ -221,11 +151,13 @@ def warm_up_ask(backend: LlavaOnevisionBackend, frames: np.ndarray) -> None:
     session.ask(QUESTION, max_new_tokens=2)
 
 
-def time_method(backend: LlavaOnevisionBackend, method: str, frames: np.ndarray, max_new_tokens: int) -> dict[str, Any]:
+def time_method(
+    backend: LlavaOnevisionBackend, scenario: tuple[str, dict[str, Any], str], frames: np.ndarray, max_new_tokens: int
+) -> dict[str, Any]:
     device = backend.device
     n = frames.shape[0]
-    overrides = {"num_frames": n} if method == "uniform" else None
-    session = mukv.StreamSession(backend, method, overrides=overrides)
+    method, overrides, prefill_at = scenario
+    session = mukv.StreamSession(backend, method, overrides=overrides or None)
     timestamps = np.arange(n, dtype=np.float64) * FRAME_INTERVAL_S
     reset_cuda_peak(device)
 
@@ -248,10 +180,11 @@ def time_method(backend: LlavaOnevisionBackend, method: str, frames: np.ndarray,
     decode_steps = generated - 1  # one forward per token after the first
     visual_tokens = n * backend.tokens_per_frame
     memory_seconds = t.memory
-    # Language-model prefill of the visual tokens happens at ingest for full, at question time for uniform.
-    prefill_seconds = memory_seconds if method == "full" else t.prepare
+    # Where the language-model prefill of the visual tokens happens: while ingesting, or at the question.
+    prefill_seconds = memory_seconds if prefill_at == "ingest" else t.prepare
     return {
         "method": method,
+        "overrides": overrides,
         "frames": n,
         "ingest_seconds": ingest_seconds,
         "ingest_vision_seconds": t.vision,
@@ -274,92 +207,6 @@ def time_method(backend: LlavaOnevisionBackend, method: str, frames: np.ndarray,
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have been busy since boot (Linux ``/proc/stat``), else ``None``."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-class LoadMonitor:
-    """How busy the machine was with other work during the run: timings on a shared CPU are only
-    comparable when ``other_cpu_fraction`` is near zero."""
-
-    def __init__(self) -> None:
-        self.start_wall = time.perf_counter()
-        self.start_busy = busy_cpu_seconds()
-        self.start_own = own_cpu_seconds()
-        self.start_load = os.getloadavg() if hasattr(os, "getloadavg") else None
-
-    def report(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.start_wall
-        busy = busy_cpu_seconds()
-        own = own_cpu_seconds() - self.start_own
-        other = None if busy is None or self.start_busy is None else max(0.0, busy - self.start_busy - own)
-        cores = os.cpu_count() or 1
-        return {
-            "wall_seconds": wall,
-            "own_cpu_seconds": own,
-            "other_cpu_seconds": other,
-            "other_cpu_fraction": None if other is None else other / (wall * cores),
-            "load_average_start": list(self.start_load) if self.start_load else None,
-            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    executable = os.path.relpath(sys.executable)
-    if executable.startswith(".."):
-        executable = sys.executable
-    return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": shlex.join([executable, *sys.argv]),
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "mukv": mukv.__version__,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "attn_implementation": args.attn_implementation,
-    }
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
-
-
-def mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def method_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
@@ -392,22 +239,8 @@ def method_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str,
             cells = (fmt(a, 1), fmt(b, 1))
         else:
             cells = (fmt(a), fmt(b))
-        rows.append((label, *cells, ratio(b, a)))
+        rows.append((label, *cells, fx(ratio(b, a))))
     return rows
-
-
-def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
 
 
 def encode_rows(enc: dict[str, Any]) -> list[tuple[str, str]]:
@@ -421,27 +254,13 @@ def encode_rows(enc: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def load_line(load: dict[str, Any]) -> str:
-    other = load["other_cpu_seconds"]
-    line = f"run took {load['wall_seconds']:.1f} s wall, {load['own_cpu_seconds']:.1f} CPU s in this process"
-    if other is not None:
-        line += f"; other processes used {other:.1f} CPU s ({100 * load['other_cpu_fraction']:.0f}% of the machine)"
-    if load["load_average_start"] and load["load_average_end"]:
-        line += f"; 1-min load average {load['load_average_start'][0]:.2f} -> {load['load_average_end'][0]:.2f}"
-    return line
-
-
 def markdown_section(record: dict[str, Any]) -> str:
     m = record["machine"]
     millions = {name: count / 1e6 for name, count in record["parameters"].items()}
     lines = [
         f"## {m['date_utc']} — {m['device_name']} ({m['device']}), {m['dtype']}",
         "",
-        f"- command: `{m['command']}`",
-        f"- CPU: {m['cpu']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']} "
-        f"(interop {m['torch_interop_threads']})",
-        f"- torch {m['torch']}, transformers {m['transformers']}, mukv {m['mukv']}, Python {m['python']}, "
-        f"attention {m['attn_implementation']}",
+        *machine_lines(m),
         f"- model: random weights, {millions['total']:.1f} M parameters (vision {millions['vision_tower']:.1f} M, "
         f"language model {millions['language_model']:.1f} M, lm_head {millions['lm_head']:.1f} M); "
         f"built in {record['build_seconds']:.1f} s",
@@ -462,26 +281,15 @@ def markdown_section(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def append_results(out: Path, stem: str, intro: str, record: dict[str, Any], section: str) -> tuple[Path, Path]:
-    """Append ``record`` to ``out/stem.jsonl`` and ``section`` to ``out/stem.md`` (which starts
-    with ``intro`` when it is new)."""
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl, md = out / f"{stem}.jsonl", out / f"{stem}.md"
-    with jsonl.open("a") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
-    header = "" if md.exists() else intro  # decided before opening, which creates the file
-    with md.open("a") as fh:
-        fh.write(header + section)
-    return jsonl, md
+INTRO = (
+    "# encode_frames and ask at LLaVA-OneVision 0.5B sizes (random weights)\n\n"
+    "Rendered by `benchmarks/bench_encode_ask.py` from every record of `encode_ask.jsonl`, one section per "
+    "run. Random weights: speed and memory only, the answers are nonsense.\n\n"
+)
 
 
-def write_results(out: Path, record: dict[str, Any]) -> tuple[Path, Path]:
-    intro = (
-        "# encode_frames and ask at LLaVA-OneVision 0.5B sizes (random weights)\n\n"
-        "Appended by `benchmarks/bench_encode_ask.py`, one section per run; the same records are in "
-        "`encode_ask.jsonl`. Random weights: speed and memory only, the answers are nonsense.\n\n"
-    )
-    return append_results(out, "encode_ask", intro, record, markdown_section(record))
+def render(records: list[dict[str, Any]]) -> str:
+    return INTRO + "".join(markdown_section(r) for r in records)
 
 
 # --------------------------------------------------------------------------- main
@@ -489,16 +297,26 @@ def write_results(out: Path, record: dict[str, Any]) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        write_results(args.out, "encode_ask", [], render)
+        print(f"re-rendered {args.out / 'encode_ask.md'}")
+        return 0
     monitor = LoadMonitor()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    machine = machine_info(args, device, dtype)
+    machine = machine_info(device, dtype, args.attn_implementation)
     print(f"device {machine['device_name']} ({device}), {machine['dtype']}, torch threads {machine['torch_threads']}")
 
     start = time.perf_counter()
-    backend = build_backend(args, device, dtype)
+    backend = build_backend(
+        device,
+        dtype,
+        seed=args.seed,
+        attn_implementation=args.attn_implementation,
+        vision_batch_frames=args.vision_batch_frames,
+    )
     synchronize(device)
     build_seconds = time.perf_counter() - start
     build_cuda_peak = cuda_peak(device)
@@ -513,11 +331,11 @@ def main(argv: list[str] | None = None) -> int:
 
     warm_up_ask(backend, frames)
     methods = {}
-    for method in METHODS:
-        methods[method] = time_method(backend, method, frames[: args.frames_context], args.max_new_tokens)
-        r = methods[method]
+    for label, scenario in scenarios(args.frames_context).items():
+        methods[label] = time_method(backend, scenario, frames[: args.frames_context], args.max_new_tokens)
+        r = methods[label]
         print(
-            f"{method}: ingest {r['ingest_seconds']:.2f} s, ask {r['timings']['total']:.2f} s, "
+            f"{label}: ingest {r['ingest_seconds']:.2f} s, ask {r['timings']['total']:.2f} s, "
             f"{r['generated_tokens']} tokens generated"
         )
 
@@ -566,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"peak RSS {mib(record['peak_rss_bytes'])}, CUDA peak allocated {mib(record['cuda_peak_allocated_bytes'])}")
     print(load_line(record["load"]))
-    jsonl, md = write_results(args.out, record)
-    print(f"appended to {jsonl} and {md}")
+    jsonl, md = write_results(args.out, "encode_ask", [record], render)
+    print(f"appended to {jsonl}, re-rendered {md}")
     return 0
 
 

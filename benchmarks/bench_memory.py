@@ -1,19 +1,19 @@
 """Memory methods side by side at the real LLaVA-OneVision 0.5B sizes, with random weights.
 
 What it measures
-    The model is the one ``bench_encode_ask.py`` builds (the dimensions of
+    The model is the one ``synthetic.build_backend`` builds (the dimensions of
     ``llava-onevision-qwen2-0.5b-ov``, random weights, nothing downloaded). The vision tower is not
     run: random visual features ``[T, 196, 896]`` in the model dtype go straight to
     ``session.memory.ingest``, so only the memory methods' own work is timed. Every part runs in
-    its own child process (a fresh process per method for the encode part), so peak-memory figures
-    do not leak from one method into another.
+    its own child process (``common.run_child``; a fresh process per method for the encode part),
+    so peak-memory figures do not leak from one method into another. All parts of one invocation
+    are one run: its ratios compare methods measured side by side, on the same machine and inputs.
 
-    1. ``encode``: seconds per frame of ``memory.ingest`` for ``full`` (plain prefill), ``mukv``
-       with ``encode=independent`` (paper preset) and ``mukv`` with ``encode=shared``, on
-       ``--frames`` frames (default 8 = 2 segments), ingested in batches of
+    1. ``encode``: seconds per frame of ``memory.ingest`` for each of :data:`ENCODE_RUNS` (``full``,
+       plain prefill; ``mukv`` with ``encode=independent``, the paper preset; ``mukv`` with
+       ``encode=shared``), on ``--frames`` frames (default 8 = 2 segments), ingested in batches of
        ``SessionConfig.encode_batch_frames``. The first (cold) pass measures memory and warms up;
-       the second pass, in a fresh session, is timed. Ratios mukv-independent/full and
-       mukv-shared/full.
+       ``--encode-repeats`` passes in fresh sessions are timed. Ratios to ``full``.
     2. ``encode`` (same runs): peak memory of the cold pass: on CPU the rise of the process's peak
        RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` just before the pass, after
        ``malloc_trim``), on CUDA ``torch.cuda.max_memory_allocated`` after a reset; and what stays
@@ -23,31 +23,36 @@ What it measures
        + frame 19 + segment 156.75 at P = 196; full/ReKV-like 196), and bytes per hour of video at
        ``--fps`` (0.5 fps = 1800 frames/h), in the measured dtype and with 2-byte K/V elements.
     4. ``answer``: MuKV (paper preset) really encodes ``--answer-frames`` frames (default 48 =
-       12 segments, enough for all 20/32/12 blocks), then answers one question: the tokens placed
-       in the cache (``answer.context_tokens`` minus the system prompt; paper: 20*4 + 32*19 +
-       12*627 = 8212). The same question is then asked of a synthetically filled store with the
+       12 segments, enough for all 20/32/12 blocks), then answers ``--repeats`` questions: the
+       tokens placed in the cache (``answer.context_tokens`` minus the system prompt; paper: 20*4 +
+       32*19 + 12*627 = 8212). The same questions are then asked of a synthetic store with the
        same frame count, to check that the synthetic state of part 5 costs what the real one does.
     5. ``lengths``: seconds per question at ``--lengths-min`` minutes of video (default 10, 30,
-       60 = 300, 900, 1800 frames at 0.5 fps) for ``mukv``, ``full`` and ``uniform``. Encoding that
-       many frames is infeasible on a CPU, so the state is filled synthetically with the right
-       shapes and counts: MuKV blocks of the exact kept sizes (patch 4, frame 19, segment 627
-       tokens in the paper preset) with random K/V, real positions, random representatives and the
-       right frame spans and timestamps; ``full`` a random K/V cache of ``init + frames * 196``
-       tokens; ``uniform`` random visual features (it re-prefills ``num_frames`` = 32 sampled
-       frames at every question, so its cost does not depend on the length). Then, after
-       ``--warmup-asks`` untimed two-token questions, ``session.ask`` is timed ``--repeats`` times
-       (retrieval + assembly + answer prefill + decoding). A ``full`` length whose cache (held
-       three times over while decoding: the stored cache, plus the old and new copy of each
-       ``DynamicCache`` concatenation) does not fit in ``--memory-headroom`` of the
-       free memory is skipped, and the reason recorded.
+       60 = 300, 900, 1800 frames at 0.5 fps) for each scenario of :func:`length_scenarios`
+       (``mukv``, ``full``, ``uniform``), one loop over that data. Encoding that many frames is out
+       of reach on a CPU, so each state is filled synthetically through the package's public API
+       (``synthetic.py``): MuKV blocks of the exact kept sizes adopted with
+       ``BlockMemory.restore``; ``full`` a random K/V cache adopted with ``FullMemory.restore``;
+       ``uniform`` random visual features through its own ingest (it re-prefills ``num_frames`` =
+       32 sampled frames at every question, so its cost does not depend on the length). All
+       scenarios run in one child process: per length, every state is filled and gets
+       ``--warmup-asks`` untimed two-token questions, then ``--repeats`` rounds ask each scenario
+       one timed question (interleaved, so they share the machine's load alike); the states are
+       dropped before the next length. MuKV's ``answer.timings.stages`` split its ``prepare`` into
+       eligibility, query vector, ranking and assembly. A state that does not fit in
+       ``--memory-headroom`` of the memory left next to the others while answering (``full``: held
+       three times over, the stored cache plus the old and new copy of each ``DynamicCache``
+       concatenation) is skipped and the reason recorded.
 
-    End-of-sequence is disabled (``backend.eos_token_ids`` emptied) unless ``--keep-eos``, so every
-    answer decodes exactly ``--max-new-tokens`` tokens and the methods are compared on equal work.
-    Random weights: only speed and memory are meaningful.
+    End-of-sequence is disabled unless ``--keep-eos``, so every answer decodes exactly
+    ``--max-new-tokens`` tokens and the methods are compared on equal work. Random weights: only
+    speed and memory are meaningful.
 
 Results
-    Tables are printed; one JSON record is appended to ``OUT/memory.jsonl`` and one Markdown
-    section to ``OUT/memory.md`` (``OUT`` is ``--out``, default ``benchmarks/results``).
+    Tables are printed; one JSON record (every number, the ratios of this run, and each child's
+    records and load) is appended to ``OUT/memory.jsonl``, and ``OUT/memory.md`` is re-rendered
+    from all its records: a summary over recorded runs (medians with range) and one section per
+    run (``OUT`` is ``--out``, default ``benchmarks/results``).
 
 How to run (from the repository root)::
 
@@ -62,44 +67,63 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from transformers import DynamicCache
 
 import mukv
-from bench_encode_ask import (
-    MODEL_ID,
-    append_results,
-    build_backend,
-    busy_cpu_seconds,
+from common import (
+    RESULTS,
+    LoadMonitor,
+    add_child_arguments,
+    child_emitter,
+    child_task,
     fmt,
+    fmt_median_range,
+    fx,
+    gb,
     load_line,
     machine_info,
+    machine_key,
+    machine_lines,
     markdown_table,
+    median_range,
     mib,
-    parameter_counts,
-    synchronize,
+    other_share,
+    ratio,
+    run_child,
     text_table,
+    write_results,
 )
-from mukv.backends.llava_onevision import LlavaOnevisionBackend, resolve_device, resolve_dtype
-from mukv.compress.scorers import keep_count
+from mukv.backends.registry import resolve_device, resolve_dtype
 from mukv.config import SessionConfig, config_to_dict
-from mukv.kv.blocks import BlockPayload
-from mukv.memory import mukv as mukv_module
-from mukv.memory.mukv import patch_token_indices
+from synthetic import (
+    MODEL_ID,
+    QUESTION,
+    TRAINED_POSITIONS,
+    Scenario,
+    build_backend,
+    disable_eos,
+    fill_full,
+    fill_ingest,
+    fill_mukv,
+    full_cache_need,
+    generic_warmup,
+    ingest_features,
+    parameter_counts,
+    random_features,
+    summarize_asks,
+    synchronize,
+    timed_ask,
+    timestamps,
+    warm_asks,
+)
 
-QUESTION = "What happened in the video?"
 GRANULARITIES = ("patch", "frame", "segment")
 ENCODE_RUNS = (  # label, method, overrides
     ("full", "full", {}),
@@ -107,10 +131,20 @@ ENCODE_RUNS = (  # label, method, overrides
     ("mukv-shared", "mukv", {"encode": "shared"}),
 )
 LENGTH_METHODS = ("mukv", "full", "uniform")
+WARM_FRAMES = 8  # the small state every scenario first warms its kernels on (whole segments)
 BF16_BYTES = 2
 # Method.md section 4 and 8, for the record next to the measured numbers.
 PAPER_TOKENS_PER_FRAME = {"full": 196.0, "mukv": 191.75}
 PAPER_CONTEXT_TOKENS = 8212  # 20 * 4 + 32 * 19 + 12 * 627
+
+
+def length_scenarios(uniform_frames: int) -> dict[str, Scenario]:
+    """The configurations of part 5, by name (see the module docstring)."""
+    return {
+        "mukv": Scenario("mukv", "mukv", fill_mukv),
+        "full": Scenario("full", "full", fill_full, need=full_cache_need),
+        "uniform": Scenario("uniform", "uniform", fill_ingest, overrides={"num_frames": uniform_frames}),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,7 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--answer-frames", type=int, default=48, help="frames MuKV really encodes before part 4's question"
     )
     parser.add_argument("--lengths-min", default="10,30,60", help="video lengths of part 5, minutes, comma-separated")
-    parser.add_argument("--length-methods", default=",".join(LENGTH_METHODS), help="methods of part 5, comma-separated")
+    parser.add_argument(
+        "--length-methods", default=",".join(LENGTH_METHODS), help="scenarios of part 5, comma-separated"
+    )
     parser.add_argument("--fps", type=float, default=0.5, help="frame sampling rate of the stream")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="decoding limit of every question")
     parser.add_argument("--repeats", type=int, default=3, help="timed questions per state in parts 4 and 5")
@@ -142,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-answer", action="store_true", help="skip part 4 (real MuKV encode + question)")
     parser.add_argument("--skip-lengths", action="store_true", help="skip part 5 (seconds per question by length)")
     parser.add_argument(
-        "--memory-headroom", type=float, default=0.9, help="fraction of free memory a synthetic full cache may take"
+        "--memory-headroom", type=float, default=0.9, help="fraction of free memory a synthetic state may take"
     )
     parser.add_argument(
         "--wait-idle",
@@ -154,9 +190,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision-batch-frames", type=int, default=16, help="frames per vision-tower call (unused)")
     parser.add_argument("--attn-implementation", default="sdpa", help="attention kernel of the model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and features")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
-    parser.add_argument("--child-task", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--render", action="store_true", help="only re-render OUT/memory.md from OUT/memory.jsonl, run nothing"
+    )
+    add_child_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("frames", "answer_frames", "max_new_tokens", "repeats", "encode_repeats", "uniform_frames"):
         if getattr(args, name) < 1:
@@ -183,6 +221,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- helpers
 
 
+def max_positions(args: argparse.Namespace) -> int:
+    """The context the random model admits: the real 32,768 positions, or enough for a ``full``
+    cache of the longest length (``synthetic.build_config``: no weight or cost changes)."""
+    longest = 0 if args.skip_lengths else frames_for_minutes(max(args.lengths), args.fps)
+    return max(TRAINED_POSITIONS, 196 * longest + 1024)
+
+
 def frame_interval(args: argparse.Namespace) -> float:
     return 1.0 / args.fps
 
@@ -191,25 +236,6 @@ def frames_for_minutes(minutes: float, fps: float) -> int:
     """Frames in ``minutes`` of video, rounded to whole segments (4 frames) so no segment is partial."""
     frames = round(minutes * 60 * fps)
     return max(4, 4 * round(frames / 4))
-
-
-def timestamps(first: int, count: int, interval: float) -> np.ndarray:
-    return np.arange(first, first + count, dtype=np.float64) * interval
-
-
-def random_features(backend: LlavaOnevisionBackend, count: int, seed: int) -> torch.Tensor:
-    """Random visual tokens ``[count, P, d]`` in the model dtype, on the model device."""
-    g = torch.Generator().manual_seed(seed)
-    p, d = backend.tokens_per_frame, backend.text.hidden_size
-    return torch.randn(count, p, d, generator=g).to(device=backend.device, dtype=backend.dtype)
-
-
-def ingest_features(session: mukv.StreamSession, features: torch.Tensor, times: np.ndarray) -> None:
-    """``memory.ingest`` in batches of ``SessionConfig.encode_batch_frames``, as ``ingest_source``
-    hands frames to the memory (which keeps the stream's clock)."""
-    batch = session.config.encode_batch_frames
-    for start in range(0, features.shape[0], batch):
-        session.memory.ingest(features[start : start + batch], times[start : start + batch])
 
 
 def proc_status_kib(field: str) -> int | None:
@@ -295,200 +321,10 @@ def stats_dict(stats: Any) -> dict[str, Any]:
     }
 
 
-def generic_warmup(backend: LlavaOnevisionBackend) -> None:
-    """One small language-model prefill after the system prompt, so kernels are initialised
-    before any measured region (common to every method)."""
-    cache, init_len = backend.system_cache()
-    embeds = random_features(backend, 1, seed=12345).reshape(1, -1, backend.text.hidden_size)
-    positions = torch.arange(init_len, init_len + embeds.shape[1], device=backend.device).unsqueeze(0)
-    backend.forward(embeds, cache, positions, logits="last")
-    synchronize(backend.device)
-
-
-def answer_dict(answer: Any, init_len: int, wall: float) -> dict[str, Any]:
-    t = answer.timings
-    by_g: dict[str, dict[str, int]] = {}
-    for block in answer.retrieved:
-        entry = by_g.setdefault(block.granularity, {"blocks": 0, "tokens": 0})
-        entry["blocks"] += 1
-        entry["tokens"] += block.tokens
-    decode_steps = answer.generated_tokens - 1
-    return {
-        "timings": t.to_dict(),
-        "ask_wall_seconds": wall,
-        "context_tokens": answer.context_tokens,
-        "visual_context_tokens": answer.context_tokens - init_len,
-        "retrieved": by_g,
-        "generated_tokens": answer.generated_tokens,
-        "stop_reason": answer.stop_reason,
-        "decode_seconds_per_token": (t.total - t.first_token) / decode_steps if decode_steps > 0 else None,
-    }
-
-
-def timed_ask(session: mukv.StreamSession, max_new_tokens: int, init_len: int) -> dict[str, Any]:
-    synchronize(session.backend.device)
-    start = time.perf_counter()
-    answer = session.ask(QUESTION, max_new_tokens=max_new_tokens)
-    synchronize(session.backend.device)
-    return answer_dict(answer, init_len, time.perf_counter() - start)
-
-
-def warm_asks(session: mukv.StreamSession, count: int) -> None:
-    """Untimed short questions on a freshly filled state: the first questions after a large fill
-    pay one-off allocator and page-fault costs (measured here: MuKV's assembly 1.3-1.7 s instead
-    of about 0.2 s for the first two questions) that a long-running stream has long paid."""
-    for _ in range(count):
-        session.ask(QUESTION, max_new_tokens=2)
-
-
-def summarize_asks(asks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The first ask's record, plus every ask and the medians over all of them."""
-    out = dict(asks[0])
-    out["asks"] = asks
-    out["median"] = {
-        key: statistics.median(a["timings"][key] for a in asks) for key in ("prepare", "first_token", "total")
-    }
-    steps = [a["decode_seconds_per_token"] for a in asks if a["decode_seconds_per_token"] is not None]
-    out["median"]["decode_seconds_per_token"] = statistics.median(steps) if steps else None
-    return out
-
-
-class PrepareProfiler:
-    """Splits MuKV's ``prepare`` into query vector, eligibility index, ranking and assembly by
-    wrapping those calls of one memory instance (and the module's ``retrieve``)."""
-
-    def __init__(self, memory: Any) -> None:
-        self.memory = memory
-        self.seconds: dict[str, float] = {}
-        self._retrieve = mukv_module.retrieve
-        device = memory.backend.device
-
-        def wrap(name: str, fn: Any) -> Any:
-            def timed(*a: Any, **kw: Any) -> Any:
-                synchronize(device)
-                start = time.perf_counter()
-                out = fn(*a, **kw)
-                synchronize(device)
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-                return out
-
-            return timed
-
-        memory.query_vector = wrap("query_vector", memory.query_vector)
-        memory._eligible_index = wrap("eligible_index", memory._eligible_index)
-        memory._assemble = wrap("assemble", memory._assemble)
-        self._wrapped_retrieve = wrap("rank", self._retrieve)
-
-    def __enter__(self) -> PrepareProfiler:
-        self.seconds = {}
-        mukv_module.retrieve = self._wrapped_retrieve
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        mukv_module.retrieve = self._retrieve
-
-
-# --------------------------------------------------------------------------- synthetic state
-
-
-def mukv_block_shapes(backend: LlavaOnevisionBackend, config: Any) -> dict[str, tuple[int, int]]:
-    """``granularity -> (tokens before pruning, kept tokens)`` for the config's keep ratios."""
-    p, f = backend.tokens_per_frame, config.segment_frames
-    patch = len(patch_token_indices(p, config.patch_layout)[0])
-    return {
-        "patch": (patch, keep_count(patch, config.keep_ratio.patch)),
-        "frame": (p, keep_count(p, config.keep_ratio.frame)),
-        "segment": (f * p, keep_count(f * p, config.keep_ratio.segment)),
-    }
-
-
-def fill_mukv(session: mukv.StreamSession, first: int, count: int, interval: float, seed: int) -> None:
-    """Add frames ``first .. first+count-1`` to a MuKV store as an ``independent``-encoded stream
-    would: per frame four patch blocks and a frame block, per ``segment_frames`` frames a segment
-    block, each with random K/V of the exact kept size, the positions independent encoding bakes in
-    (``init_len + kept index``), random kept indices, scores and representative."""
-    memory = session.memory
-    backend = memory.backend
-    cfg = memory.config
-    f = cfg.segment_frames
-    if first % f or count % f:
-        raise ValueError("fill_mukv: whole segments only")
-    shapes = mukv_block_shapes(backend, cfg)
-    spec = backend.text
-    g = torch.Generator().manual_seed(seed + first)
-    reps = spec.num_kv_heads * spec.head_dim
-
-    def add(granularity: str, first_frame: int, last_frame: int, part: int) -> None:
-        n, keep = shapes[granularity]
-        kv = torch.randn(spec.num_layers, 2, spec.num_kv_heads, keep, spec.head_dim, generator=g, dtype=torch.float32)
-        kept = torch.randperm(n, generator=g)[:keep].sort().values
-        memory.store.add(
-            granularity=granularity,
-            first_frame=first_frame,
-            last_frame=last_frame,
-            part=part,
-            start_time=first_frame * interval,
-            end_time=last_frame * interval,
-            payload=BlockPayload(
-                kv=kv.to(backend.dtype), positions=kept + memory._init_len, kept=kept, scores=torch.rand(n, generator=g)
-            ),
-            representative=torch.randn(reps, generator=g),
-        )
-
-    for segment_start in range(first, first + count, f):
-        for frame in range(segment_start, segment_start + f):
-            if cfg.granularities.frame:
-                add("frame", frame, frame, 0)
-            if cfg.granularities.patch:
-                for part in range(4):
-                    add("patch", frame, frame, part)
-        if cfg.granularities.segment:
-            add("segment", segment_start, segment_start + f - 1, 0)
-    memory._timestamps.extend(float(t) for t in timestamps(first, count, interval))
-
-
-def fill_full(session: mukv.StreamSession, count: int, interval: float, seed: int) -> None:
-    """Replace a fresh ``full`` memory's cache by ``[init | count * P random tokens]``."""
-    memory = session.memory
-    backend = memory.backend
-    spec = backend.text
-    init = memory._init_len
-    length = init + count * backend.tokens_per_frame
-    g = torch.Generator(device=backend.device).manual_seed(seed)
-    layers = []
-    for layer in memory._cache.layers:
-        pair = []
-        for src in (layer.keys, layer.values):
-            t = torch.empty(1, spec.num_kv_heads, length, spec.head_dim, device=backend.device, dtype=backend.dtype)
-            t[:, :, :init] = src
-            t[:, :, init:].normal_(generator=g)
-            pair.append(t)
-        layers.append(tuple(pair))
-    memory._cache = DynamicCache(ddp_cache_data=layers)
-    memory._length = length
-    memory._timestamps = [float(t) for t in timestamps(0, count, interval)]
-
-
-def fill_uniform(session: mukv.StreamSession, first: int, count: int, interval: float, seed: int) -> None:
-    backend = session.memory.backend
-    for start in range(first, first + count, 64):
-        n = min(64, first + count - start)
-        ingest_features(session, random_features(backend, n, seed + start), timestamps(start, n, interval))
-
-
-def full_cache_fits(backend: LlavaOnevisionBackend, frames: int, headroom: float) -> tuple[bool, int, int | None]:
-    """Whether a ``full`` cache of ``frames`` frames can be held three times over (stored cache +
-    the old and new copy of each decoding step's concatenation) in ``headroom`` of free memory."""
-    tokens = frames * backend.tokens_per_frame
-    need = 3 * tokens * backend.text.kv_bytes_per_token(backend.dtype)
-    free = torch.cuda.mem_get_info(backend.device)[0] if backend.device.type == "cuda" else available_memory_bytes()
-    return (free is None or need <= headroom * free), need, free
-
-
 # --------------------------------------------------------------------------- child tasks
 
 
-def child_encode(backend: LlavaOnevisionBackend, args: argparse.Namespace, task: dict[str, Any]) -> dict[str, Any]:
+def child_encode(backend: Any, args: argparse.Namespace, task: dict[str, Any]) -> dict[str, Any]:
     """Parts 1-3 for one method: a cold pass measuring memory, then a timed pass."""
     device = backend.device
     method, overrides = task["method"], task["overrides"]
@@ -535,7 +371,7 @@ def child_encode(backend: LlavaOnevisionBackend, args: argparse.Namespace, task:
     }
 
 
-def child_answer(backend: LlavaOnevisionBackend, args: argparse.Namespace, task: dict[str, Any]) -> dict[str, Any]:
+def child_answer(backend: Any, args: argparse.Namespace, task: dict[str, Any]) -> dict[str, Any]:
     """Part 4: MuKV paper preset really encodes ``--answer-frames`` frames, then one question; then
     the same question on a synthetic store of the same size."""
     device = backend.device
@@ -546,7 +382,7 @@ def child_answer(backend: LlavaOnevisionBackend, args: argparse.Namespace, task:
 
     warm = mukv.StreamSession(backend, "mukv")
     ingest_features(warm, features[:4], times[:4])
-    warm.ask(QUESTION, max_new_tokens=2)
+    warm_asks(warm, 1)
     del warm
 
     session = mukv.StreamSession(backend, "mukv")
@@ -557,7 +393,7 @@ def child_answer(backend: LlavaOnevisionBackend, args: argparse.Namespace, task:
     encode_seconds = time.perf_counter() - start
     print(f"  mukv encoded {n} frames in {encode_seconds:.1f} s", flush=True)
     warm_asks(session, args.warmup_asks)
-    real = summarize_asks([timed_ask(session, args.max_new_tokens, init_len) for _ in range(args.repeats)])
+    real = summarize_asks([timed_ask(session, args.max_new_tokens) for _ in range(args.repeats)])
     real["stats"] = stats_dict(session.stats())
     config = config_to_dict(session.memory.config)
     del session
@@ -566,7 +402,7 @@ def child_answer(backend: LlavaOnevisionBackend, args: argparse.Namespace, task:
     synthetic = mukv.StreamSession(backend, "mukv")
     fill_mukv(synthetic, 0, n - n % synthetic.memory.config.segment_frames, interval, args.seed)
     warm_asks(synthetic, args.warmup_asks)
-    synth = summarize_asks([timed_ask(synthetic, args.max_new_tokens, init_len) for _ in range(args.repeats)])
+    synth = summarize_asks([timed_ask(synthetic, args.max_new_tokens) for _ in range(args.repeats)])
     synth["stats"] = stats_dict(synthetic.stats())
     return {
         "frames": n,
@@ -579,97 +415,91 @@ def child_answer(backend: LlavaOnevisionBackend, args: argparse.Namespace, task:
     }
 
 
-def child_lengths(backend: LlavaOnevisionBackend, args: argparse.Namespace, task: dict[str, Any], emit) -> None:
-    """Part 5 for one method: fill the state synthetically for each length, time the questions."""
-    method = task["method"]
+def child_lengths(backend: Any, args: argparse.Namespace, task: dict[str, Any], emit) -> None:
+    """Part 5: for each length, fill every scenario's state synthetically, then ask the questions
+    in rounds (one question per scenario per round), so that the scenarios are timed interleaved,
+    under the same load; states are dropped before the next length."""
+    scenarios = [length_scenarios(args.uniform_frames)[name] for name in task["scenarios"]]
     interval = frame_interval(args)
-    init_len = backend.system_cache()[1]
-    lengths = sorted(args.lengths)
-    frames = [frames_for_minutes(m, args.fps) for m in lengths]
-    overrides = {"num_frames": args.uniform_frames} if method == "uniform" else None
-
-    # Warm-up on a small state.
-    warm = mukv.StreamSession(backend, method, overrides=overrides)
-    if method == "mukv":
-        fill_mukv(warm, 0, 48, interval, args.seed)
-    elif method == "full":
-        fill_full(warm, 8, interval, args.seed)
-    else:
-        fill_uniform(warm, 0, args.uniform_frames, interval, args.seed)  # the prefill shapes of every question
-    warm.ask(QUESTION, max_new_tokens=2)
-    del warm
+    for scenario in scenarios:  # kernels and allocator warmed on a small state of each scenario
+        warm = scenario.session(backend)
+        scenario.fill(warm, 0, WARM_FRAMES, interval, args.seed)
+        warm_asks(warm, 1)
+        del warm
     gc.collect()
 
-    session = mukv.StreamSession(backend, method, overrides=overrides) if method != "full" else None
-    profiler = PrepareProfiler(session.memory) if method == "mukv" else None
-    filled = 0
-    for minutes, count in zip(lengths, frames, strict=True):
-        result: dict[str, Any] = {"minutes": minutes, "frames": count, "method": method}
-        start = time.perf_counter()
-        if method == "full":
-            session = None
-            gc.collect()
-            malloc_trim()
-            fits, need, free = full_cache_fits(backend, count, args.memory_headroom)
-            result.update(kv_tokens=init_len + count * backend.tokens_per_frame, need_bytes=need, free_bytes=free)
-            if not fits:
-                result["skipped"] = (
-                    f"a full cache of {count} frames needs about {need / 1e9:.1f} GB while answering "
-                    f"(3 x {count * backend.tokens_per_frame} tokens x "
-                    f"{backend.text.kv_bytes_per_token(backend.dtype)} B), "
-                    f"more than {args.memory_headroom:.0%} of the {free / 1e9:.1f} GB free"
-                )
-                print(f"  full {minutes:g} min: skipped ({result['skipped']})", flush=True)
-                emit({"kind": "lengths", **result})
-                continue
-            session = mukv.StreamSession(backend, "full")
-            fill_full(session, count, interval, args.seed)
-        elif method == "mukv":
-            fill_mukv(session, filled, count - filled, interval, args.seed)
-        else:
-            fill_uniform(session, filled, count - filled, interval, args.seed)
-        filled = count
-        result["fill_seconds"] = time.perf_counter() - start
-        result["over_max_positions"] = (
-            method == "full" and init_len + count * backend.tokens_per_frame > backend.text.max_positions
-        )
-        warm_asks(session, args.warmup_asks)
-        asks, breakdowns = [], []
+    for minutes in sorted(args.lengths):
+        count = frames_for_minutes(minutes, args.fps)
+        sessions: dict[str, mukv.StreamSession] = {}
+        results: dict[str, dict[str, Any]] = {}
+        for scenario in scenarios:
+            result: dict[str, Any] = {"minutes": minutes, "frames": count, "method": scenario.method}
+            results[scenario.name] = result
+            if scenario.need is not None:
+                gc.collect()
+                malloc_trim()
+                need = scenario.need(backend, count)
+                free = free_memory_bytes(backend)
+                result.update(need_bytes=need, free_bytes=free)
+                if free is not None and need > args.memory_headroom * free:
+                    result["skipped"] = (
+                        f"its state of {count} frames needs about {need / 1e9:.1f} GB while answering, more than "
+                        f"{args.memory_headroom:.0%} of the {free / 1e9:.1f} GB free next to the other states"
+                    )
+                    print(f"  {scenario.name} {minutes:g} min: skipped ({result['skipped']})", flush=True)
+                    continue
+            session = scenario.session(backend)
+            start = time.perf_counter()
+            scenario.fill(session, 0, count, interval, args.seed)
+            result["fill_seconds"] = time.perf_counter() - start
+            warm_asks(session, args.warmup_asks)
+            sessions[scenario.name] = session
+        asks: dict[str, list[dict[str, Any]]] = {name: [] for name in sessions}
         for _ in range(args.repeats):
-            if profiler is not None:
-                with profiler:
-                    asks.append(timed_ask(session, args.max_new_tokens, init_len))
-                breakdowns.append(dict(profiler.seconds))
-            else:
-                asks.append(timed_ask(session, args.max_new_tokens, init_len))
-        result.update(summarize_asks(asks))
-        if breakdowns:
-            result["prepare_breakdown"] = breakdowns
-        result["stats"] = stats_dict(session.stats())
-        result["rss_bytes"] = rss_bytes()
-        totals = ", ".join(f"{a['timings']['total']:.2f}" for a in asks)
-        print(f"  {method} {minutes:g} min ({count} frames): ask total {totals} s", flush=True)
-        emit({"kind": "lengths", **result})
+            for name, session in sessions.items():
+                asks[name].append(timed_ask(session, args.max_new_tokens))
+        rss = rss_bytes()
+        for name, result in results.items():
+            result["rss_bytes"] = rss
+            if name in sessions:
+                result.update(summarize_asks(asks[name]))
+                result["over_max_positions"] = result["context_tokens"] > TRAINED_POSITIONS
+                result["stats"] = stats_dict(sessions[name].stats())
+                totals = ", ".join(f"{a['timings']['total']:.2f}" for a in asks[name])
+                print(f"  {name} {minutes:g} min ({count} frames): ask total {totals} s", flush=True)
+            emit({"kind": "lengths", "scenario": name, **result})
+        del sessions
+        gc.collect()
+        malloc_trim()
+
+
+def free_memory_bytes(backend: Any) -> int | None:
+    if backend.device.type == "cuda":
+        return torch.cuda.mem_get_info(backend.device)[0]
+    return available_memory_bytes()
 
 
 def child_main(args: argparse.Namespace) -> int:
-    task = json.loads(args.child_task)
-    result_path = Path(args.child_result)
-
-    def emit(record: dict[str, Any]) -> None:
-        with result_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
+    task = child_task(args)
+    assert task is not None
+    emit = child_emitter(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     start = time.perf_counter()
-    backend = build_backend(args, device, dtype)
+    backend = build_backend(
+        device,
+        dtype,
+        seed=args.seed,
+        attn_implementation=args.attn_implementation,
+        vision_batch_frames=args.vision_batch_frames,
+        max_positions=max_positions(args),
+    )
     synchronize(device)
     build_seconds = time.perf_counter() - start
     if not args.keep_eos:
-        backend.eos_token_ids = frozenset()
+        disable_eos(backend)
     emit(
         {
             "kind": "info",
@@ -680,6 +510,7 @@ def child_main(args: argparse.Namespace) -> int:
             "kv_bytes_per_token": backend.text.kv_bytes_per_token(dtype),
             "tokens_per_frame": backend.tokens_per_frame,
             "max_positions": backend.text.max_positions,
+            "trained_positions": TRAINED_POSITIONS,
             "model_rss_bytes": rss_bytes(),
         }
     )
@@ -694,124 +525,7 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- parent
-
-
-def child_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
-    """This script's own arguments, for a child (the child flags are appended by the caller)."""
-    return [sys.executable, str(Path(__file__).resolve()), *argv]
-
-
-def wait_idle(limit: float, window: float = 5.0, threshold: float = 0.1) -> tuple[float, float | None]:
-    """Wait (at most ``limit`` s) until the whole machine was under ``threshold`` busy over ``window`` s.
-
-    Returns (seconds waited, busy fraction of the last window)."""
-    start = time.perf_counter()
-    cores = os.cpu_count() or 1
-    busy = None
-    while True:
-        b0 = busy_cpu_seconds()
-        time.sleep(window)
-        b1 = busy_cpu_seconds()
-        if b0 is None or b1 is None:
-            return time.perf_counter() - start, None
-        busy = (b1 - b0) / (window * cores)
-        if busy < threshold or time.perf_counter() - start >= limit:
-            return time.perf_counter() - start, busy
-
-
-def run_child(args: argparse.Namespace, argv: list[str], task: dict[str, Any]) -> dict[str, Any]:
-    """Run one task in a fresh process; return its records (and the failure, if any)."""
-    waited = busy = None
-    if args.wait_idle > 0:
-        waited, busy = wait_idle(args.wait_idle)
-        print(f"  waited {waited:.0f} s for an idle machine (last 5 s: {100 * (busy or 0):.0f}% busy)", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.jsonl"
-        cmd = [*child_argv(args, argv), "--child-task", json.dumps(task), "--child-result", str(result)]
-        monitor = TreeLoadMonitor()
-        proc = subprocess.run(cmd, check=False)
-        load = monitor.report()
-        wall = load["wall_seconds"]
-        records = [json.loads(line) for line in result.read_text().splitlines()] if result.exists() else []
-    info = next((r for r in records if r["kind"] == "info"), {})
-    done = next((r for r in records if r["kind"] == "done"), {})
-    out = {
-        "task": task,
-        "returncode": proc.returncode,
-        "wall_seconds": wall,
-        "other_cpu_fraction": load["other_cpu_fraction"],
-        "load": load | {"waited_idle_seconds": waited, "busy_before": busy},
-        "info": info,
-        "peak_rss_bytes": done.get("peak_rss_bytes"),
-        "records": [r for r in records if r["kind"] not in ("info", "done")],
-    }
-    if proc.returncode != 0:
-        out["error"] = f"child exited with {proc.returncode}" + (
-            " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-        )
-        print(f"  {task}: {out['error']}", flush=True)
-    return out
-
-
-def steal_cpu_seconds() -> float | None:
-    """CPU seconds the hypervisor gave to other guests since boot (``/proc/stat``), else ``None``."""
-    try:
-        return int(Path("/proc/stat").read_text().split()[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-class TreeLoadMonitor:
-    """Like ``bench_encode_ask.LoadMonitor``, counting this process and its waited-for children as
-    own; ``steal`` (time the hypervisor gave elsewhere) is part of "other" and also reported alone."""
-
-    def __init__(self) -> None:
-        self.start_wall = time.perf_counter()
-        self.start_busy = busy_cpu_seconds()
-        self.start_steal = steal_cpu_seconds()
-        self.start_own = self.own()
-        self.start_load = os.getloadavg() if hasattr(os, "getloadavg") else None
-
-    @staticmethod
-    def own() -> float:
-        total = 0.0
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-            usage = resource.getrusage(who)
-            total += usage.ru_utime + usage.ru_stime
-        return total
-
-    def report(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.start_wall
-        busy = busy_cpu_seconds()
-        own = self.own() - self.start_own
-        other = None if busy is None or self.start_busy is None else max(0.0, busy - self.start_busy - own)
-        cores = os.cpu_count() or 1
-        steal = steal_cpu_seconds()
-        return {
-            "wall_seconds": wall,
-            "own_cpu_seconds": own,
-            "other_cpu_seconds": other,
-            "other_cpu_fraction": None if other is None else other / (wall * cores),
-            "steal_cpu_seconds": None if steal is None or self.start_steal is None else steal - self.start_steal,
-            "load_average_start": list(self.start_load) if self.start_load else None,
-            "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        }
-
-
 # --------------------------------------------------------------------------- reporting
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def fx(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
-
-
-def gb(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 1e9:.2f} GB"
 
 
 def encode_rows(encode: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -941,24 +655,48 @@ ANSWER_HEADER = (
 )
 
 
-def length_table(lengths: dict[str, list[dict[str, Any]]]) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
-    """(per-method rows, ratio rows)."""
+RATIO_PAIRS = (("mukv", "full"), ("mukv", "uniform"))
+
+
+def stage_medians(r: dict[str, Any]) -> dict[str, float]:
+    """Median seconds of each named part of ``prepare``: ``answer.timings.stages`` (recorded as
+    ``median_stages``), or the older runs' ``prepare_breakdown``."""
+    if r.get("median_stages"):
+        return r["median_stages"]
+    breakdowns = r.get("prepare_breakdown") or []
+    if not breakdowns:
+        return {}
+    return {k: statistics.median(b.get(k, 0.0) for b in breakdowns) for k in breakdowns[0]}
+
+
+def length_ratios(lengths: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """``minutes -> "a/b" -> {total, first_token}``: ratios of medians between methods of one run."""
+    by_key = {(r["minutes"], method): r for method, records in lengths.items() for r in records}
+
+    def med(minutes: float, method: str, key: str) -> float | None:
+        r = by_key.get((minutes, method))
+        return None if r is None or "median" not in r else r["median"][key]
+
+    return {
+        f"{minutes:g}": {
+            f"{a}/{b}": {key: ratio(med(minutes, a, key), med(minutes, b, key)) for key in ("total", "first_token")}
+            for a, b in RATIO_PAIRS
+        }
+        for minutes in sorted({k[0] for k in by_key})
+    }
+
+
+def length_table(lengths: dict[str, list[dict[str, Any]]]) -> list[tuple[str, ...]]:
+    """One row per (method, length)."""
     rows = []
-    by_key: dict[tuple[float, str], dict[str, Any]] = {}
     for method, records in lengths.items():
         for r in records:
-            by_key[(r["minutes"], method)] = r
             if "skipped" in r or "error" in r:
-                why = "skipped: does not fit (see notes)" if "skipped" in r else f"failed: {r['error']}"
+                why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['error']}"
                 rows.append((f"{r['minutes']:g}", str(r.get("frames", "")), method, why))
                 continue
             med = r["median"]
-            breakdown = ""
-            if r.get("prepare_breakdown"):
-                parts = r["prepare_breakdown"][0].keys()
-                breakdown = ", ".join(
-                    f"{k} {statistics.median(b.get(k, 0.0) for b in r['prepare_breakdown']):.3f}" for k in parts
-                )
+            breakdown = ", ".join(f"{k} {v:.3f}" for k, v in stage_medians(r).items())
             rows.append(
                 (
                     f"{r['minutes']:g}",
@@ -974,23 +712,15 @@ def length_table(lengths: dict[str, list[dict[str, Any]]]) -> tuple[list[tuple[s
                     breakdown,
                 )
             )
-    ratio_rows = []
-    for minutes in sorted({k[0] for k in by_key}):
+    return rows
 
-        def med(method: str, key: str, minutes: float = minutes) -> float | None:
-            r = by_key.get((minutes, method))
-            return None if r is None or "median" not in r else r["median"][key]
 
-        ratio_rows.append(
-            (
-                f"{minutes:g}",
-                fx(ratio(med("mukv", "total"), med("full", "total"))),
-                fx(ratio(med("mukv", "total"), med("uniform", "total"))),
-                fx(ratio(med("mukv", "first_token"), med("full", "first_token"))),
-                fx(ratio(med("mukv", "first_token"), med("uniform", "first_token"))),
-            )
-        )
-    return rows, ratio_rows
+def ratio_rows(ratios: dict[str, dict[str, dict[str, float | None]]]) -> list[tuple[str, ...]]:
+    pairs = [f"{a}/{b}" for a, b in RATIO_PAIRS]
+    return [
+        (minutes, *(fx(by_pair.get(p, {}).get(key)) for key in ("total", "first_token") for p in pairs))
+        for minutes, by_pair in ratios.items()
+    ]
 
 
 LENGTH_HEADER = (
@@ -1004,7 +734,7 @@ LENGTH_HEADER = (
     "total, s (1st ask only)",
     "decode s/token",
     "stored",
-    "mukv prepare breakdown, s",
+    "prepare stages (answer.timings.stages), s",
 )
 RATIO_HEADER = (
     "minutes",
@@ -1019,9 +749,18 @@ def pad(rows: list[tuple[str, ...]], width: int) -> list[tuple[str, ...]]:
     return [tuple(row) + ("",) * (width - len(row)) for row in rows]
 
 
+def in_run_order(record: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The record's lengths results in the order the run measured them (older records were written
+    with sorted keys)."""
+    lengths = record.get("lengths") or {}
+    order = [m for m in record["settings"].get("length_methods", []) if m in lengths]
+    return {m: lengths[m] for m in [*order, *(m for m in lengths if m not in order)]}
+
+
 def collect(record: dict[str, Any]) -> dict[str, Any]:
     """Tables of a run record: name -> (header, rows)."""
     tables: dict[str, Any] = {}
+    record = record | {"lengths": in_run_order(record)}
     info = record.get("info") or {}
     kv_bytes = info.get("kv_bytes_per_token")
     frames_per_hour = 3600 * record["settings"]["fps"]
@@ -1051,9 +790,9 @@ def collect(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("answer") and "real" in record["answer"]:
         tables["answer"] = (ANSWER_HEADER, answer_rows(record["answer"]))
     if record.get("lengths"):
-        rows, ratio_rows = length_table(record["lengths"])
-        tables["lengths"] = (LENGTH_HEADER, pad(rows, len(LENGTH_HEADER)))
-        tables["ratios"] = (RATIO_HEADER, ratio_rows)
+        tables["lengths"] = (LENGTH_HEADER, pad(length_table(record["lengths"]), len(LENGTH_HEADER)))
+        ratios = (record.get("ratios") or {}).get("lengths") or length_ratios(record["lengths"])
+        tables["ratios"] = (RATIO_HEADER, ratio_rows(ratios))
     return tables
 
 
@@ -1065,14 +804,15 @@ TABLE_TITLES = {
     "tokens; medians of {repeats} questions)",
     "lengths": "Seconds per question by video length (synthetic state, {max_new_tokens} new tokens, EOS {eos}; "
     "medians of {repeats} questions)",
-    "ratios": "Ratios per length (medians)",
+    "ratios": "Ratios per length (medians of this run's questions)",
 }
 
 
 def task_name(task: dict[str, Any]) -> str:
-    return " ".join(
-        str(task[k]) for k in ("part", "label", "method") if k in task and not (k == "method" and "label" in task)
-    )
+    names = [str(task[k]) for k in ("label", "scenario") if k in task] or [
+        str(task[k]) for k in ("method",) if k in task
+    ]
+    return " ".join([task["part"], *names])
 
 
 def parts_line(record: dict[str, Any]) -> str:
@@ -1093,15 +833,11 @@ def markdown_section(record: dict[str, Any], tables: dict[str, Any]) -> str:
     lines = [
         f"## {m['date_utc']} — {m['device_name']} ({m['device']}), {m['dtype']}",
         "",
-        f"- command: `{m['command']}`",
-        f"- CPU: {m['cpu']}, {m['cpu_cores']} cores, torch threads {info.get('torch_threads', m['torch_threads'])} "
-        f"(interop {m['torch_interop_threads']})",
-        f"- torch {m['torch']}, transformers {m['transformers']}, mukv {m['mukv']}, Python {m['python']}, "
-        f"attention {m['attn_implementation']}",
+        *machine_lines(m),
         f"- model: {MODEL_ID}, random weights, {params.get('total', 0) / 1e6:.1f} M parameters; each part in a "
         f"fresh process (model build {fmt(info.get('build_seconds'), 1)} s, RSS after build "
         f"{mib(info.get('model_rss_bytes'))})",
-        f"- load: {load_line(record['load'])}; steal {fmt(record['load'].get('steal_cpu_seconds'), 1)} CPU s",
+        f"- load: {load_line(record['load'])}",
         f"- parts (each a fresh process): {parts_line(record)}",
         f"- settings: frames {s['frames']}, answer frames {s['answer_frames']}, lengths {s['lengths_min']} min at "
         f"{s['fps']:g} fps, max_new_tokens {s['max_new_tokens']}, repeats {s['repeats']} after "
@@ -1132,29 +868,19 @@ def markdown_section(record: dict[str, Any], tables: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, record: dict[str, Any], tables: dict[str, Any]) -> tuple[Path, Path]:
-    intro = (
-        "# Memory methods side by side at LLaVA-OneVision 0.5B sizes (random weights)\n\n"
-        "Appended by `benchmarks/bench_memory.py`, one section per run; the same records are in "
-        "`memory.jsonl`. Random weights and random visual features: speed and memory only.\n\n"
-    )
-    return append_results(out, "memory", intro, record, markdown_section(record, tables))
-
-
 def notes(record: dict[str, Any]) -> list[str]:
     out = []
     info = record.get("info") or {}
-    if record.get("lengths", {}).get("full"):
-        over = [r for r in record["lengths"]["full"] if r.get("over_max_positions")]
+    for method, records in (record.get("lengths") or {}).items():
+        over = [r for r in records if r.get("over_max_positions")]
         if over:
+            tokens = ", ".join(str(r.get("kv_tokens", r.get("context_tokens"))) for r in over)
             out.append(
-                f"full: {', '.join(str(r['kv_tokens']) for r in over)}-token caches exceed the model's "
-                f"{info.get('max_positions')} trained positions; with real weights the answers would degrade. "
-                "The timings are what a plain full cache costs."
+                f"{method}: {tokens}-token caches exceed the model's "
+                f"{info.get('trained_positions', info.get('max_positions'))} trained positions (the random model "
+                f"admits {info.get('max_positions')}); with real weights the answers would degrade. The timings are "
+                "what such a cache costs."
             )
-        for r in record["lengths"]["full"]:
-            if "skipped" in r:
-                out.append(f"full {r['minutes']:g} min not run: {r['skipped']}.")
     if record.get("lengths"):
         out.append(
             "Synthetic state: MuKV blocks of the exact kept sizes with random K/V, positions, scores and "
@@ -1164,17 +890,170 @@ def notes(record: dict[str, Any]) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- summary over runs
+
+
+def quiet(load: dict[str, Any] | None) -> str:
+    return other_share(load) or "load n/a"
+
+
+def part_load(record: dict[str, Any], part: str) -> str:
+    """The other processes' share of the machine during each child of ``part``."""
+    parts = [c for c in record.get("children", []) if c["task"]["part"] == part]
+    return ", ".join(f"{task_name(c['task'])}: {quiet(c.get('load'))}" for c in parts)
+
+
+def summary(records: list[dict[str, Any]]) -> str:
+    """Medians with range over the recorded runs, per machine: encode seconds per frame and ratio
+    to ``full``; seconds per question and the ratios of each run (runs that record the per-stage
+    timings ``answer.timings.stages``, i.e. with the synthetic state built through the public API)."""
+    lines = ["## Summary over recorded runs", ""]
+    lines.append(
+        "Medians with the range over runs and the number of runs (each run's parts, with the share of the "
+        "machine other processes used, are in its section below). Ratios are taken within each run, then "
+        "summarised."
+    )
+    lines.append("")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(machine_key(record["machine"]), []).append(record)
+    for key, runs in groups.items():
+        encode_runs = [r for r in runs if r.get("encode")]
+        if encode_runs:
+            labels = list(dict.fromkeys(label for r in encode_runs for label in r["encode"]))
+            rows = []
+            for label in labels:
+                spf = [r["encode"].get(label, {}).get("seconds_per_frame") for r in encode_runs]
+                full = [r["encode"].get("full", {}).get("seconds_per_frame") for r in encode_runs]
+                rows.append(
+                    (
+                        label,
+                        fmt_median_range(median_range(spf), 3),
+                        fmt_median_range(median_range(ratio(a, b) for a, b in zip(spf, full, strict=True)), 2, "x"),
+                    )
+                )
+            dates = "; ".join(f"{r['machine']['date_utc']} ({part_load(r, 'encode')})" for r in encode_runs)
+            lines += [
+                f"{key}, encode (memory.ingest only), runs {dates}:",
+                "",
+                markdown_table(("method", "s/frame", "ratio to full (same run)"), rows),
+                "",
+            ]
+        answer_runs = [r for r in runs if (r.get("answer") or {}).get("real")]
+        if answer_runs:
+            real = [r["answer"]["real"]["median"]["total"] for r in answer_runs]
+            synth = [r["answer"]["synthetic"]["median"]["total"] for r in answer_runs]
+            tokens = sorted({r["answer"]["real"]["visual_context_tokens"] for r in answer_runs})
+            rows = [
+                ("visual tokens in the answering cache", ", ".join(map(str, tokens))),
+                ("real store, s/question", fmt_median_range(median_range(real), 2)),
+                ("synthetic store, s/question", fmt_median_range(median_range(synth), 2)),
+                (
+                    "synthetic/real (same run)",
+                    fmt_median_range(median_range(ratio(a, b) for a, b in zip(synth, real, strict=True)), 2, "x"),
+                ),
+            ]
+            dates = ", ".join(f"{r['machine']['date_utc']} ({part_load(r, 'answer')})" for r in answer_runs)
+            lines += [
+                f"{key}, MuKV paper preset answering after {answer_runs[0]['answer']['frames']} real frames, runs "
+                f"{dates}:",
+                "",
+                markdown_table(("", "median (range, runs)"), rows),
+                "",
+            ]
+        length_runs = [
+            r
+            for r in runs
+            if any(x.get("median_stages") is not None for recs in (r.get("lengths") or {}).values() for x in recs)
+        ]
+        if length_runs:
+            per_run = [(r, (r.get("ratios") or {}).get("lengths") or length_ratios(r["lengths"])) for r in length_runs]
+            methods = list(dict.fromkeys(m for r in length_runs for m in r["lengths"]))
+            minutes = sorted({x["minutes"] for r in length_runs for recs in r["lengths"].values() for x in recs})
+            rows = []
+            for minute in minutes:
+                cells = []
+                for method in methods:
+                    values = [
+                        x["median"]["total"]
+                        for r in length_runs
+                        for x in r["lengths"].get(method, [])
+                        if x["minutes"] == minute and "median" in x
+                    ]
+                    cells.append(fmt_median_range(median_range(values), 2))
+                for a, b in RATIO_PAIRS:
+                    values = [ratios.get(f"{minute:g}", {}).get(f"{a}/{b}", {}).get("total") for _, ratios in per_run]
+                    cells.append(fmt_median_range(median_range(values), 2, "x"))
+                mukv = [x for r in length_runs for x in r["lengths"].get("mukv", []) if x["minutes"] == minute]
+                for key in ("prepare", "assemble"):
+                    values = [
+                        x["median"]["prepare"] if key == "prepare" else stage_medians(x).get(key)
+                        for x in mukv
+                        if "median" in x
+                    ]
+                    cells.append(fmt_median_range(median_range(values), 2))
+                rows.append((f"{minute:g}", *cells))
+            header = (
+                "minutes",
+                *(f"{m} s/question" for m in methods),
+                *(f"{a}/{b}" for a, b in RATIO_PAIRS),
+                "mukv prepare, s",
+                "of which assemble, s",
+            )
+            dates = "; ".join(f"{r['machine']['date_utc']} ({part_load(r, 'lengths')})" for r in length_runs)
+            lines += [
+                f"{key}, seconds per question by video length (total per question, medians of each run's "
+                f"questions, then over runs), runs: {dates}:",
+                "",
+                markdown_table(header, rows),
+                "",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+INTRO = (
+    "# Memory methods side by side at LLaVA-OneVision 0.5B sizes (random weights)\n\n"
+    "Rendered by `benchmarks/bench_memory.py` from every record of `memory.jsonl`: a summary over runs, then one "
+    "section per run. Random weights and random visual features: speed and memory only.\n\n"
+)
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    sections = [markdown_section(r, collect(r)) for r in records]
+    return INTRO + summary(records) + "\n" + "".join(sections)
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def table_fill(record: dict[str, Any]) -> dict[str, Any]:
+    s = record["settings"]
+    return {
+        "frames": s["frames"],
+        "fps": s["fps"],
+        "answer_frames": s["answer_frames"],
+        "init": (record.get("info") or {}).get("init_tokens", "?"),
+        "max_new_tokens": s["max_new_tokens"],
+        "eos": "kept" if s["keep_eos"] else "disabled",
+        "repeats": s["repeats"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     args = parse_args(raw)
-    if args.child_task is not None:
+    if child_task(args) is not None:
         return child_main(args)
-    monitor = TreeLoadMonitor()
+    if args.render:
+        write_results(args.out, "memory", [], render)
+        print(f"re-rendered {args.out / 'memory.md'}")
+        return 0
+    monitor = LoadMonitor()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    machine = machine_info(args, device, dtype)
+    machine = machine_info(device, dtype, args.attn_implementation)
     print(f"device {machine['device_name']} ({device}), {machine['dtype']}, torch threads {machine['torch_threads']}")
 
     record: dict[str, Any] = {
@@ -1211,20 +1090,18 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def child(task: dict[str, Any]) -> dict[str, Any]:
-        out = run_child(args, raw, task)
+        out = run_child(__file__, raw, task, wait=args.wait_idle)
+        info = next((r for r in out["records"] if r["kind"] == "info"), None)
+        done = next((r for r in out["records"] if r["kind"] == "done"), {})
         record["children"].append(
-            {k: out[k] for k in ("task", "returncode", "wall_seconds", "load", "peak_rss_bytes") if k in out}
+            {k: out[k] for k in ("task", "returncode", "wall_seconds", "load") if k in out}
+            | {"peak_rss_bytes": done.get("peak_rss_bytes")}
             | ({"error": out["error"]} if "error" in out else {})
         )
-        if out["info"]:
-            record.setdefault("info", out["info"])
-        other = out["other_cpu_fraction"]
-        print(
-            f"  ({task_name(task)}: {out['wall_seconds']:.0f} s"
-            + ("" if other is None else f", other processes used {100 * other:.0f}% of the machine")
-            + ")",
-            flush=True,
-        )
+        if info:
+            record.setdefault("info", info)
+        share = other_share(out["load"])
+        print(f"  ({task_name(task)}: {out['wall_seconds']:.0f} s" + (f", {share}" if share else "") + ")", flush=True)
         return out
 
     if not args.skip_encode:
@@ -1236,10 +1113,6 @@ def main(argv: list[str] | None = None) -> int:
             record["encode"][label] = rec if rec is not None else {"error": out.get("error", "no result")}
             if rec is not None:
                 print(f"  {fmt(rec['seconds_per_frame'])} s/frame", flush=True)
-        full = record["encode"].get("full", {}).get("seconds_per_frame")
-        record["encode_ratios_to_full"] = {
-            label: ratio(rec.get("seconds_per_frame"), full) for label, rec in record["encode"].items()
-        }
 
     if not args.skip_answer:
         print(f"answer: mukv, {args.answer_frames} frames", flush=True)
@@ -1249,34 +1122,29 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_lengths:
         record["lengths"] = {}
-        for method in args.methods_lengths:
-            print(f"lengths: {method} at {args.lengths_min} min", flush=True)
-            out = child({"part": "lengths", "method": method})
-            records = [r for r in out["records"] if r["kind"] == "lengths"]
+        print(f"lengths: {', '.join(args.methods_lengths)} at {args.lengths_min} min, interleaved", flush=True)
+        out = child({"part": "lengths", "scenarios": args.methods_lengths})
+        for name in args.methods_lengths:
+            records = [r for r in out["records"] if r["kind"] == "lengths" and r["scenario"] == name]
             done = {r["minutes"] for r in records}
             for minutes in sorted(args.lengths):
                 if minutes not in done:
-                    records.append(
-                        {
-                            "minutes": minutes,
-                            "frames": frames_for_minutes(minutes, args.fps),
-                            "error": out.get("error", "no result"),
-                        }
-                    )
-            record["lengths"][method] = records
+                    frames = frames_for_minutes(minutes, args.fps)
+                    records.append({"minutes": minutes, "frames": frames, "error": out.get("error", "no result")})
+            record["lengths"][name] = records
 
+    full = (record.get("encode") or {}).get("full", {}).get("seconds_per_frame")
+    record["ratios"] = {
+        "encode_to_full": {
+            label: ratio(rec.get("seconds_per_frame"), full) for label, rec in (record.get("encode") or {}).items()
+        },
+        "lengths": length_ratios(record.get("lengths") or {}),
+    }
+    record["encode_ratios_to_full"] = record["ratios"]["encode_to_full"]  # the name older records use
     record["load"] = monitor.report()
     record["notes"] = notes(record)
     tables = collect(record)
-    fill = {
-        "frames": args.frames,
-        "fps": args.fps,
-        "answer_frames": args.answer_frames,
-        "init": (record.get("info") or {}).get("init_tokens", "?"),
-        "max_new_tokens": args.max_new_tokens,
-        "eos": "kept" if args.keep_eos else "disabled",
-        "repeats": args.repeats,
-    }
+    fill = table_fill(record)
     for name, (header, rows) in tables.items():
         print()
         print(TABLE_TITLES[name].format(**fill) + ":")
@@ -1284,8 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in record["notes"]:
         print(f"- {note}")
     print(load_line(record["load"]))
-    jsonl, md = write_results(args.out, record, tables)
-    print(f"appended to {jsonl} and {md}")
+    jsonl, md = write_results(args.out, "memory", [record], render)
+    print(f"appended to {jsonl}, re-rendered {md}")
     return 0
 
 
