@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,16 +54,16 @@ class FullMemory(MemoryMethod):
         super().__init__(backend, config)
         self._cache, self._init_len = backend.system_cache()
         self._length = self._init_len
-        # Cursor after each ingested frame (a question's continuation after a prefix starts there).
-        self._cursors: list[int] = []
+        # Each ingested run of frames as (first frame, cursor it started at); a question's
+        # continuation after a prefix starts at the scheme's cursor after that prefix's last run.
+        self._runs: list[tuple[int, int]] = []
+        self._cursor = self._init_len
         self._warned = False
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
-        start = self._cursors[-1] if self._cursors else self._init_len
-        cursor = prefill_frames(self.backend, self._cache, features, start, self.config.prefill_chunk_tokens)
-        scheme, layout = self.backend.positions, self.backend.layout
-        self._cursors.extend(scheme.visual(start, layout, i + 1)[1] for i in range(features.shape[0] - 1))
-        self._cursors.append(cursor)
+        self._runs.append((self.frames, self._cursor))
+        cursor = prefill_frames(self.backend, self._cache, features, self._cursor, self.config.prefill_chunk_tokens)
+        self._cursor = cursor
         self._length = self._cache.get_seq_length()
         if cursor > self.backend.text.max_positions and not self._warned:
             self._warned = True
@@ -80,18 +81,24 @@ class FullMemory(MemoryMethod):
         tokens = count * self.backend.tokens_per_frame
         if len(keys_values) != len(self._cache.layers) or any(k.shape[2] != tokens for k, _ in keys_values):
             raise ValueError(f"restore: expected {len(self._cache.layers)} layers of {tokens} tokens each")
+        self._runs.append((self.frames, self._cursor))
+        self._cursor = self.backend.positions.visual(self._cursor, self.backend.layout, count)[1]
         self._advance_clock(timestamps)
-        start = self._cursors[-1] if self._cursors else self._init_len
-        scheme, layout = self.backend.positions, self.backend.layout
-        self._cursors.extend(scheme.visual(start, layout, i + 1)[1] for i in range(count))
         for layer, (keys, values) in zip(self._cache.layers, keys_values, strict=True):
             layer.update(keys.to(layer.keys), values.to(layer.values))
         self._length = self._cache.get_seq_length()
 
+    def _cursor_after(self, frames: int) -> int:
+        """The cursor after the first ``frames`` frames: one scheme call on the run they end in."""
+        if frames == 0:
+            return self._init_len
+        first, start = self._runs[bisect.bisect_right(self._runs, (frames - 1, math.inf)) - 1]
+        return self.backend.positions.visual(start, self.backend.layout, frames - first)[1]
+
     def prepare(self, query: Query) -> AnswerContext:
         frames = self.frames_until(query.time)
         length = self._init_len + frames * self.backend.tokens_per_frame
-        cursor = self._cursors[frames - 1] if frames else self._init_len
+        cursor = self._cursor_after(frames)
         # Views of the stored prefix: the first cache update while answering concatenates into new
         # tensors, so the stored cache is never modified.
         cache = DynamicCache(
