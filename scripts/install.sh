@@ -20,14 +20,22 @@ if [[ "${1:-}" == "--dev" ]]; then
   dev=1
 fi
 
-# System tools the tests need: ffmpeg serves a real live stream on loopback for the live-source
-# tests (tests/integration/test_live_source.py). Installed with apt-get when missing (as root, or
-# through sudo without a password); where that is impossible it warns and those tests skip.
+# System tools the tests need, installed with apt-get when missing (as root, or through sudo
+# without a password); where that is impossible it warns and the tests that need them skip.
 # MUKV_NO_SYSTEM_PACKAGES=1 leaves the system alone.
+#   ffmpeg            serves real live streams on loopback (tests/integration/test_live_source.py)
+#   rtsp-server-perl  a real RTSP server on loopback that ffmpeg publishes to (the RTSP source test)
+#   chromium          the real headless browser that drives the server's web page (Debian's build:
+#                     Playwright's own browser downloads are not needed)
+SYSTEM_TOOLS=(ffmpeg:ffmpeg rtsp-server-perl:rtsp-server-perl chromium:chromium)
+
 install_system_packages() {
-  if command -v ffmpeg >/dev/null 2>&1 || [[ "${MUKV_NO_SYSTEM_PACKAGES:-}" == "1" ]]; then
-    return 0
-  fi
+  [[ "${MUKV_NO_SYSTEM_PACKAGES:-}" == "1" ]] && return 0
+  local missing=() entry
+  for entry in "${SYSTEM_TOOLS[@]}"; do
+    command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
   local apt=()
   if [[ "$(id -u)" == "0" ]]; then
     apt=(env DEBIAN_FRONTEND=noninteractive apt-get)
@@ -35,15 +43,15 @@ install_system_packages() {
     apt=(sudo -n env DEBIAN_FRONTEND=noninteractive apt-get)
   fi
   if ! command -v apt-get >/dev/null 2>&1 || [[ ${#apt[@]} -eq 0 ]]; then
-    echo "warning: ffmpeg is missing and cannot be installed here (needs apt-get as root or sudo);" \
-      "the live-source tests will skip. Install ffmpeg to run them." >&2
+    echo "warning: ${missing[*]} missing and cannot be installed here (needs apt-get as root or sudo);" \
+      "the tests that need them will skip." >&2
     return 0
   fi
-  echo "installing ffmpeg (live-source tests)"
-  # A fresh image often has no package lists: update once if the first try cannot find the package.
-  if ! "${apt[@]}" install -y --no-install-recommends ffmpeg; then
-    "${apt[@]}" update && "${apt[@]}" install -y --no-install-recommends ffmpeg \
-      || echo "warning: installing ffmpeg failed; the live-source tests will skip" >&2
+  echo "installing ${missing[*]} (system tools the tests use)"
+  # A fresh image often has no package lists: update once if the first try cannot find a package.
+  if ! "${apt[@]}" install -y --no-install-recommends "${missing[@]}"; then
+    "${apt[@]}" update && "${apt[@]}" install -y --no-install-recommends "${missing[@]}" \
+      || echo "warning: installing ${missing[*]} failed; the tests that need them will skip" >&2
   fi
 }
 
