@@ -250,3 +250,39 @@ def test_restored_blocks_answer_like_ingested_ones(backend):
     assert torch.equal(a.first_logits, b.first_logits)
     with pytest.raises(ValueError, match="strictly increasing"):
         copy.memory.restore([], [times[-1]])
+
+
+def test_restored_full_cache_answers_like_the_ingested_one(backend):
+    """``FullMemory.restore`` adopts another cache's visual KV run by run: questions at the end and
+    in the middle of the stream give the same first logits as the memory that ingested the frames,
+    and a refused restore (wrong shapes, timestamps not after the stream's time) changes nothing."""
+    features = backend.encode_frames(make_frames(8, seed=45))
+    times = np.arange(8.0) * 2.0
+    original = StreamSession(backend, "full")
+    original.memory.ingest(features[:5], times[:5])
+    original.memory.ingest(features[5:], times[5:])
+    init = original.memory._init_len
+    per_frame = backend.tokens_per_frame
+
+    def frames_kv(first: int, last: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        span = slice(init + first * per_frame, init + last * per_frame)
+        return [(layer.keys[:, :, span], layer.values[:, :, span]) for layer in original.memory._cache.layers]
+
+    copy = StreamSession(backend, "full")
+    copy.memory.restore(frames_kv(0, 5), times[:5])
+    with pytest.raises(ValueError, match="expected"):
+        copy.memory.restore(frames_kv(5, 7), times[5:])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        copy.memory.restore(frames_kv(5, 8), times[2:5])
+    assert copy.memory.frames == 5 and copy.memory._cache.get_seq_length() == init + 5 * per_frame
+    copy.memory.restore(frames_kv(5, 8), times[5:])
+    # Mid-stream (a cursor inside the first run, and inside the second) and at the end.
+    for at in (times[3], times[6]):
+        query = Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=float(at))
+        a, b = original.memory.prepare(query), copy.memory.prepare(query)
+        assert (a.next_position, a.context_tokens) == (b.next_position, b.context_tokens)
+        assert all(torch.equal(x.keys, y.keys) for x, y in zip(a.cache.layers, b.cache.layers, strict=True))
+    a = original.ask(QUESTION, max_new_tokens=1, output_logits=True)
+    b = copy.ask(QUESTION, max_new_tokens=1, output_logits=True)
+    assert a.frames_seen == b.frames_seen == 8
+    assert torch.equal(a.first_logits, b.first_logits)

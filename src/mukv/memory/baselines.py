@@ -81,9 +81,10 @@ class FullMemory(MemoryMethod):
         tokens = count * self.backend.tokens_per_frame
         if len(keys_values) != len(self._cache.layers) or any(k.shape[2] != tokens for k, _ in keys_values):
             raise ValueError(f"restore: expected {len(self._cache.layers)} layers of {tokens} tokens each")
-        self._runs.append((self.frames, self._cursor))
+        first = self.frames
+        self._advance_clock(timestamps)  # validates the timestamps before anything else changes
+        self._runs.append((first, self._cursor))
         self._cursor = self.backend.positions.visual(self._cursor, self.backend.layout, count)[1]
-        self._advance_clock(timestamps)
         for layer, (keys, values) in zip(self._cache.layers, keys_values, strict=True):
             layer.update(keys.to(layer.keys), values.to(layer.values))
         self._length = self._cache.get_seq_length()
