@@ -348,13 +348,17 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def test_a_live_url_plays_through_open_live(tiny_model_dir, http_video):
-    url, clip = http_video
+    plain, clip = http_video
+    # Credentials in the URL reach the source (the file server ignores them) and never a response.
+    url = plain.replace("http://", "http://viewer:s3cret@")
     config = ServeConfig(model=str(tiny_model_dir), default_method="full", allowed_schemes=("http",))
     with TestClient(create_app(config)) as live:
         wait_ready(live)
         created = live.post("/v1/streams", json={"source": url, "fps": 2.0})
         assert created.status_code == 201, created.text
-        assert created.json()["source"] == {"kind": "live", "url": url} and created.json()["speed"] is None
+        shown = plain.replace("http://", "http://viewer:***@")
+        assert created.json()["source"] == {"kind": "live", "url": shown} and created.json()["speed"] is None
+        assert "s3cret" not in live.get("/v1/streams").text
         stream_id = created.json()["id"]
         data = wait_for(
             lambda: (d := info(live, stream_id))["state"] == "ended" and d["frames"]["encoded"] == 4 and d,
@@ -364,7 +368,9 @@ def test_a_live_url_plays_through_open_live(tiny_model_dir, http_video):
         done = sse_events(live.post(f"/v1/streams/{stream_id}/questions", json={"question": "What?"}).text)[-1][1]
         assert done["frames_seen"] == 4
         gone = url.replace("live.mp4", "missing.mp4")
-        assert_error(live.post("/v1/streams", json={"source": gone}), 422, "source_unreadable", "source")
+        refused = live.post("/v1/streams", json={"source": gone})
+        assert_error(refused, 422, "source_unreadable", "source")
+        assert "s3cret" not in refused.text and shown.replace("live.mp4", "missing.mp4") in refused.text
         assert_error(live.post("/v1/streams", json={"source": url, "speed": 2}), 422, "invalid_request", "speed")
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from mukv.errors import MukvError
 from mukv.serve.config import ServeConfig
 from mukv.serve.errors import ApiError, from_exception
+from mukv.video.live import redact_url
 from mukv.video.sources import FrameStream
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class SourceSpec:
         if self.path is not None:
             data["path"] = str(self.path)
         if self.url is not None:
-            data["url"] = self.url
+            data["url"] = redact_url(self.url)  # stream info is listed to every client: no password
         return data
 
 
@@ -121,7 +122,11 @@ def open_frames(spec: SourceSpec, *, fps: float, npy_fps: float | None = None) -
         try:
             return opener(spec.url, sample_fps=fps)
         except (MukvError, ValueError, OSError) as exc:
-            raise ApiError(422, "source_unreadable", f"{spec.url}: {exc}", field="source") from None
+            shown = redact_url(spec.url)
+            message = str(exc).replace(spec.url, shown)
+            if shown not in message:
+                message = f"{shown}: {message}"
+            raise ApiError(422, "source_unreadable", message, field="source") from None
     raise ValueError(f"source: {spec.kind} streams have no source to open")
 
 
