@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import math
 import numbers
 import threading
@@ -26,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 
 LIVE_SCHEMES: tuple[str, ...] = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "srt")
 """URL schemes :func:`open_live` accepts by default (``srt`` needs a PyAV built with libsrt)."""
+
+RTSP_TRANSPORTS: tuple[str, ...] = ("auto", "tcp", "udp")
+"""How an ``rtsp://`` source may send its RTP packets (see ``rtsp_transport`` of :func:`open_live`)."""
 
 # Transport protocols the schemes above open underneath (RTSP over TCP/TLS, RTP over UDP,
 # encrypted HLS segments, HTTP proxies). Everything else (file, pipe, concat, ...) is refused even
@@ -117,6 +121,7 @@ class LiveStream(FrameStream):
         read_timeout_s: float,
         wait_s: float,
         max_lead_s: float | None,
+        fallback_options: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(iter(()), name=redact_url(url))
         self.url = url
@@ -127,6 +132,9 @@ class LiveStream(FrameStream):
         self.wait_s = wait_s
         self.max_lead_s = max_lead_s
         self._options = dict(options)
+        # Options of a second attempt when the server refuses the transport of the first (RTSP:
+        # RTP over TCP refused, UDP next); None: one attempt.
+        self._fallback_options = None if fallback_options is None else dict(fallback_options)
         # Guards the queue and the counters below; the reader thread takes only this lock.
         self._cond = threading.Condition()
         self._queue: collections.deque[Frame] = collections.deque()
@@ -168,12 +176,7 @@ class LiveStream(FrameStream):
             # buffered while the stream is probed are not early and pass at once.
             self._anchor = time.monotonic()
             try:
-                # open_live gives up after open_timeout_s; FFmpeg's own limit is a little later, so
-                # that a silent server is always reported as a timeout, not as FFmpeg's reaction
-                # to the interruption (RTSP reports "invalid data").
-                container = av.open(
-                    self.url, options=self._options, timeout=(self.open_timeout_s + 1.0, self.read_timeout_s)
-                )
+                container = self._open_container()
             except av.ExitError:
                 self._open_error = VideoError(f"{self.name}: no answer within {self.open_timeout_s:g} s (open timeout)")
                 return
@@ -207,6 +210,27 @@ class LiveStream(FrameStream):
                 self._ended = True
                 self._cond.notify_all()
             self._opened.set()
+
+    def _open_container(self) -> InputContainer:
+        """``av.open`` the URL; once more with the fallback options if the server refused the transport."""
+        import av
+
+        # open_live gives up after open_timeout_s; FFmpeg's own limit is a little later, so that a
+        # silent server is always reported as a timeout, not as FFmpeg's reaction to the
+        # interruption (RTSP reports "invalid data"). PyAV's timeouts interrupt every blocking call
+        # of every protocol, so no protocol's own socket timeout option is needed (RTSP's is
+        # ``timeout`` in the FFmpeg that PyAV bundles, ``stimeout`` in FFmpeg before 5.0).
+        limit = self.open_timeout_s + 1.0
+        try:
+            return av.open(self.url, options=self._options, timeout=(limit, self.read_timeout_s))
+        except av.FFmpegError as exc:
+            if self._fallback_options is None or not _transport_refused(exc) or self._stop.is_set():
+                raise
+        # open_live is still waiting (it had not given up), so the refusal came within the open
+        # timeout: the second attempt gets what is left of it (the floor only covers a race with
+        # open_live giving up now).
+        left = max(limit - (time.monotonic() - self._anchor), 1.0)
+        return av.open(self.url, options=self._fallback_options, timeout=(left, self.read_timeout_s))
 
     def _reason(self, exc: BaseException) -> str:
         """``exc``'s message without the URL's password (FFmpeg's errors repeat the URL in full)."""
@@ -429,6 +453,18 @@ class LiveStream(FrameStream):
         self.close()
 
 
+def _transport_refused(exc: BaseException) -> bool:
+    """True for FFmpeg's error when an RTSP server refused the RTP transport asked for.
+
+    FFmpeg reports a ``461 Unsupported Transport`` answer to its only transport as
+    ``EPROTONOSUPPORT``; servers that know only RTP over UDP answer a request for TCP with
+    ``400 Bad Request`` instead (a malformed request would fail the same way over UDP).
+    """
+    import av
+
+    return isinstance(exc, av.HTTPBadRequestError) or getattr(exc, "errno", None) == errno.EPROTONOSUPPORT
+
+
 def open_live(
     url: str,
     *,
@@ -439,27 +475,37 @@ def open_live(
     read_timeout_s: float = 10.0,
     wait_s: float = 1.0,
     max_lead_s: float | None = 1.0,
+    rtsp_transport: Literal["auto", "tcp", "udp"] = "auto",
     options: Mapping[str, str] | None = None,
 ) -> LiveStream:
     """Open the live video at ``url`` and read it in real time in a background thread.
 
     Frames are sampled at ``sample_fps`` by presentation time (seconds from the first frame),
     converted to uint8 RGB ``[H, W, 3]`` and queued; at most ``max_queue_frames`` wait, the
-    oldest are dropped (and counted) when the consumer falls behind. RTSP is read over TCP.
+    oldest are dropped (and counted) when the consumer falls behind.
 
     ``open_timeout_s`` bounds this call (connecting and probing the stream); ``read_timeout_s``
     bounds each read: a source silent for that long ends the stream with a :class:`VideoError`
     in :attr:`LiveStream.error`. ``wait_s`` is how long ``next_batch`` waits for a frame when none
     is queued. ``max_lead_s`` paces a source that sends faster than real time (a file served over
-    HTTP) to at most that far ahead of the wall clock (``None``: no pacing). ``options`` are extra
-    FFmpeg options for ``av.open`` (e.g. ``{"analyzeduration": "1000000"}``), over the defaults.
+    HTTP) to at most that far ahead of the wall clock (``None``: no pacing).
+
+    ``rtsp_transport`` is how an ``rtsp://`` source sends its RTP packets: ``"tcp"`` interleaved in
+    the RTSP connection (nothing lost, one port through firewalls and NAT); ``"udp"`` on UDP ports
+    of their own (what some servers and older cameras only offer; a busy network loses packets,
+    which costs frames); ``"auto"`` (default) TCP, and UDP when the server refuses TCP (it
+    answers 461 Unsupported Transport, or 400 Bad Request as UDP-only servers do), within the
+    same open timeout. ``rtsps://`` is always read over its TLS connection (FFmpeg offers nothing
+    else). ``options`` are extra FFmpeg options for ``av.open`` (e.g.
+    ``{"analyzeduration": "1000000"}``), over the defaults; an ``rtsp_transport`` among them is
+    used as given, without the fallback.
 
     Raises :class:`VideoError` naming the URL (its password hidden) for a URL that is not one,
     a scheme not in ``allowed_schemes``, an unreachable host, no answer within the open timeout,
-    or a stream without video; ``ValueError`` for a bad parameter. After an open timeout the
-    reader thread, still inside FFmpeg, ends on its own about a second later. Close the stream (or
-    use it as a context manager): its reader runs until then. Memory: up to ``max_queue_frames``
-    RGB frames (a 1080p frame is 6 MB).
+    a path the server does not serve (``404 Not Found``), or a stream without video; ``ValueError``
+    for a bad parameter. After an open timeout the reader thread, still inside FFmpeg, ends on its
+    own about a second later. Close the stream (or use it as a context manager): its reader runs
+    until then. Memory: up to ``max_queue_frames`` RGB frames (a 1080p frame is 6 MB).
     """
     if not isinstance(url, str):
         raise VideoError(f"live URL: expected a string, got {type(url).__name__}")
@@ -475,6 +521,8 @@ def open_live(
         raise ValueError(f"max_lead_s: must be a number of seconds >= 0 or None, got {max_lead_s!r}")
     if isinstance(max_queue_frames, bool) or not isinstance(max_queue_frames, int) or max_queue_frames < 1:
         raise ValueError(f"max_queue_frames: must be an integer >= 1, got {max_queue_frames!r}")
+    if rtsp_transport not in RTSP_TRANSPORTS:
+        raise ValueError(f"rtsp_transport: must be one of {', '.join(RTSP_TRANSPORTS)}, got {rtsp_transport!r}")
     allowed = tuple(dict.fromkeys(scheme.lower() for scheme in allowed_schemes))
     if any(ch.isspace() or ord(ch) < 32 for ch in url):
         raise VideoError(f"{shown!r}: not a URL (contains whitespace or control characters)")
@@ -492,11 +540,16 @@ def open_live(
         raise VideoError(f"{shown}: not a live stream URL: no host ({expected})")
     defaults = {"protocol_whitelist": ",".join(dict.fromkeys(allowed + _TRANSPORTS))}
     if scheme in ("rtsp", "rtsps"):
-        # UDP transport loses packets (and whole frames) on a busy network and is often blocked.
-        defaults["rtsp_transport"] = "tcp"
+        # TCP first: UDP loses packets (and whole frames) on a busy network and is often blocked.
+        defaults["rtsp_transport"] = "udp" if rtsp_transport == "udp" else "tcp"
+    merged = {**defaults, **(options or {})}
+    fallback = None
+    if scheme == "rtsp" and rtsp_transport == "auto" and "rtsp_transport" not in (options or {}):
+        fallback = {**merged, "rtsp_transport": "udp"}
     stream = LiveStream(
         url,
-        options={**defaults, **(options or {})},
+        options=merged,
+        fallback_options=fallback,
         sample_fps=sample_fps,
         max_queue_frames=max_queue_frames,
         open_timeout_s=open_timeout_s,
