@@ -624,10 +624,12 @@ def serve(
         import prometheus_client  # noqa: F401
         import sse_starlette  # noqa: F401
         import uvicorn
+        import websockets  # noqa: F401
     except ImportError as exc:
         raise ImportError(f"the server needs its extra: pip install 'mukv[serve]' (missing: {exc.name})") from None
     from mukv.errors import ModelLoadError
     from mukv.serve.app import create_app
+    from mukv.serve.ws import max_message_bytes
 
     # The server's own messages (model loaded, failures) as "info: ..." lines next to uvicorn's.
     serve_logger = logging.getLogger("mukv.serve")
@@ -638,7 +640,10 @@ def serve(
     serve_logger.setLevel(logging.INFO)
     serve_logger.propagate = False
     web_app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(web_app, host=host, port=port, log_level="info"))
+    # A WebSocket message may hold one frame of --max-body-mib in base64: larger ones close the socket (1009).
+    server = uvicorn.Server(
+        uvicorn.Config(web_app, host=host, port=port, log_level="info", ws_max_size=max_message_bytes(config))
+    )
     state = web_app.state.mukv
     state.on_load_error = lambda exc: setattr(server, "should_exit", True)
     typer.secho(f"loading {model} on {device}; serving on http://{host}:{port}", err=True, dim=True)

@@ -1,12 +1,14 @@
 """``mukv serve`` as a user runs it: a real server process on a loopback port, the shipped
 ``mukv-tiny`` model, frames pushed as PNG over HTTP, a video file played from an allowed
-directory, answers over Server-Sent Events and through the official ``openai`` client.
+directory, answers over Server-Sent Events, through the official ``openai`` client and over a
+stream's WebSocket (with the ``websockets`` client, as the web page talks to it).
 
 One server for the module; every wait is bounded, every request goes to 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -309,3 +311,74 @@ def test_bad_input_gets_json_errors(server, push_stream):
             http.delete(f"/v1/streams/{fresh}")
         assert error(httpx.get(f"{server.url}/v1/streams", trust_env=False), 401) == "unauthorized"
         assert info(http, stream_id)["frames"]["received"] == 8  # nothing of the bad pushes was kept
+
+
+def ws_connect(server: Server, path: str, **options):
+    """A ``websockets`` client connection to ``path`` on the server (over a socket of its own, so that
+    no proxy of the environment is involved)."""
+    from websockets.sync.client import connect
+
+    port = int(server.url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    try:
+        return connect(f"ws://127.0.0.1:{port}{path}", sock=sock, open_timeout=DEADLINE, close_timeout=5, **options)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def ws_message(ws) -> dict:
+    """The next message other than the stream's info (sent every second); bounded in time and count."""
+    for _ in range(100):
+        message = json.loads(ws.recv(timeout=DEADLINE))
+        if message["type"] != "stream":
+            return message
+    pytest.fail("only stream info messages came")
+
+
+def test_a_websocket_carries_frames_and_questions(server):
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    clip = make_stream(8, seed=PUSH_SEED, kinds=eval_kinds(PUSH_SEED))
+    question = clip.questions[0]
+    with server.client() as http:
+        created = http.post("/v1/streams", json={"source": "push"})
+        assert created.status_code == 201, created.text
+        stream_id = created.json()["id"]
+        path = f"/v1/streams/{stream_id}/ws"
+        try:
+            # As a browser connects: it cannot set headers, so the token comes as a subprotocol.
+            with ws_connect(server, path, subprotocols=["mukv.v1", f"bearer.{server.token}"]) as ws:
+                assert ws.subprotocol == "mukv.v1"
+                assert ws_message(ws)["type"] == "ready"
+                for frame, t in zip(clip.frames, clip.timestamps, strict=True):
+                    ws.send(json.dumps({"type": "frame", "t": float(t), "data": base64.b64encode(png(frame)).decode()}))
+                    ack = ws_message(ws)
+                    assert ack["type"] == "frames" and ack["timestamps"] == [float(t)], ack
+                body = {"type": "question", "id": "q", "question": question.question, "max_new_tokens": 6}
+                ws.send(json.dumps(body))
+                messages = [ws_message(ws)]
+                while messages[-1]["type"] == "token" and len(messages) < 16:
+                    messages.append(ws_message(ws))
+                done = messages[-1]
+                assert done["type"] == "done" and done["id"] == "q" and done["answer"] == question.answer, done
+                assert "".join(m["text"] for m in messages[:-1]).strip() == question.answer
+                assert done["frames_seen"] == 8 and done["time"] == clip.timestamps[-1]
+                # A frame over --max-body-mib is refused with a message; a message over the transport's
+                # limit (such a frame in base64) closes the connection.
+                limit = int(MAX_BODY_MIB * 2**20)
+                ws.send(b"\x89PNG\r\n\x1a\n" + bytes(limit))
+                too_large = ws_message(ws)
+                assert too_large["type"] == "error" and too_large["error"]["code"] == "body_too_large"
+                ws.send(bytes(2 * limit))
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws_message(ws)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+            with pytest.raises(InvalidStatus) as refused:
+                ws_connect(server, path, subprotocols=["mukv.v1"])
+            assert refused.value.response.status_code == 403
+            # Leaving never deletes the stream, nor what was pushed through the connection.
+            data = info(http, stream_id)
+            assert data["frames"]["received"] == 8 and data["answers"]["active"] == 0
+        finally:
+            assert http.delete(f"/v1/streams/{stream_id}").status_code == 200

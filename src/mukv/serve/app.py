@@ -7,7 +7,11 @@ Routes (``/v1`` and ``/metrics`` need ``Authorization: Bearer <token>`` when a t
 - ``POST /v1/streams/{id}/frames``: one PNG/JPEG body (``?t=`` seconds) or ``multipart/form-data``
   with ``frame`` images and one ``t`` per frame; answered 202 once queued;
 - ``POST /v1/streams/{id}/questions``: the answer as Server-Sent Events (``token``, then ``done``);
-- ``GET /v1/models``, ``POST /v1/chat/completions`` (OpenAI-compatible; ``stream_id`` names the stream).
+- ``GET /v1/streams/{id}/ws``: a WebSocket carrying frames and questions in, answer tokens out
+  (:mod:`mukv.serve.ws`; it may send its token as the subprotocol ``bearer.<token>`` instead);
+- ``GET /v1/models``, ``POST /v1/chat/completions`` (OpenAI-compatible; ``stream_id`` names the stream);
+- ``GET /v1/sources``: the video files under the allowed directories (names to give as ``source``);
+- ``GET /``: the web page (its files under ``/static``; :mod:`mukv.serve.page`).
 
 Every error is JSON ``{"error": {"code", "message", "field"?}}`` (:mod:`mukv.serve.errors`).
 """
@@ -21,11 +25,11 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,8 +45,9 @@ from mukv.serve.config import ServeConfig
 from mukv.serve.errors import ApiError, field_of, from_exception
 from mukv.serve.images import DECODERS, decode_image, media_type, sniff
 from mukv.serve.metrics import CONTENT_TYPE, ServeMetrics
+from mukv.serve.page import add_page_routes, list_sources
 from mukv.serve.sources import parse_source
-from mukv.serve.streams import ServedStream, StreamManager, StreamOptions
+from mukv.serve.streams import Offer, ServedStream, StreamManager, StreamOptions
 from mukv.serve.worker import DeviceWorker, Priority
 
 logger = logging.getLogger(__name__)
@@ -115,13 +120,16 @@ class ServerState:
 class _Guard:
     """Checks made before a request reaches a route: the bearer token (``/v1`` and ``/metrics``),
     readiness (``/v1``), and the body size (the declared length at once, a streamed body as it
-    arrives)."""
+    arrives). WebSockets under ``/v1`` get the same token and readiness checks (:meth:`_websocket`)."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -153,6 +161,54 @@ class _Guard:
             return message
 
         await self.app(scope, limited, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse a WebSocket under ``/v1`` before accepting it (the handshake is answered 403): close
+        code 1008 without the token, 1013 while the model is not loaded. Browsers cannot set headers,
+        so the token may also come as an offered subprotocol ``bearer.<token>``."""
+        if scope["path"].startswith("/v1"):
+            token = self.state.config.token
+            refusal = None
+            if token is not None and not _websocket_has_token(scope, token):
+                refusal = (WS_POLICY_VIOLATION, WS_UNAUTHORIZED)
+            elif not self.state.ready:
+                refusal = (WS_TRY_AGAIN_LATER, _not_ready(self.state).message)
+            if refusal is not None:
+                code, reason = refusal
+                await send({"type": "websocket.close", "code": code, "reason": close_reason(reason)})
+                return
+        await self.app(scope, receive, send)
+
+
+# WebSocket close codes (RFC 6455 section 7.4.1; 1013 is IANA's "Try Again Later").
+WS_POLICY_VIOLATION = 1008
+WS_TRY_AGAIN_LATER = 1013
+# A close frame's reason holds at most 123 bytes of UTF-8 (RFC 6455 section 5.5).
+MAX_CLOSE_REASON_BYTES = 123
+WS_TOKEN_PREFIX = "bearer."
+WS_UNAUTHORIZED = f"unauthorized: send Authorization: Bearer <token> or subprotocol {WS_TOKEN_PREFIX}<token>"
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to fit a WebSocket close frame."""
+    data = text.encode()
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return text
+    return data[: MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
+def _websocket_has_token(scope: Scope, token: str) -> bool:
+    """Whether a WebSocket handshake carries ``token``: as ``Authorization: Bearer`` or as one of its
+    offered subprotocols ``bearer.<token>``."""
+    for key, value in scope["headers"]:
+        if key.lower() == b"authorization" and _check_token(value.decode("latin-1"), token) is None:
+            return True
+    for offered in scope.get("subprotocols") or ():
+        if offered.startswith(WS_TOKEN_PREFIX) and hmac.compare_digest(
+            offered[len(WS_TOKEN_PREFIX) :].encode(), token.encode()
+        ):
+            return True
+    return False
 
 
 def _check_token(header: str | None, token: str) -> ApiError | None:
@@ -284,6 +340,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     _add_error_handlers(app)
     _add_health_routes(app, state)
     app.include_router(_api_router(state), prefix="/v1")
+    add_page_routes(app)
     return app
 
 
@@ -294,13 +351,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
-            return _json_error(ApiError(400, "invalid_json", f"the body is not valid JSON: {first.get('msg')}"))
-        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
-        field = ".".join(location) or None
-        message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
-        return _json_error(ApiError(422, "invalid_request", message, field=field))
+        return _json_error(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -312,6 +363,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("%s %s failed", request.method, request.url.path)
         return _json_error(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+
+
+def validation_error(errors: Sequence[Any]) -> ApiError:
+    """The API error for pydantic's validation errors of a request (the first one names the field)."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "invalid_json", f"the body is not valid JSON: {first.get('msg')}")
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    field = ".".join(location) or None
+    message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    return ApiError(422, "invalid_request", message, field=field)
 
 
 def _add_health_routes(app: FastAPI, state: ServerState) -> None:
@@ -345,6 +407,12 @@ def _api_router(state: ServerState) -> APIRouter:
             "data": [{"id": state.model_id, "object": "model", "created": state.started, "owned_by": "mukv"}],
         }
 
+    @router.get("/sources")
+    async def sources() -> dict[str, Any]:
+        """Video files under the allowed directories, by the names a stream's ``source`` takes
+        (bounded in count and depth; ``truncated`` says whether more were left out)."""
+        return (await asyncio.to_thread(list_sources, config)).to_json()
+
     @router.post("/streams", status_code=201)
     async def create_stream(body: StreamRequest) -> JSONResponse:
         """Create a stream: pushed frames, a file played at its clock, or a live URL."""
@@ -376,10 +444,7 @@ def _api_router(state: ServerState) -> APIRouter:
         ``t`` from the query or the clock instead)."""
         stream = state.streams.get(stream_id)
         arrival = stream.clock()
-        if stream.options.source.kind != "push":
-            raise ApiError(
-                409, "not_a_push_stream", f"stream {stream_id} plays its {stream.options.source.kind} source"
-            )
+        check_push_stream(stream)
         kind = media_type(request.headers.get("content-type"))
         if kind == "multipart/form-data":
             images, times = await _multipart_frames(request, config, default_time=arrival if t is None else t)
@@ -392,10 +457,7 @@ def _api_router(state: ServerState) -> APIRouter:
                 f"frames are image/png, image/jpeg or multipart/form-data, got {kind or 'no Content-Type'}",
                 field="content-type",
             )
-        frames = await asyncio.to_thread(
-            lambda: [decode_image(data, what, max_pixels=config.max_frame_pixels, field=f) for data, what, f in images]
-        )
-        offer = state.streams.offer(stream, frames, times)
+        offer = await accept_frames(state, stream, images, times)
         return JSONResponse(
             {
                 "stream_id": stream.id,
@@ -408,12 +470,19 @@ def _api_router(state: ServerState) -> APIRouter:
             status_code=202,
         )
 
+    @router.websocket("/streams/{stream_id}/ws")
+    async def stream_socket(websocket: WebSocket, stream_id: str) -> None:
+        """Frames and questions in, answer tokens out, over one connection (:mod:`mukv.serve.ws`)."""
+        from mukv.serve.ws import serve_socket  # that module builds on this one's helpers
+
+        await serve_socket(websocket, state, stream_id)
+
     @router.post("/streams/{stream_id}/questions")
     async def ask(stream_id: str, body: QuestionRequest) -> EventSourceResponse:
         """Answer at time ``at`` (default: the stream time), as Server-Sent Events: ``token``
         events ``{"text", "id"}``, then one ``done`` event (or an ``error`` event)."""
         stream = state.streams.get(stream_id)
-        _check_max_new_tokens(body.max_new_tokens, config, "max_new_tokens")
+        check_max_new_tokens(body.max_new_tokens, config, "max_new_tokens")
         run, first = await _start_answer(
             state, stream, body.question, body.choices, max_new_tokens=body.max_new_tokens, at=body.at
         )
@@ -426,7 +495,7 @@ def _api_router(state: ServerState) -> APIRouter:
             message = f"model {body.model!r} is not served here; this server serves {state.model_id!r}"
             raise ApiError(404, "model_not_found", message, field="model")
         question, max_new_tokens = chat.question_of(body)
-        _check_max_new_tokens(max_new_tokens, config, chat.max_tokens_field(body))
+        check_max_new_tokens(max_new_tokens, config, chat.max_tokens_field(body))
         stream = state.streams.get(chat.stream_id_of(body))
         run, first = await _start_answer(state, stream, question, None, max_new_tokens=max_new_tokens, at=body.at)
         completion = chat.Completion(model=state.model_id or "")
@@ -438,7 +507,27 @@ def _api_router(state: ServerState) -> APIRouter:
     return router
 
 
-def _check_max_new_tokens(value: int | None, config: ServeConfig, field: str) -> None:
+def check_push_stream(stream: ServedStream) -> None:
+    """Raise ``not_a_push_stream`` unless ``stream`` takes pushed frames (its source is ``push``)."""
+    kind = stream.options.source.kind
+    if kind != "push":
+        raise ApiError(409, "not_a_push_stream", f"stream {stream.id} plays its {kind} source")
+
+
+async def accept_frames(
+    state: ServerState, stream: ServedStream, images: Sequence[tuple[bytes, str, str]], times: Sequence[float]
+) -> Offer:
+    """Decode ``images`` (``(bytes, media type, field)`` each, off the event loop) and queue them in
+    ``stream`` at ``times``; all or none are kept (the first bad image raises its :class:`ApiError`)."""
+    max_pixels = state.config.max_frame_pixels
+    frames = await asyncio.to_thread(
+        lambda: [decode_image(data, kind, max_pixels=max_pixels, field=field) for data, kind, field in images]
+    )
+    return state.streams.offer(stream, frames, times)
+
+
+def check_max_new_tokens(value: int | None, config: ServeConfig, field: str) -> None:
+    """Raise ``invalid_request`` (naming ``field``) for an answer longer than the server allows."""
     if value is not None and value > config.max_new_tokens:
         raise ApiError(
             422, "invalid_request", f"{field}: at most {config.max_new_tokens} on this server, got {value}", field=field
