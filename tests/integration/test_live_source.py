@@ -38,10 +38,10 @@ SERVER_LIMIT_S = 40  # a server outliving its test ends on its own after this ma
 
 
 @pytest.fixture(autouse=True)
-def bounded() -> Iterator[None]:
-    """End the run with every thread's traceback if a test hangs; then check that no reader
-    thread outlives its test."""
-    faulthandler.dump_traceback_later(TEST_LIMIT_S, exit=True)
+def bounded(request: pytest.FixtureRequest) -> Iterator[None]:
+    """End the run with every thread's traceback if a test hangs (after the test module's
+    ``TEST_LIMIT_S``); then check that no reader thread outlives its test."""
+    faulthandler.dump_traceback_later(getattr(request.module, "TEST_LIMIT_S", TEST_LIMIT_S), exit=True)
     try:
         yield
     finally:

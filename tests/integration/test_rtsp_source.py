@@ -15,8 +15,6 @@ could not run).
 
 from __future__ import annotations
 
-import faulthandler
-import json
 import logging
 import math
 import os
@@ -25,9 +23,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +35,8 @@ import pytest
 
 from mukv.errors import VideoError
 from mukv.video import LiveStream, open_live
+from tests.integration.test_live_source import bounded, live_threads  # noqa: F401 (bounded: autouse fixture)
+from tests.integration.test_serve_app import sse_events, wait_for
 
 TEST_LIMIT_S = 45.0  # the watchdog: no test of this module takes this long
 PROCESS_LIMIT_S = 180  # a server or publisher outliving the run ends on its own after this long
@@ -49,36 +48,6 @@ PERIOD = 1 / SAMPLE_FPS
 RTP_PORTS = 160
 
 T = TypeVar("T")
-
-
-@pytest.fixture(autouse=True)
-def bounded() -> Iterator[None]:
-    """End the run with every thread's traceback if a test hangs; then check that no reader
-    thread outlives its test."""
-    faulthandler.dump_traceback_later(TEST_LIMIT_S, exit=True)
-    try:
-        yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    deadline = time.monotonic() + 5.0
-    while (readers := live_threads()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not readers, f"reader threads left running: {readers}"
-
-
-def live_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith("mukv-live")]
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float) -> T:
-    """Poll ``check()`` until it returns a true value (returned); fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 # -- the RTSP server and its publisher ---------------------------------------------------------
@@ -358,21 +327,6 @@ def test_a_stalled_then_gone_server_ends_the_stream_with_a_clear_error(tmp_path)
 
 
 # -- through the HTTP server ---------------------------------------------------------------------
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(event, data)`` pairs of a Server-Sent Events body (comments skipped)."""
-    events = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        name, data = "message", []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        if data:
-            events.append((name, json.loads("\n".join(data))))
-    return events
-
-
 def test_a_served_stream_reads_rtsp_answers_and_stops_on_delete(rtsp, tiny_model_dir):
     from fastapi.testclient import TestClient
 

@@ -130,18 +130,6 @@ def wait_ready(client: TestClient | httpx.Client) -> None:
     wait_for(lambda: client.get("/health/ready").status_code == 200, "the model to load")
 
 
-@pytest.fixture(scope="module")
-def app(config):
-    return create_app(config)
-
-
-@pytest.fixture(scope="module")
-def client(app) -> Iterator[TestClient]:
-    with TestClient(app, headers=AUTH) as test_client:
-        wait_ready(test_client)
-        yield test_client
-
-
 @pytest.fixture
 def streams(client) -> Iterator[list[str]]:
     """Ids of streams a test creates; deleted after it (the server holds at most 3)."""

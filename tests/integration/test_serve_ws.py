@@ -36,7 +36,6 @@ from tests.integration.test_serve_app import (
     sse_events,
     wait_encoded,
     wait_for,
-    wait_ready,
 )
 
 MAX_MESSAGES = 500  # any message a test waits for comes within this many
@@ -63,18 +62,6 @@ def config(videos) -> ServeConfig:
         allow_dirs=(videos,),
         default_method="full",
     )
-
-
-@pytest.fixture(scope="module")
-def app(config):
-    return create_app(config)
-
-
-@pytest.fixture(scope="module")
-def client(app) -> Iterator[TestClient]:
-    with TestClient(app, headers=AUTH) as test_client:
-        wait_ready(test_client)
-        yield test_client
 
 
 @pytest.fixture
