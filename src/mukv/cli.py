@@ -299,16 +299,26 @@ def tiny_model(
     directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     force: Annotated[bool, typer.Option(help="Write into a non-empty directory.")] = False,
+    family: Annotated[
+        str, typer.Option(help="Model family: llava_onevision, qwen2_5_vl (its config's model_type).")
+    ] = "llava_onevision",
 ) -> None:
-    """Build a tiny random LLaVA-OneVision checkpoint offline (loads like a hub checkpoint)."""
+    """Build a tiny random checkpoint offline (loads like a hub checkpoint with --model DIR)."""
     from mukv.backends.tiny import build_tiny_model
+    from mukv.backends.tiny_qwen import FAMILIES, build_tiny_qwen
 
+    names = {"llava_onevision": "LLaVA-OneVision", "qwen2_5_vl": "Qwen2.5-VL"}
+    if family not in ("llava_onevision", *FAMILIES):
+        raise ValueError(f"--family: expected one of llava_onevision, {', '.join(FAMILIES)}, got {family!r}")
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a directory")
     if directory.is_dir() and any(directory.iterdir()) and not force:
         raise ValueError(f"{directory} is not empty (use --force to write into it)")
-    path = build_tiny_model(directory, seed=seed)
-    typer.echo(f"tiny LLaVA-OneVision written to {path} (random weights: it answers nonsense)")
+    if family == "llava_onevision":
+        path = build_tiny_model(directory, seed=seed)
+    else:
+        path = build_tiny_qwen(directory, family, seed=seed)
+    typer.echo(f"tiny {names.get(family, family)} written to {path} (random weights: it answers nonsense)")
 
 
 @app.command()

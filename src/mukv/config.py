@@ -8,6 +8,7 @@ Every component takes one config object; invalid values raise ``ValueError`` nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -37,11 +38,18 @@ class BackendConfig:
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     vision_batch_frames: int = 16
+    # Resolution-dependent families (Qwen-VL): pixels per frame (frames are resized to a square of
+    # about this many pixels; None: the checkpoint's video processor cap). Fixed-size towers ignore it.
+    frame_pixels: int | None = None
+    # Qwen2.5-VL: the rate the stream is sampled at, which sets its video time positions.
+    video_fps: float = 0.5
 
     def __post_init__(self) -> None:
         _require(bool(self.model.strip()), "model", "must be a hub id or a local directory")
         _require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _require(self.vision_batch_frames >= 1, "vision_batch_frames", "must be >= 1")
+        _require(self.frame_pixels is None or self.frame_pixels >= 1, "frame_pixels", "must be >= 1")
+        _require(self.video_fps > 0 and math.isfinite(self.video_fps), "video_fps", "must be a positive number")
 
 
 @dataclass(frozen=True, kw_only=True)

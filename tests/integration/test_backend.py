@@ -105,7 +105,8 @@ def test_unsupported_architecture_is_named(tiny_model_dir, tmp_path):
     other.mkdir()
     text_config = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]
     (other / "config.json").write_text(json.dumps({**text_config, "model_type": "qwen2"}))
-    with pytest.raises(ModelLoadError, match=r"unsupported architecture 'qwen2' \(supported: llava_onevision\)"):
+    supported = r"\(supported: llava_onevision, qwen2_5_vl"
+    with pytest.raises(ModelLoadError, match=r"unsupported architecture 'qwen2' " + supported):
         load_backend(other)
 
 

@@ -113,6 +113,19 @@ class PositionScheme(ABC):
         the matching columns: see :meth:`block`.
         """
 
+    def visual_run(
+        self, start: int, layout: FrameLayout, units: int, device: torch.device | str = "cpu", *, first_unit: int = 0
+    ) -> tuple[torch.Tensor, int]:
+        """Like :meth:`visual` for units that continue a run begun at cursor ``start`` which holds
+        ``first_unit`` units already (a stream fed in several calls): the positions and cursor of
+        units ``first_unit .. first_unit + units - 1`` of one run, so that a run fed in pieces is
+        placed exactly as when fed at once. The default continues from the cursor after the first
+        ``first_unit`` units (right where the units' tokens follow each other, as with 1-D RoPE);
+        a scheme whose positions count units from the run's start overrides it."""
+        if first_unit:
+            start = self.visual(start, layout, first_unit)[1]
+        return self.visual(start, layout, units, device)
+
     def block(
         self, start: int, layout: FrameLayout, units: int, tokens: torch.Tensor, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, int]:
@@ -127,6 +140,25 @@ class PositionScheme(ABC):
     def after(positions: torch.Tensor) -> int:
         """The cursor after tokens at ``positions [R, n]``: one past the largest position."""
         return int(positions.max()) + 1 if positions.numel() else 0
+
+    def place_blocks(self, olds: list[torch.Tensor], start: int) -> tuple[torch.Tensor, int]:
+        """Positions ``[R, total]`` of stored blocks (keys at ``olds``, each ``[R, n_i]``) placed one
+        after another from cursor ``start`` with :meth:`place`, and the cursor after them."""
+        pieces = []
+        cursor = start
+        for old in olds:
+            new, cursor = self.place(old, cursor)
+            pieces.append(new)
+        if not pieces:
+            return torch.empty(self.rows, 0, dtype=torch.long), start
+        return torch.cat(pieces, dim=1), cursor
+
+    def place_run(self, olds: list[torch.Tensor], start: int) -> tuple[torch.Tensor, int]:
+        """Like :meth:`place_blocks`, for blocks cut in time order from one run of units (ReKV's
+        sliding window). 1-D RoPE packs them one after another (:meth:`place_blocks`); a scheme
+        whose positions within a run are not a plain sequence may keep their relative layout
+        instead (:class:`MultimodalRopePositions`)."""
+        return self.place_blocks(olds, start)
 
     def place(self, old: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         """Where a stored block whose keys sit at ``old [R, n]`` goes when placed from cursor
@@ -185,6 +217,12 @@ class RopePositions(PositionScheme):
         n = units * layout.tokens
         return self.text(start, n, device), start + n
 
+    def visual_run(
+        self, start: int, layout: FrameLayout, units: int, device: torch.device | str = "cpu", *, first_unit: int = 0
+    ) -> tuple[torch.Tensor, int]:
+        """The units' tokens follow the run's earlier tokens directly."""
+        return self.visual(start + first_unit * layout.tokens, layout, units, device)
+
     def place(self, old: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
         """Packs the block's tokens at consecutive positions from ``start``: a pruned block's
         gaps close, as a sequence of only its kept tokens would have had."""
@@ -229,9 +267,13 @@ class MultimodalRopePositions(PositionScheme):
       them out as consecutive spans with nothing in between (unit ``u`` from ``s + u * max(rows,
       cols)``).
 
-    After a whole prompt, transformers' own ``generate`` continues at one past the *largest* position
-    of the prompt (``get_rope_index``'s ``rope_deltas``; :meth:`PositionScheme.after`), which is beyond
-    the cursor when a Qwen2.5-VL video's time axis runs past the text after it.
+    After a whole prompt, ``get_rope_index``'s ``rope_deltas`` put a continuation at one past the
+    *largest* position of the prompt (:meth:`PositionScheme.after`), beyond the cursor when a Qwen2.5-VL
+    video's time axis runs past the text after it; that is what the model's forward uses when called
+    with a cache and no ``position_ids``. transformers 5.24's ``generate`` does not: it passes the
+    prompt's ``position_ids`` and advances them by one per token, so generated tokens continue right
+    after the prompt's last token (measured against ``generate`` in ``tests/integration/test_qwen_backends.py``),
+    and so does this package's decoder.
     """
 
     rows = 3
@@ -272,15 +314,24 @@ class MultimodalRopePositions(PositionScheme):
     def visual(
         self, start: int, layout: FrameLayout, units: int, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, int]:
+        return self.visual_run(start, layout, units, device)
+
+    def visual_run(
+        self, start: int, layout: FrameLayout, units: int, device: torch.device | str = "cpu", *, first_unit: int = 0
+    ) -> tuple[torch.Tensor, int]:
+        """A Qwen2.5-VL video's time axis counts units from the span's start, so a continued run
+        keeps counting (``floor(u * time_scale)`` with ``u`` the unit's place in the run)."""
         rows, cols = layout.token_rows_cols()
         advance = self._span_advance(layout)
+        index = torch.arange(first_unit, first_unit + units)  # the units' places in their run
         if self.span_per_unit:
-            span_start = start + advance * torch.arange(units)  # [units]
+            span_start = start + advance * index  # [units]
             span = span_start.repeat_interleave(layout.tokens)  # [units * P]
             positions = torch.stack((span, span + rows.repeat(units), span + cols.repeat(units)))
-            return positions.to(device), start + units * advance
-        # float32 product then truncation, as the model's get_vision_position_ids computes it.
-        t = (torch.arange(units) * self.time_scale).long()
+            return positions.to(device), start + (first_unit + units) * advance
+        # float32 product then truncation, as the model's get_vision_position_ids computes it; a
+        # run continued over several calls keeps counting units from the run's start.
+        t = (index * self.time_scale).long()
         positions = torch.stack((t.repeat_interleave(layout.tokens), rows.repeat(units), cols.repeat(units)))
         return (positions + start).to(device), start + advance
 
@@ -292,6 +343,34 @@ class MultimodalRopePositions(PositionScheme):
         feeding all blocks of some units gives what feeding the units does."""
         positions, cursor = self.visual(start, layout, units)
         return positions[:, tokens.cpu()].to(device), cursor
+
+    @staticmethod
+    def text_after(positions: torch.Tensor) -> int:
+        """Where text continues after visual tokens at ``positions [3, n]``: one past the largest
+        height/width position, the model's rule after a vision span (``s + max(rows, cols)`` for a
+        span from ``s``); the time axis may run beyond it."""
+        return int(positions[1:].max()) + 1 if positions.numel() else 0
+
+    def place(self, old: torch.Tensor, start: int) -> tuple[torch.Tensor, int]:
+        """Moves the block as a whole (every axis by the same amount, exact); text or the next block
+        continues after it by the model's rule (:meth:`text_after`), not after its time axis."""
+        if old.numel() == 0:
+            return old.clone(), start
+        new = old - old.min() + start
+        return new, self.text_after(new)
+
+    def place_run(self, olds: list[torch.Tensor], start: int) -> tuple[torch.Tensor, int]:
+        """Blocks of one run keep their relative layout: all move by one shift, the earliest
+        position to ``start``. Units of a run share the height/width positions and differ in time,
+        so packing them block after block would not give the run back; with every block of a run
+        placed, this is the run's own layout (moved to ``start``). Exact like any equal shift."""
+        if not olds:
+            return torch.empty(self.rows, 0, dtype=torch.long), start
+        old = torch.cat(olds, dim=1)
+        if old.numel() == 0:
+            return old.clone(), start
+        new = old - old.min() + start
+        return new, self.text_after(new)
 
     def rotation(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_exact()

@@ -23,7 +23,9 @@ from mukv.models import shipped_model_dir
 _BACKENDS: dict[str, type] = {}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "video_processor/*"]
 # Modules of this package that hold no family (importing them would only cost time).
-_NOT_FAMILIES = frozenset({"base", "positions", "prompts", "registry", "tiny", "transformers_api"})
+_NOT_FAMILIES = frozenset(
+    {"base", "common", "positions", "prompts", "qwen_vl", "registry", "tiny", "tiny_qwen", "transformers_api"}
+)
 
 
 def register_backend(*model_types: str) -> Callable[[type], type]:

@@ -8,6 +8,7 @@ weights are random: it exercises every code path at full fidelity but answers no
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,11 @@ class TinyModelSpec:
     vocab_size: int = 512
 
 
-def build_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
-    """A byte-level BPE tokenizer in the Qwen2 format, trained on a fixed corpus."""
+def build_tokenizer(
+    vocab_size: int = 512, *, special_tokens: Sequence[str] = SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE
+) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer in the Qwen2 format, trained on a fixed corpus, with
+    ``special_tokens`` and ``chat_template`` (LLaVA-OneVision's by default)."""
     alphabet = sorted(ByteLevel.alphabet())
     base = Qwen2Tokenizer(
         vocab={"<|endoftext|>": 0, **{ch: i + 1 for i, ch in enumerate(alphabet)}},
@@ -86,8 +90,8 @@ def build_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
         pad_token="<|endoftext|>",
     )
     corpus = list(_CORPUS) * 4
-    tokenizer = base.train_new_from_iterator(corpus, vocab_size=vocab_size, new_special_tokens=SPECIAL_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = base.train_new_from_iterator(corpus, vocab_size=vocab_size, new_special_tokens=list(special_tokens))
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 

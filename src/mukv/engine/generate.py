@@ -19,7 +19,9 @@ def greedy_decode(
     logits_out: list[torch.Tensor] | None = None,
 ) -> Iterator[int]:
     """Prefill ``prompt_ids [1, n]`` from cursor ``start_position`` on, then decode greedily
-    (positions from the backend's scheme).
+    (positions from the backend's scheme). Generated tokens continue right after the prompt's last
+    token, as transformers' ``generate`` continues an M-RoPE prompt too (it advances the prompt's
+    ``position_ids`` by one per token), even where a video's time axis runs past the text.
 
     Yields each new token id, the end-of-sequence token included (then stops), at most
     ``max_new_tokens`` ids. ``cache`` grows as decoding proceeds. If ``logits_out`` is a list, the

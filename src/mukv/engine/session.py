@@ -29,6 +29,13 @@ class StreamSession:
     stream time, from frames up to then only. Methods are serialised by a lock, so one thread
     may ingest a live stream while another asks questions.
 
+    A backend whose visual unit is a group of frames (``layout.frames_per_unit > 1``, Qwen-VL's
+    temporal patches) gets whole groups: frames of an incomplete group wait here. When a question
+    comes while a group is incomplete, the group is completed by repeating its last frame, as the
+    model's own processor pads a clip with an odd frame count, and stored for good (the next frame
+    starts a new group): the answer is the one a plain forward over the frames seen so far gives,
+    and asking again changes nothing. The memory counts units; ``frames_seen`` counts frames.
+
     Example::
 
         backend = load_backend("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
@@ -61,16 +68,22 @@ class StreamSession:
         self._memory_seconds = 0.0
         self._frames_encoded = 0
         self._system_tokens: int | None = None
+        # Frames of an incomplete visual unit ([k, H, W, 3], k < frames_per_unit) and their times.
+        self._pending: torch.Tensor | None = None
+        self._pending_times: list[float] = []
+        self._frames = 0
 
     @property
     def time(self) -> float | None:
         """Timestamp of the last ingested frame (``None`` before any frame); the memory keeps the
-        stream's one clock."""
-        return self.memory.time
+        stream's one clock (frames waiting for their group are newer)."""
+        return self._pending_times[-1] if self._pending_times else self.memory.time
 
     @property
     def frames_seen(self) -> int:
-        return self.memory.frames
+        if self.backend.layout.frames_per_unit == 1:
+            return self.memory.frames
+        return self._frames
 
     def _clock(self) -> float:
         """``perf_counter`` after the device has finished queued work (CUDA is asynchronous)."""
@@ -96,17 +109,48 @@ class StreamSession:
         if np.any(np.diff(times) <= 0):
             raise StreamError("timestamps: must be strictly increasing")
         with self._lock:
-            now = self.memory.time
+            now = self.time
             if now is not None and times[0] <= now:
                 raise StreamError(f"timestamps: frame at {times[0]:.3f}s is not after the stream time {now:.3f}s")
-            start = self._clock()
-            features = self.backend.encode_frames(tensor)
-            encoded = self._clock()
-            self.memory.ingest(features, times)
-            self._vision_seconds += encoded - start
-            self._memory_seconds += self._clock() - encoded
-            self._frames_encoded += int(tensor.shape[0])
-        return int(tensor.shape[0])
+            count = int(tensor.shape[0])
+            per_unit = self.backend.layout.frames_per_unit
+            if per_unit > 1:
+                if self._pending is not None:
+                    tensor = torch.cat((self._pending, tensor.to(self._pending.device)))
+                    times = np.concatenate((np.asarray(self._pending_times), times))
+                whole = tensor.shape[0] - tensor.shape[0] % per_unit
+                self._pending = tensor[whole:].clone() if whole < tensor.shape[0] else None
+                self._pending_times = [float(t) for t in times[whole:]]
+                tensor, times = tensor[:whole], times[per_unit - 1 : whole : per_unit]
+            if tensor.shape[0]:
+                self._store_units(tensor, times, count)
+            else:
+                self._frames_encoded += count
+            self._frames += count
+        return count
+
+    def _store_units(self, frames: torch.Tensor, times: np.ndarray, count: int) -> None:
+        """Encode whole units of ``frames`` and hand them to the memory, each unit at the time of its
+        last frame (``times``, one per unit); ``count`` new frames are accounted."""
+        start = self._clock()
+        features = self.backend.encode_frames(frames)
+        encoded = self._clock()
+        self.memory.ingest(features, times)
+        self._vision_seconds += encoded - start
+        self._memory_seconds += self._clock() - encoded
+        self._frames_encoded += count
+
+    def _complete_pending_unit(self) -> None:
+        """The question-time step for an incomplete unit: pad it with its last frame (the model's
+        processor pads an odd frame count so) and store it; the next frame starts a new unit."""
+        if self._pending is None:
+            return
+        frames = self._pending
+        pad = self.backend.layout.frames_per_unit - frames.shape[0]
+        frames = torch.cat((frames, frames[-1:].expand(pad, *frames.shape[1:])))
+        times = np.asarray(self._pending_times[-1:])
+        self._pending, self._pending_times = None, []
+        self._store_units(frames, times, 0)
 
     def ingest_source(
         self,
@@ -218,14 +262,17 @@ class StreamSession:
             raise ValueError(f"at: must be a finite time in seconds, got {at}")
         with self._lock:
             if at is None:
-                if self.memory.time is None:
+                if self.time is None:
                     raise StreamError("no frames ingested yet: ingest video before asking (or pass at=)")
-                at = self.memory.time
-            elif self.memory.time is not None and at < self.memory.time:
-                raise StreamError(f"at: {at:.3f}s is before the newest frame ({self.memory.time:.3f}s)")
+                at = self.time
+            elif self.time is not None and at < self.time:
+                raise StreamError(f"at: {at:.3f}s is before the newest frame ({self.time:.3f}s)")
             started = self._clock()
             query = Query(text=question, ids=self.backend.tokenize(question), time=at)
-            self.memory.materialize(at)  # the only state change a question makes
+            # The only state changes a question makes: an incomplete unit is completed, open groups
+            # of the memory are materialised.
+            self._complete_pending_unit()
+            self.memory.materialize(at)
             context = self.memory.prepare(query)
             needed = context.next_position + prompt_ids.shape[1] + max_new_tokens
             limit = self.backend.text.max_positions
@@ -236,7 +283,7 @@ class StreamSession:
                     f"the model's {limit} (use a smaller retrieval budget, a shorter question or fewer new tokens)"
                 )
             # What the answer reports is taken at question time, before frames arriving during decoding.
-            frames_seen = self.memory.frames_until(at)
+            frames_seen = self.memory.frames_until(at) if self.backend.layout.frames_per_unit == 1 else self._frames
             stats = self.memory.stats()
             vision, memory, encoded = self._vision_seconds, self._memory_seconds, self._frames_encoded
             self._vision_seconds = self._memory_seconds = 0.0

@@ -42,7 +42,15 @@ class SlidingWindow:
         # accumulates over many evictions.
         self._computed_keys: list[torch.Tensor] = [layer.keys[:, :, :0].clone() for layer in self.cache.layers]
         self._computed_at = torch.empty(backend.positions.rows, 0, dtype=torch.long, device=backend.device)
+        # Where the window's keys sit now (moved by evictions): the next eviction places from here.
+        self._live_at = self._computed_at.clone()
         self.cursor = self.init_len  # where the next frame's tokens go
+        # The window's units form one run (see PositionScheme.visual): its start, moved with the
+        # keys by each eviction, and the units appended so far. A Qwen2.5-VL video's time axis
+        # counts units from the run's start, so without eviction the window holds exactly the
+        # positions of one plain forward over the stream.
+        self.run_start = self.init_len
+        self.run_units = 0
 
     @property
     def length(self) -> int:
@@ -59,9 +67,10 @@ class SlidingWindow:
         embeds = features.reshape(1, -1, features.shape[-1])
         m = embeds.shape[1]
         n = self.length
-        positions, self.cursor = backend.positions.visual(
-            self.cursor, backend.layout, features.shape[0], backend.device
+        positions, self.cursor = backend.positions.visual_run(
+            self.run_start, backend.layout, features.shape[0], backend.device, first_unit=self.run_units
         )
+        self.run_units += features.shape[0]
         backend.forward(embeds, self.cache, positions, logits="none")
         first = self.cache.layers[0].keys
         kv = first.new_empty((len(self.cache.layers), 2, first.shape[1], m, first.shape[3]))
@@ -75,6 +84,8 @@ class SlidingWindow:
                 self._computed_keys[i][:, :, n : n + m] = layer.keys[:, :, -m:]
             self._computed_at = reserve(self._computed_at, n, n + m, self.n_local, dim=1)
             self._computed_at[:, n : n + m] = positions
+            self._live_at = reserve(self._live_at, n, n + m, self.n_local, dim=1)
+            self._live_at[:, n : n + m] = positions
             self._evict()
         return kv, positions
 
@@ -96,7 +107,10 @@ class SlidingWindow:
         init = self.init_len
         kept = n - excess
         scheme = self.backend.positions
-        new, self.cursor = scheme.place(self._computed_at[:, excess:n], init)
+        live = self._live_at[:, excess:n]
+        new, self.cursor = scheme.place(live, init)
+        # Every scheme moves a window (contiguous tokens of one run) by one amount on all axes.
+        self.run_start += int(new[0, 0] - live[0, 0])
         piece = self._piece_tokens()
         for a in range(0, kept, piece):
             b = min(a + piece, kept)
@@ -104,6 +118,7 @@ class SlidingWindow:
             # later, so for ``b - a > excess`` they overlap the destination.
             at = self._computed_at[:, a + excess : b + excess].clone()
             self._computed_at[:, a:b] = at
+            self._live_at[:, a:b] = new[:, a:b]
             for computed, layer in zip(self._computed_keys, self.cache.layers, strict=True):
                 moved = computed[:, :, a + excess : b + excess].clone()
                 computed[:, :, a:b] = moved
@@ -123,7 +138,7 @@ class SlidingWindow:
         """Bytes held beyond the system prompt (:attr:`init_nbytes`): the buffers of window keys
         and values, of the keys as computed and of their positions, spare room included."""
         buffers = [b for layer in self.cache.layers for b in (layer.key_buffer, layer.value_buffer)]
-        buffers += [*self._computed_keys, self._computed_at]
+        buffers += [*self._computed_keys, self._computed_at, self._live_at]
         return sum(b.untyped_storage().nbytes() for b in buffers) - self.init_nbytes
 
     def prefix(self, tokens: int) -> DynamicCache:

@@ -130,14 +130,25 @@ def cache_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
 
 
-def prefill_frames(backend: Backend, cache: DynamicCache, features: torch.Tensor, start: int, chunk_tokens: int) -> int:
+def prefill_frames(
+    backend: Backend,
+    cache: DynamicCache,
+    features: torch.Tensor,
+    start: int,
+    chunk_tokens: int,
+    *,
+    first_unit: int = 0,
+) -> int:
     """Append visual units ``features [U, P, d]`` to ``cache`` as one sequence from cursor
     ``start`` (positions from the backend's scheme), in chunks of at most ``chunk_tokens`` tokens
-    (bounds the attention workspace; results do not depend on it).
+    (bounds the attention workspace; results do not depend on it). ``first_unit``: the units
+    continue a run from ``start`` that holds that many units already (see ``PositionScheme.visual_run``).
 
     Returns the cursor after them.
     """
-    positions, cursor = backend.positions.visual(start, backend.layout, features.shape[0], backend.device)
+    positions, cursor = backend.positions.visual_run(
+        start, backend.layout, features.shape[0], backend.device, first_unit=first_unit
+    )
     embeds = features.reshape(1, -1, features.shape[-1])
     for offset in range(0, embeds.shape[1], chunk_tokens):
         piece = embeds[:, offset : offset + chunk_tokens]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,15 +53,21 @@ class FullMemory(MemoryMethod):
         super().__init__(backend, config)
         self._cache, self._init_len = backend.system_cache()
         self._length = self._init_len
-        # Each ingested run of frames as (first frame, cursor it started at); a question's
-        # continuation after a prefix starts at the scheme's cursor after that prefix's last run.
-        self._runs: list[tuple[int, int]] = []
+        # The stream is one run of units from the end of the system prompt, however it is fed:
+        # each ingest continues it, so chunked ingestion places every unit as one call would (a
+        # Qwen2.5-VL video's time axis counts units from the run's start).
         self._cursor = self._init_len
         self._warned = False
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
-        self._runs.append((self.frames, self._cursor))
-        cursor = prefill_frames(self.backend, self._cache, features, self._cursor, self.config.prefill_chunk_tokens)
+        cursor = prefill_frames(
+            self.backend,
+            self._cache,
+            features,
+            self._init_len,
+            self.config.prefill_chunk_tokens,
+            first_unit=self.frames,
+        )
         self._cursor = cursor
         self._length = self._cache.get_seq_length()
         if cursor > self.backend.text.max_positions and not self._warned:
@@ -83,18 +88,18 @@ class FullMemory(MemoryMethod):
             raise ValueError(f"restore: expected {len(self._cache.layers)} layers of {tokens} tokens each")
         first = self.frames
         self._advance_clock(timestamps)  # validates the timestamps before anything else changes
-        self._runs.append((first, self._cursor))
-        self._cursor = self.backend.positions.visual(self._cursor, self.backend.layout, count)[1]
+        self._cursor = self.backend.positions.visual_run(self._init_len, self.backend.layout, count, first_unit=first)[
+            1
+        ]
         for layer, (keys, values) in zip(self._cache.layers, keys_values, strict=True):
             layer.update(keys.to(layer.keys), values.to(layer.values))
         self._length = self._cache.get_seq_length()
 
     def _cursor_after(self, frames: int) -> int:
-        """The cursor after the first ``frames`` frames: one scheme call on the run they end in."""
+        """The cursor after the first ``frames`` frames of the run."""
         if frames == 0:
             return self._init_len
-        first, start = self._runs[bisect.bisect_right(self._runs, (frames - 1, math.inf)) - 1]
-        return self.backend.positions.visual(start, self.backend.layout, frames - first)[1]
+        return self.backend.positions.visual_run(self._init_len, self.backend.layout, 1, first_unit=frames - 1)[1]
 
     def prepare(self, query: Query) -> AnswerContext:
         frames = self.frames_until(query.time)

@@ -190,15 +190,7 @@ class BlockMemory(MemoryMethod):
     def placed_positions(self, payloads: Sequence[BlockPayload], start: int) -> tuple[torch.Tensor, int]:
         """New positions ``[R, total]`` of ``payloads`` placed one after another from cursor
         ``start`` by the backend's scheme, and the cursor after them."""
-        scheme = self.backend.positions
-        pieces = []
-        cursor = start
-        for payload in payloads:
-            new, cursor = scheme.place(payload.positions, cursor)
-            pieces.append(new)
-        if not pieces:
-            return torch.empty(scheme.rows, 0, dtype=torch.long), start
-        return torch.cat(pieces, dim=1), cursor
+        return self.backend.positions.place_blocks([p.positions for p in payloads], start)
 
     def assemble(self, block_ids: Sequence[int], *, reposition: bool) -> tuple[DynamicCache, int]:
         """``[init | blocks...]`` as a new cache on the model's device, blocks in the given order.

@@ -229,8 +229,9 @@ class MukvMemory(BlockMemory):
             self._shared_cursor = self.init_len
         cache = self._shared_cache
         m = features.shape[0]
-        positions, self._shared_cursor = self.backend.positions.visual(
-            self._shared_cursor, self.backend.layout, m, self.backend.device
+        # The run's units continue one sequence from the system prompt, however they arrive.
+        positions, self._shared_cursor = self.backend.positions.visual_run(
+            self.init_len, self.backend.layout, m, self.backend.device, first_unit=first - self._shared_first
         )
         previous = self._shared_positions
         self._shared_positions = positions if previous is None else torch.cat((previous, positions), dim=1)
@@ -400,12 +401,23 @@ class MukvMemory(BlockMemory):
             chosen.sort(key=lambda item: (_GROUP_ORDER[item[0].granularity], -item[1]))
         else:
             chosen.sort(key=lambda item: (item[0].first_frame, _COARSE_FIRST[item[0].granularity], item[0].part))
-        cache, tokens = self.assemble([r.block_id for r, _ in chosen], reposition=cfg.order == "temporal")
+        block_ids = [r.block_id for r, _ in chosen]
+        reposition = cfg.order == "temporal"
+        cache, tokens = self.assemble(block_ids, reposition=reposition)
         clock.lap("assemble")
         retrieved = self.retrieved_blocks([(r.block_id, score) for r, score in chosen])
         length = self.init_len + tokens
+        # ``reference`` puts the question after the cache length, as the release does; ``temporal``
+        # after the re-positioned blocks, by the scheme's rule (the cache length with 1-D RoPE).
+        cursor = length
+        if reposition and block_ids:
+            cursor = self.placed_positions([self.store.payload(i) for i in block_ids], self.init_len)[1]
         return AnswerContext(
-            cache=cache, next_position=length, context_tokens=length, retrieved=retrieved, stages=clock.seconds
+            cache=cache,
+            next_position=cursor,
+            context_tokens=length,
+            retrieved=retrieved,
+            stages=clock.seconds,
         )
 
     def _hierarchy(self) -> dict:

@@ -92,6 +92,8 @@ class _LayerRetrieval:
     forced: list[int]  # provisional block ids included in every layer
     question_start: int
     chosen: dict[int, list[int]] = field(default_factory=dict)
+    # Per layer: the cursor after its placed blocks.
+    placed: dict[int, int] = field(default_factory=dict)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         layer = module.layer_idx
@@ -102,6 +104,7 @@ class _LayerRetrieval:
         q = _unrotated_group_query(query, positions, backend.text.num_kv_heads, backend.positions)
         ids = memory.select(self.ids, self.reps[:, layer] @ q, self.forced)
         self.chosen[layer] = ids
+        self.placed[layer] = memory.placement(ids)
         k_blocks, v_blocks = memory.layer_blocks(ids, layer, query.device)
         init = memory.init_len
         new_k = torch.cat((key[:, :, :init], k_blocks.to(key.dtype), key[:, :, init:]), dim=2)
@@ -198,6 +201,15 @@ class RekvMemory(BlockMemory):
         best = pool[torch.topk(pool_scores, min(max(r, 0), pool.shape[0])).indices].tolist() if r > 0 else []
         return sorted(best + forced)  # ids grow with time
 
+    def placed_positions(self, payloads, start: int) -> tuple[torch.Tensor, int]:
+        """Retrieved blocks come from one run (the sliding window): placed by the scheme's
+        :meth:`~mukv.backends.positions.PositionScheme.place_run` (1-D RoPE: one after another)."""
+        return self.backend.positions.place_run([p.positions for p in payloads], start)
+
+    def placement(self, ids: list[int]) -> int:
+        """The cursor after blocks ``ids`` placed after the system prompt."""
+        return self.placed_positions([self.store.payload(i) for i in ids], self.init_len)[1]
+
     def layer_blocks(self, ids: list[int], layer: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[1, Hkv, R, D]`` of blocks ``ids`` at ``layer``, keys re-positioned one
         block after another right after the system prompt."""
@@ -224,22 +236,28 @@ class RekvMemory(BlockMemory):
             chosen = self._retrieve_shared(query, ids, reps, forced)
             cache, _ = self.assemble(chosen, reposition=True)
             per_layer = {layer: chosen for layer in range(self.backend.text.num_layers)}
+            placed = [self.placement(chosen)]
         else:
-            cache, per_layer = self._retrieve_in_forward(query, ids, reps, forced)
+            cache, per_layer, placed = self._retrieve_in_forward(query, ids, reps, forced)
         length = cache.get_seq_length()
+        # Layers may retrieve different blocks; the question goes after the furthest placement
+        # (with 1-D RoPE every layer's blocks end at the cache length).
+        cursor = max(placed)
         union = sorted({i for chosen in per_layer.values() for i in chosen})
         layers = len(per_layer)
         # Score: the share of layers that retrieved the block.
         shares = [(i, sum(i in chosen for chosen in per_layer.values()) / layers) for i in union]
         retrieved = self.retrieved_blocks(shares)
-        return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
+        return AnswerContext(cache=cache, next_position=cursor, context_tokens=length, retrieved=retrieved)
 
     def _retrieved_tokens(self, ids: torch.Tensor, forced: list[int]) -> int:
         sizes = sorted((self.store.record(i).tokens for i in ids.tolist() if i not in forced), reverse=True)
         r = max(self.config.retrieve_blocks - len(forced), 0)
         return sum(sizes[:r]) + sum(self.store.record(i).tokens for i in forced)
 
-    def _retrieve_in_forward(self, query: Query, ids, reps, forced) -> tuple[DynamicCache, dict[int, list[int]]]:
+    def _retrieve_in_forward(
+        self, query: Query, ids, reps, forced
+    ) -> tuple[DynamicCache, dict[int, list[int]], list[int]]:
         cache = self.init_cache()
         # Every layer retrieves the same number of tokens (blocks are equal in size, the
         # provisional one is in every layer), so the question can sit right after them.
@@ -250,7 +268,7 @@ class RekvMemory(BlockMemory):
         with self.backend.attention_hook(hook):
             self.backend.forward(self.backend.embed_ids(query.ids), cache, positions, logits="none")
         cache.crop(-n)  # drop the question: the engine appends it again, with its prompt
-        return cache, hook.chosen
+        return cache, hook.chosen, list(hook.placed.values())
 
     def _retrieve_shared(self, query: Query, ids, reps, forced) -> list[int]:
         cache = self.init_cache()
@@ -329,7 +347,14 @@ class RecentMemory(MemoryMethod):
         cache = self.window.prefix(len(wanted) * p)
         length = self.window.init_len + len(wanted) * p
         retrieved = self.frame_blocks(wanted)
-        return AnswerContext(cache=cache, next_position=length, context_tokens=length, retrieved=retrieved)
+        # The window's units are one run (moved by evictions): the question continues it.
+        window = self.window
+        _, cursor = self.backend.positions.visual_run(
+            window.run_start, self.backend.layout, len(wanted), first_unit=window.run_units - len(held)
+        )
+        return AnswerContext(
+            cache=cache, next_position=cursor if wanted else length, context_tokens=length, retrieved=retrieved
+        )
 
     def stats(self) -> MemoryStats:
         return MemoryStats(

@@ -1,0 +1,176 @@
+"""Tiny Qwen-VL checkpoints built offline, deterministically, with the real classes.
+
+Like :mod:`mukv.backends.tiny` (whose tokenizer builder they reuse): an ordinary checkpoint
+directory in the hub's layout (config, safetensors weights, tokenizer with the Qwen-VL chat
+template, image and video processor configs) that :func:`mukv.backends.load_backend` loads like a
+hub checkpoint. The language model keeps the real head dimension (128) so that the real M-RoPE
+sections apply; everything else is small. Random weights: it answers nonsense.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from mukv.backends.qwen_vl import CLIP_MEAN, CLIP_STD
+from mukv.backends.tiny import build_tokenizer
+
+QWEN_SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# The Qwen2-VL / Qwen2.5-VL chat template (the hub checkpoints' own, without tool calls): a
+# default system turn, visual placeholders inside <|vision_start|>...<|vision_end|>, newlines
+# after each role and turn.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+FAMILIES = ("qwen2_5_vl",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyQwenSpec:
+    """Sizes of a tiny Qwen-VL. ``frame_pixels`` is the per-frame pixel budget written to the video
+    processor config (the backend's default resolution): 56 x 56 px, a 2 x 2 merged grid."""
+
+    text_hidden: int = 256
+    text_layers: int = 3
+    text_heads: int = 2
+    text_kv_heads: int = 1
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    tokens_per_second: int = 2
+    frame_pixels: int = 56 * 56
+    max_positions: int = 32768
+    rope_theta: float = 1_000_000.0
+    vocab_size: int = 512
+
+
+def _qwen25_config(spec: TinyQwenSpec, tokenizer) -> Qwen2_5_VLConfig:
+    ids = tokenizer.convert_tokens_to_ids
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": 2 * spec.text_hidden,
+        "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_kv_heads,
+        "max_position_embeddings": spec.max_positions,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": spec.rope_theta,
+            "mrope_section": list(spec.mrope_section),
+        },
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+    }
+    vision = {
+        "depth": spec.vision_layers,
+        "hidden_size": spec.vision_hidden,
+        "intermediate_size": 2 * spec.vision_hidden,
+        "num_heads": spec.vision_heads,
+        "out_hidden_size": spec.text_hidden,
+        "patch_size": spec.patch_size,
+        "spatial_merge_size": spec.merge_size,
+        "temporal_patch_size": spec.temporal_patch_size,
+        "tokens_per_second": spec.tokens_per_second,
+        "window_size": 2 * spec.patch_size * spec.merge_size,
+        "fullatt_block_indexes": [spec.vision_layers - 1],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def create_tiny_qwen(family: str = "qwen2_5_vl", *, seed: int = 0, spec: TinyQwenSpec | None = None):
+    """A tiny random Qwen-VL model of ``family`` and its tokenizer, in memory (deterministic)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family: expected one of {', '.join(FAMILIES)}, got {family!r}")
+    spec = spec or TinyQwenSpec()
+    tokenizer = build_tokenizer(spec.vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE)
+    config = _qwen25_config(spec, tokenizer)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        # float32 explicitly: a config naming another dtype can give a mixed-precision model.
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model, tokenizer
+
+
+def save_tiny_qwen(model, tokenizer, directory: str | Path, spec: TinyQwenSpec | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` with the processors' configs, in the hub's file layout."""
+    spec = spec or TinyQwenSpec()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    vision = model.config.vision_config
+    common = {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "rescale_factor": 1 / 255,
+        "resample": 3,
+        "patch_size": vision.patch_size,
+        "merge_size": vision.spatial_merge_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+    }
+    image = {
+        **common,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "min_pixels": 56 * 56,
+        "max_pixels": 28 * 28 * 64,
+    }
+    video = {
+        **common,
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "size": {"shortest_edge": 56 * 56, "longest_edge": spec.frame_pixels},
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
+    (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+    return out
+
+
+def build_tiny_qwen(
+    directory: str | Path, family: str = "qwen2_5_vl", *, seed: int = 0, spec: TinyQwenSpec | None = None
+) -> Path:
+    """Write a tiny random Qwen-VL checkpoint of ``family`` to ``directory`` and return its path."""
+    model, tokenizer = create_tiny_qwen(family, seed=seed, spec=spec)
+    return save_tiny_qwen(model, tokenizer, directory, spec)

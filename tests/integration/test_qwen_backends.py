@@ -1,0 +1,383 @@
+"""Qwen-VL backends on tiny checkpoints: streaming equals the real model.
+
+The references are the model itself — ``Qwen*ForConditionalGeneration`` over ``input_ids`` with the
+video placeholders, ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids`` and
+``second_per_grid_ts`` as the processor builds them, so the model computes its own positions
+(``get_rope_index``) — and its own ``generate``. Frames are 56 x 84 px: a 2 x 3 merged grid (not
+square), 6 tokens per unit of two frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mukv import StreamSession
+from mukv.backends.positions import MultimodalRopePositions
+from mukv.memory import Query
+from tests.conftest import make_frames
+
+FAMILIES = ["qwen2_5_vl"]
+QUESTION = "What colour was the triangle?"
+FRAME_SHAPE = (56, 84)
+# Every method with small settings, so that retrieval has to choose on a short stream.
+SMALL = {
+    "uniform": {"num_frames": 2},
+    "mukv": {"top_k.patch": 3, "top_k.frame": 2, "top_k.segment": 1, "segment_frames": 2},
+    "rekv": {"retrieve_blocks": 2, "n_local": 12},
+    "recent": {"num_frames": 2},
+    "full": {},
+}
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def qwen_dir(request, tmp_path_factory):
+    from mukv.backends.tiny_qwen import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_dir):
+    from mukv.backends.registry import backend_class, read_model_type
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    cls = backend_class(read_model_type(qwen_dir, str(qwen_dir)))
+    return cls.from_pretrained(directory=qwen_dir, model=str(qwen_dir), frame_shape=FRAME_SHAPE)
+
+
+def padded(frames: np.ndarray, per_unit: int = 2) -> np.ndarray:
+    """The processor's rule for a clip that does not fill its last temporal group: repeat the last frame."""
+    missing = -len(frames) % per_unit
+    return np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)]) if missing else frames
+
+
+def reference_inputs(backend, frames: np.ndarray, question: str = QUESTION) -> dict:
+    """Model inputs for ``[system | one video of frames | question]`` as the processor builds them."""
+    frames = padded(frames)
+    units = len(frames) // backend.layout.frames_per_unit
+    pad = backend.tokenizer.convert_tokens_to_ids(backend.video_placeholder)
+    ids = torch.cat(
+        [
+            backend.tokenize(backend.prompts.system),
+            torch.full((1, units * backend.layout.tokens), pad),
+            backend.tokenize(backend.prompts.render_question(question)),
+        ],
+        dim=1,
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == pad).long() * 2,  # text 0, image 1, video 2
+        "pixel_values_videos": backend.preprocessor(frames),
+        "video_grid_thw": backend.video_grid(units),
+        "second_per_grid_ts": backend.second_per_grid().reshape(1),
+    }
+
+
+@torch.inference_mode()
+def reference_logits(backend, frames: np.ndarray) -> torch.Tensor:
+    return backend.model(**reference_inputs(backend, frames)).logits[0, -1].float()
+
+
+@torch.inference_mode()
+def reference_generate(backend, frames: np.ndarray, max_new: int):
+    inputs = reference_inputs(backend, frames)
+    out = backend.model.generate(
+        **inputs,
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=sorted(backend.eos_token_ids),
+        pad_token_id=backend.tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return [t for t in tokens if t not in backend.eos_token_ids], [step[0].float() for step in out.logits]
+
+
+def stream(backend, frames, chunks, method="full", overrides=None, max_new_tokens=6):
+    session = StreamSession(backend, method, overrides=overrides)
+    start = 0
+    for size in chunks:
+        session.ingest(frames[start : start + size], np.arange(start, start + size, dtype=float) * 2.0)
+        start += size
+    assert start == len(frames)
+    return session, session.ask(QUESTION, max_new_tokens=max_new_tokens, output_logits=True)
+
+
+def test_the_family_is_loaded_by_model_type_with_its_layout(qwen, qwen_dir):
+    from mukv.backends import load_backend
+
+    loaded = load_backend(qwen_dir)
+    assert type(loaded) is type(qwen)
+    assert loaded.layout.frames_per_unit == 2 and loaded.layout.grid == (2, 2)  # the checkpoint's default: 56 x 56
+    assert qwen.layout.grid == (2, 3) and qwen.tokens_per_frame == 6
+    assert qwen.positions.rows == 3 and qwen.positions.sections == (16, 24, 24)
+    assert qwen.prompts.system.endswith("<|vision_start|>")
+    assert qwen.prompts.render_question("Why?").startswith("<|vision_end|>Why?<|im_end|>")
+
+
+@pytest.mark.parametrize("count", [4, 5])
+def test_full_first_logits_equal_a_plain_forward(qwen, count):
+    frames = make_frames(count, seed=1)
+    _, answer = stream(qwen, frames, [2, count - 2])
+    error = (answer.first_logits - reference_logits(qwen, frames)).abs().max().item()
+    assert error < 1e-4
+    assert answer.frames_seen == count
+
+
+def _decode(backend, frames, max_new: int) -> tuple[list[int], list[torch.Tensor], int]:
+    """The session's ``full`` cache decoded greedily: tokens, each step's logits, and how far the
+    video's largest position lies beyond the end of the question."""
+    from mukv.engine.generate import greedy_decode
+
+    session = StreamSession(backend, "full")
+    session.ingest(frames, np.arange(len(frames)) * 2.0)
+    session.memory.materialize(session.time)
+    context = session.memory.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=session.time))
+    prompt = backend.tokenize(backend.prompts.render_question(QUESTION))
+    units = len(padded(frames)) // 2
+    largest = int(backend.positions.visual(backend.system_cache()[1], backend.layout, units)[0].max())
+    steps: list[torch.Tensor] = []
+    tokens = list(greedy_decode(backend, context.cache, prompt, context.next_position, max_new, steps))
+    beyond = largest - (context.next_position + prompt.shape[1] - 1)
+    return [t for t in tokens if t not in backend.eos_token_ids], steps, beyond
+
+
+def test_full_greedy_decoding_equals_generate(qwen):
+    """Tokens and every step's logits; the video's time axis runs past the question, and generated
+    tokens still continue right after the question, as ``generate`` continues them."""
+    frames = make_frames(10, seed=3)
+    tokens, steps, beyond = _decode(qwen, frames, 8)
+    expected, logits = reference_generate(qwen, frames, 8)
+    assert beyond > 0
+    assert tokens == expected and len(expected) >= 4
+    assert max((a - b).abs().max().item() for a, b in zip(steps, logits, strict=False)) < 1e-4
+    session = StreamSession(qwen, "full")
+    session.ingest(frames, np.arange(10) * 2.0)
+    assert list(session.ask(QUESTION, max_new_tokens=8).token_ids) == expected
+
+
+@pytest.mark.parametrize("chunks", [[1, 1, 1, 1, 1, 1], [2, 3, 1], [4, 2], [3, 3]])
+def test_chunked_ingestion_equals_one_shot(qwen, chunks):
+    frames = make_frames(6, seed=2)
+    _, whole = stream(qwen, frames, [6])
+    _, chunked = stream(qwen, frames, chunks)
+    assert (whole.first_logits - chunked.first_logits).abs().max().item() < 1e-5
+    assert whole.token_ids == chunked.token_ids
+
+
+def test_an_odd_frame_at_question_time_is_padded_and_its_group_then_stays(qwen):
+    """The rule for an incomplete temporal group: a question completes it by repeating its last
+    frame (as the processor pads an odd clip) and the group is final; the next frame opens a new one."""
+    frames = make_frames(6, seed=4)
+    session = StreamSession(qwen, "full")
+    session.ingest(frames[:5], np.arange(5) * 2.0)
+    first = session.ask(QUESTION, max_new_tokens=2, output_logits=True)
+    assert (first.first_logits - reference_logits(qwen, frames[:5])).abs().max().item() < 1e-4
+    again = session.ask(QUESTION, max_new_tokens=2, output_logits=True)
+    assert torch.equal(first.first_logits, again.first_logits) and session.memory.frames == 3
+    session.ingest(frames[5:], [10.0])
+    later = session.ask(QUESTION, max_new_tokens=2, output_logits=True)
+    seen = np.concatenate([frames[:5], frames[4:5], frames[5:6]])  # groups (0 1) (2 3) (4 4) (5 5)
+    assert (later.first_logits - reference_logits(qwen, seen)).abs().max().item() < 1e-4
+    assert (later.first_logits - reference_logits(qwen, frames)).abs().max().item() > 1e-3
+    assert later.frames_seen == 6
+
+
+@pytest.mark.parametrize("encode", ["shared", "independent"])
+def test_lossless_temporal_mukv_equals_full(qwen, encode):
+    """Keep ratio 1, segment blocks only, every one retrieved in time order: the full context."""
+    frames = make_frames(8, seed=5)
+    _, full = stream(qwen, frames, [3, 5])
+    lossless = {
+        "encode": encode,
+        "order": "temporal",
+        "segment_frames": 4,
+        "keep_ratio.segment": 1.0,
+        "granularities.frame": False,
+        "granularities.patch": False,
+        "top_k.segment": 4,
+    }
+    _, answer = stream(qwen, frames, [3, 5], "mukv", lossless)
+    assert [b.granularity for b in answer.retrieved] == ["segment"]
+    assert (answer.first_logits - full.first_logits).abs().max().item() < 1e-4
+    assert answer.token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("overrides", [{}, {"layer_shared": True}, {"block_frames": 2}])
+def test_rekv_without_eviction_and_with_every_block_equals_full(qwen, overrides):
+    frames = make_frames(7, seed=6)
+    _, full = stream(qwen, frames, [4, 3])
+    _, answer = stream(qwen, frames, [4, 3], "rekv", {"retrieve_blocks": 8, **overrides})
+    assert (answer.first_logits - full.first_logits).abs().max().item() < 1e-4
+    assert answer.token_ids == full.token_ids
+
+
+def test_rekv_with_eviction_and_selection_answers_from_rotated_keys(qwen):
+    frames = make_frames(8, seed=7)
+    session, answer = stream(qwen, frames, [8], "rekv", {"retrieve_blocks": 2, "n_local": 12})
+    assert session.memory.window.length == 12 and len(answer.token_ids) >= 1
+
+
+@torch.inference_mode()
+def test_moving_keys_equals_recomputing_them_per_mrope_section(qwen):
+    """Keys computed at one set of positions, re-rotated to others that move each axis differently
+    (time, height, width sections), equal the keys the model computes at the new positions."""
+    embeds = qwen.encode_frames(make_frames(2, seed=8)).reshape(1, -1, qwen.text.hidden_size)
+    n = embeds.shape[1]
+    old, _ = qwen.positions.visual(20, qwen.layout, 1)
+    new = old.clone()
+    new[0] += 37  # time only
+    new[1] += torch.arange(n) % 5  # height, unevenly per token
+    new[2] -= 3
+    caches = []
+    for positions in (old, new):
+        cache, _ = qwen.system_cache()
+        qwen.forward(embeds, cache, positions, logits="none")
+        caches.append(cache)
+    for layer in range(qwen.text.num_layers):
+        computed_old = caches[0].layers[layer].keys[:, :, -n:]
+        computed_new = caches[1].layers[layer].keys[:, :, -n:]
+        if layer == 0:  # deeper layers' keys depend on the other tokens' positions too
+            moved = qwen.positions.shift(computed_old, old, new)
+            assert (moved - computed_new).abs().max().item() < 1e-4
+            assert (computed_old - computed_new).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("method", list(SMALL))
+def test_every_method_answers_through_the_session(qwen, method):
+    session = StreamSession(qwen, method, overrides=SMALL[method])
+    frames = make_frames(9, seed=9)
+    assert session.ingest(frames[:5], np.arange(5) * 2.0) == 5
+    assert session.ingest(frames[5:], np.arange(5, 9) * 2.0) == 4
+    answer = session.ask("What is shown?", max_new_tokens=3)
+    assert answer.method == method and answer.frames_seen == 9 and answer.time == 16.0
+    assert 1 <= len(answer.token_ids) <= 3 and answer.retrieved
+    assert all(block.last_frame < session.memory.frames for block in answer.retrieved)
+    assert session.stats().frames == 5  # units: four pairs and the padded ninth frame
+    choice = session.ask("Which colour?", ["red", "blue"], max_new_tokens=2)
+    assert len(choice.token_ids) <= 2
+
+
+def test_mukv_blocks_follow_the_unit_layout(qwen):
+    """Frame blocks are one temporal group, patch blocks spatial parts of its 2 x 3 grid, segments
+    whole groups."""
+    session = StreamSession(qwen, "mukv", overrides={"segment_frames": 2, "patch_layout": "quadrant"})
+    session.ingest(make_frames(8, seed=10), np.arange(8) * 2.0)
+    store = session.memory.store
+    p = qwen.layout.tokens
+    frames = store.records("frame")
+    assert [r.first_frame for r in frames] == [0, 1, 2, 3] and all(r.first_frame == r.last_frame for r in frames)
+    assert [(r.first_frame, r.last_frame) for r in store.records("segment")] == [(0, 1), (2, 3)]
+    patches = [r for r in store.records("patch") if r.first_frame == 0]
+    assert len(patches) == 4
+    full_sizes = {store.payload(r.block_id).scores.shape[0] for r in patches}
+    assert sum(store.payload(r.block_id).scores.shape[0] for r in patches) == p and full_sizes <= {1, 2}
+
+
+# ---------------------------------------------------------------------------------------- sabotage
+
+
+class _WrongPositions:
+    """A backend proxy whose position scheme is wrong, to show the comparisons above can fail."""
+
+    def __init__(self, inner, positions) -> None:
+        self._inner = inner
+        self.positions = positions
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _Flat(MultimodalRopePositions):
+    """Visual tokens at consecutive positions on every axis, as 1-D RoPE places them."""
+
+    def visual_run(self, start, layout, units, device="cpu", *, first_unit=0):
+        start += first_unit * layout.tokens
+        return self.text(start, units * layout.tokens, device), start + units * layout.tokens
+
+
+def _scheme(qwen, cls=MultimodalRopePositions, **changes):
+    p = qwen.positions
+    options = {"time_scale": p.time_scale, "interleaved": p.interleaved, "span_per_unit": p.span_per_unit, **changes}
+    return cls(p.inv_freq.float(), p.sections, **options)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        pytest.param(lambda q: _scheme(q, _Flat), id="1-D positions"),
+        pytest.param(lambda q: _scheme(q, time_scale=1.0), id="time step 1"),
+    ],
+)
+def test_the_reference_comparison_detects_wrong_positions(qwen, wrong):
+    frames = make_frames(6, seed=11)
+    reference = reference_logits(qwen, frames)
+    _, right = stream(qwen, frames, [6], max_new_tokens=1)
+    _, broken = stream(_WrongPositions(qwen, wrong(qwen)), frames, [6], max_new_tokens=1)
+    assert (right.first_logits - reference).abs().max().item() < 1e-4
+    assert (broken.first_logits - reference).abs().max().item() > 1e-3
+
+
+class _DecodeAfterLargest:
+    """Generated tokens placed one past the prompt's largest position (``rope_deltas``' rule)."""
+
+    def __init__(self, inner, offset: int) -> None:
+        self._inner = inner
+        self._offset = offset
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def forward(self, embeds, cache, position_ids, logits="last"):
+        if embeds.shape[1] == 1:
+            position_ids = position_ids + self._offset
+        return self._inner.forward(embeds, cache, position_ids, logits)
+
+
+def test_the_generate_comparison_detects_decoding_after_the_largest_position(qwen):
+    frames = make_frames(10, seed=3)
+    _, _, beyond = _decode(qwen, frames, 1)
+    _, steps, _ = _decode(_DecodeAfterLargest(qwen, beyond), frames, 4)
+    _, logits = reference_generate(qwen, frames, 4)
+    assert len(steps) >= 2 and (steps[0] - logits[0]).abs().max().item() < 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(steps[1:], logits[1:], strict=False)) > 1e-3
+
+
+def test_tiny_model_command_writes_a_checkpoint_every_command_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from mukv.cli import app
+
+    runner = CliRunner()
+    directory = tmp_path / "tiny-qwen"
+    result = runner.invoke(app, ["tiny-model", str(directory), "--family", "qwen2_5_vl"])
+    assert result.exit_code == 0, result.output
+    assert "Qwen2.5-VL" in result.output
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "video_preprocessor_config.json"):
+        assert (directory / name).is_file()
+    video = tmp_path / "frames.npy"
+    np.save(video, make_frames(3, seed=12))
+    result = runner.invoke(
+        app,
+        [
+            "ask",
+            str(video),
+            "-q",
+            "What colour?",
+            "--npy-fps",
+            "0.5",
+            "--model",
+            str(directory),
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert '"frames_seen": 3' in result.output
+    bad = runner.invoke(app, ["tiny-model", str(tmp_path / "other"), "--family", "gpt2"])
+    assert bad.exit_code != 0 and "--family" in bad.output
