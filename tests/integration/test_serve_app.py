@@ -529,6 +529,41 @@ def test_a_stream_that_falls_behind_drops_its_oldest_waiting_frames(client, stre
     assert metric_samples(text, "mukv_frames_dropped_total")[(("reason", "queue_full"),)] >= 3
 
 
+def test_frames_a_waiting_question_must_see_are_not_dropped(client, streams):
+    """A question waiting for the device keeps the frames up to its time beyond the queue's cap:
+    when newer frames overflow it meanwhile, the oldest of those are dropped, and the answer sees
+    every frame up to its time."""
+    stream_id = create(client, streams)["id"]
+    held, gate = threading.Event(), threading.Event()
+    client.app.state.mukv.worker.submit(Priority.QUESTION, lambda: (held.set(), gate.wait(DEADLINE)))
+    answer = {}
+    try:
+        assert held.wait(DEADLINE)
+        frames = small_frames(9)
+        for k in range(4):  # a full queue (max_queued_frames = 4)
+            assert push(client, stream_id, frames[k], t=float(k)).status_code == 202
+        asking = threading.Thread(
+            target=lambda: answer.update(
+                response=client.post(f"/v1/streams/{stream_id}/questions", json={"question": "What?"})
+            )
+        )
+        asking.start()
+        wait_for(lambda: info(client, stream_id)["answers"]["active"] == 1, "the question to wait")
+        for k in range(4, 8):  # four more fit: the question's frames are not counted
+            assert push(client, stream_id, frames[k], t=float(k)).json()["dropped"] == 0
+        later = push(client, stream_id, frames[8], t=8.0).json()
+        # Frame 4, the oldest after the question's frames, makes room; 0-3 wait for the question.
+        assert (later["dropped"], later["queued"], later["queue_position"]) == (1, 8, 7)
+    finally:
+        gate.set()
+    asking.join(DEADLINE)
+    done = sse_events(answer["response"].text)[-1]
+    assert done[0] == "done" and done[1]["frames_seen"] == 4 and done[1]["time"] == 3.0
+    data = wait_encoded(client, stream_id, 8)
+    assert data["frames"]["dropped"] == 1 and data["encoded_time"] == 8.0
+    assert data["frames"]["received"] == 9
+
+
 def test_a_stream_takes_no_frames_beyond_its_memory_budget(tiny_model_dir, backend):
     session = StreamSession(backend, "full")
     empty = session.stats().total_bytes

@@ -5,7 +5,10 @@ Frames reach a stream from HTTP pushes or its player; they wait in the stream's 
 encoded by the device worker in batches, at encoding priority. When a stream falls behind, its
 queue holds at most ``max_queued_frames``: the oldest waiting frames are dropped to make room for
 new ones (a live stream's memory should reach the present; what is dropped is counted, in the
-stream's info and in the metrics). A stream whose memory reaches its budget takes no more frames.
+stream's info and in the metrics). The frames a question waiting for the device must see (those
+up to its time) are never dropped and do not count against that cap: they were all received
+before the question was asked, so they are at most ``max_queued_frames`` more. A stream whose
+memory reaches its budget takes no more frames.
 
 A question is answered at its time ``at`` (default: the newest frame received): its first step,
 at question priority, encodes the frames up to ``at`` still waiting in the queue, so an answer
@@ -105,6 +108,11 @@ class ServedStream:
         self._answers: Counter[str] = Counter()
         self._last_received: float | None = None
         self._encoded_time: float | None = None
+        # Times of questions whose frames are not in memory yet, by key: waiting frames up to the
+        # latest of them are kept beyond the cap (received before the question was asked, they
+        # number at most max_queued themselves).
+        self._pins: dict[int, float] = {}
+        self._next_pin = 0
         # Computed on the worker after each change: reading it never waits for the session's lock.
         self._stats = stats
         self.state = "live" if options.source.kind == "push" else "playing"
@@ -228,14 +236,42 @@ class ServedStream:
             self._queue.extend(zip(frames, (float(t) for t in timestamps), strict=True))
             self._received += count
             self._last_received = float(timestamps[-1])
-            overflow = max(0, len(self._queue) - self.max_queued)
+            pinned = self._pinned_frames()
+            overflow = max(0, len(self._queue) - pinned - self.max_queued)
             for _ in range(overflow):
-                self._queue.popleft()
+                del self._queue[pinned]  # the oldest frame no waiting question needs
             self._count_dropped("queue_full", overflow)
             schedule = not self._encode_scheduled and bool(self._queue)
             self._encode_scheduled = self._encode_scheduled or schedule
-            offer = Offer(count, overflow, len(self._queue), max(0, ahead - overflow))
+            position = ahead - min(overflow, ahead - pinned)
+            offer = Offer(count, overflow, len(self._queue), max(0, position))
         return offer, schedule
+
+    def _pinned_frames(self) -> int:
+        """How many waiting frames (from the oldest) a waiting question must see (lock held)."""
+        if not self._pins:
+            return 0
+        until = max(self._pins.values())
+        pinned = 0
+        for _, t in self._queue:
+            if t > until:
+                break
+            pinned += 1
+        return pinned
+
+    def pin(self, until: float) -> int:
+        """Keep the waiting frames up to ``until`` from being dropped (a question's), until
+        :meth:`unpin` with the returned key."""
+        with self._lock:
+            key = self._next_pin
+            self._next_pin += 1
+            self._pins[key] = until
+            return key
+
+    def unpin(self, key: int) -> None:
+        """Release a :meth:`pin` (again: nothing happens)."""
+        with self._lock:
+            self._pins.pop(key, None)
 
     def _budget_error(self) -> ApiError:
         return ApiError(
@@ -478,20 +514,30 @@ class StreamManager:
                 field="at",
             )
         when = newest if at is None else at
+        pin = stream.pin(when)  # until they are encoded, its frames are not dropped for newer ones
 
         def start() -> Iterator[Event]:
             while stream.encode(self._batch_frames(stream), until=when):
                 pass  # frames the question must see, still waiting: encoded first
+            stream.unpin(pin)
             # A question "now" keeps up with frames another question had encoded meanwhile.
             memory_time = stream.session.time
             asked_at = max(when, memory_time) if at is None and memory_time is not None else when
             return self._answer_events(stream, question, choices, max_new_tokens, asked_at)
 
-        run = AnswerRun(self.worker, start, on_finish=lambda finished: self._finished(stream, finished))
-        stream.add_answer(run)
+        def finished(run: AnswerRun) -> None:
+            stream.unpin(pin)  # a question cancelled or refused before its frames were encoded
+            self._finished(stream, run)
+
+        run = AnswerRun(self.worker, start, on_finish=finished)
         try:
+            stream.add_answer(run)
             run.start()
+        except ApiError:
+            stream.unpin(pin)
+            raise
         except RuntimeError:
+            stream.unpin(pin)
             stream.record_answer(run)
             raise ApiError(503, "shutting_down", "the server is shutting down") from None
         return run
