@@ -28,15 +28,17 @@ _END = object()
 class AnswerRun:
     """One question being answered (call :meth:`start`, then :meth:`next` until a ``DoneEvent``).
 
-    ``start`` runs on the worker in the run's first step (it may first encode frames the question
-    needs) and returns the session's event generator. ``on_finish(run)`` is called on the worker
-    once, when the run completed, failed or was cancelled (:attr:`outcome`).
+    ``start`` runs on the worker in the run's first step and returns the run's event generator;
+    it may yield ``None`` first, once per step of work before the first event (encoding frames the
+    question needs): each such step is queued again at question priority, so other answers'
+    tokens are made in between. ``on_finish(run)`` is called on the worker once, when the run
+    completed, failed or was cancelled (:attr:`outcome`).
     """
 
     def __init__(
         self,
         worker: DeviceWorker,
-        start: Callable[[], Iterator[Event]],
+        start: Callable[[], Iterator[Event | None]],
         *,
         on_finish: Callable[[AnswerRun], None] | None = None,
     ) -> None:
@@ -46,7 +48,7 @@ class AnswerRun:
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._cancelled = threading.Event()
-        self._generator: Iterator[Event] | None = None
+        self._generator: Iterator[Event | None] | None = None
         self.outcome: str | None = None  # "completed", "cancelled" or "failed" once finished
         self.tokens = 0
         self.received = time.perf_counter()  # the server's clock for this question starts here
@@ -110,6 +112,9 @@ class AnswerRun:
             self._deliver(exc)
             self._finish("failed")
             return
+        if event is None:  # a step of work before the first event (encoding the question's frames)
+            self._submit_next()
+            return
         now = time.perf_counter()
         if self.first_token_seconds is None:
             self.first_token_seconds = now - self.received
@@ -120,6 +125,9 @@ class AnswerRun:
             self.total_seconds = now - self.received
             self._finish("completed")
             return
+        self._submit_next()
+
+    def _submit_next(self) -> None:
         try:
             self._worker.submit(Priority.QUESTION, self._step)
         except RuntimeError as exc:  # the worker closed (shutdown) mid-answer

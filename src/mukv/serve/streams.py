@@ -516,14 +516,16 @@ class StreamManager:
         when = newest if at is None else at
         pin = stream.pin(when)  # until they are encoded, its frames are not dropped for newer ones
 
-        def start() -> Iterator[Event]:
+        def start() -> Iterator[Event | None]:
+            # Frames the question must see, still waiting, are encoded first, one batch per step
+            # (``None``): other answers' tokens are made between the batches.
             while stream.encode(self._batch_frames(stream), until=when):
-                pass  # frames the question must see, still waiting: encoded first
+                yield None
             stream.unpin(pin)
             # A question "now" keeps up with frames another question had encoded meanwhile.
             memory_time = stream.session.time
             asked_at = max(when, memory_time) if at is None and memory_time is not None else when
-            return self._answer_events(stream, question, choices, max_new_tokens, asked_at)
+            yield from self._answer_events(stream, question, choices, max_new_tokens, asked_at)
 
         def finished(run: AnswerRun) -> None:
             stream.unpin(pin)  # a question cancelled or refused before its frames were encoded
