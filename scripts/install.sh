@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the virtual environment (if missing) and install mukv into it.
 #
-#   scripts/install.sh [--dev]     installs .[serve], or .[dev,serve] with --dev
+#   scripts/install.sh [--dev]     installs .[serve], or .[dev,serve,ray] with --dev
 #   scripts/install.sh --system-packages   # only the system tools the tests need (see below)
 #
 # torch first: on a machine without a CUDA GPU, torch==2.13.0 (CPU build) is installed before
@@ -12,11 +12,12 @@ set -euo pipefail
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 CPU_TORCH="${CPU_TORCH:-torch==2.13.0}"
-# The server (`mukv serve`) is part of every install; --dev adds the test and lint tools.
+# The server (`mukv serve`) is part of every install; --dev adds the test and lint tools and Ray
+# (the tests of `mukv eval --workers` run a real local Ray instance).
 extras="[serve]"
 dev=""
 if [[ "${1:-}" == "--dev" ]]; then
-  extras="[dev,serve]"
+  extras="[dev,serve,ray]"
   dev=1
 fi
 

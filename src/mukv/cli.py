@@ -395,12 +395,39 @@ def eval_(
         bool, typer.Option(help="Run again the videos and questions that failed in earlier runs (failures.jsonl).")
     ] = False,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit in tokens.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Model workers on Ray: N CPU workers, or one per GPU with --device cuda (needs mukv[ray])."),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run the workers on a running Ray cluster (auto: the one `ray start` made here). "
+            "Default --workers there: one per GPU (cuda) or per node (cpu).",
+        ),
+    ] = None,
 ) -> None:
     """Run a streaming benchmark: predictions go to OUT/predictions*.jsonl as they arrive.
 
     One process owns a run directory (per shard) at a time; an interrupted run resumes where it
     stopped; a video that fails to decode is recorded in OUT/failures*.jsonl and the run goes on.
+    With --workers/--ray, Ray workers answer whole videos and this process writes their answers.
     """
+    distributed = workers is not None or ray_address is not None
+    if distributed:
+        if shard:
+            raise ValueError(
+                "--shard cannot be combined with --workers/--ray: the workers share the videos of one run "
+                "(use one or the other)"
+            )
+        if workers is not None and workers < 1:
+            raise ValueError(f"--workers: must be >= 1, got {workers}")
+        if ray_address is not None and not ray_address.strip():
+            raise ValueError("--ray: expected a cluster address (e.g. auto or 10.0.0.1:6379)")
+        from mukv.eval.distributed import require_ray
+
+        require_ray()  # before anything loads: a missing extra is reported at once
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -435,17 +462,41 @@ def eval_(
             rate = bar.format_dict.get("elapsed", 0) / max(bar.n, 1)
             bar.set_postfix_str(f"{rate:.2f} s/question")
 
+    def run_progress(state) -> None:
+        """The whole distributed run on one bar: questions (with the ETA), videos and workers."""
+        if not bars:
+            bars.append(tqdm(unit="question", desc="answering", file=sys.stderr, dynamic_ncols=True))
+        bar = bars[0]
+        bar.total = state.questions_total
+        bar.update(state.questions_done - bar.n)
+        bar.set_postfix_str(f"videos {state.videos_done}/{state.videos_total}, {state.workers} worker(s)")
+
     try:
         with logging_redirect_tqdm():  # warnings while the bar is drawn get lines of their own
-            summary = run_benchmark(
-                config,
-                out,
-                shard=Shard.parse(shard),
-                limit=limit,
-                allow_missing=allow_missing,
-                retry_failed=retry_failed,
-                progress=progress,
-            )
+            if distributed:
+                from mukv.eval.distributed import run_distributed
+
+                summary = run_distributed(
+                    config,
+                    out,
+                    workers=workers,
+                    address=ray_address,
+                    limit=limit,
+                    allow_missing=allow_missing,
+                    retry_failed=retry_failed,
+                    progress=run_progress,
+                    verbose=_VERBOSE,
+                )
+            else:
+                summary = run_benchmark(
+                    config,
+                    out,
+                    shard=Shard.parse(shard),
+                    limit=limit,
+                    allow_missing=allow_missing,
+                    retry_failed=retry_failed,
+                    progress=progress,
+                )
     finally:
         for bar in bars:
             bar.close()
@@ -469,6 +520,14 @@ def eval_(
         + (f" ({summary.skipped_failed} skipped: use --retry-failed)" if summary.skipped_failed else "")
         + f"; predictions in {out}"
     )
+    if summary.worker_failed:
+        typer.secho(
+            f"error: {len(summary.worker_failed)} video(s) failed on every attempt of a worker: "
+            f"{', '.join(summary.worker_failed)} (see {out / 'failures.jsonl'}; run again with --retry-failed)",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -520,12 +579,23 @@ def judge(
     ] = None,
     cache: Annotated[Path | None, typer.Option(help="Judge cache file (default: RUN_DIR/judge_cache.jsonl).")] = None,
     no_judge: Annotated[bool, typer.Option("--no-judge", help="Judge-free metrics only.")] = False,
+    judge_concurrency: Annotated[
+        int,
+        typer.Option(
+            help="Judge requests in flight at once (rate limits are honoured: HTTP 429/503 Retry-After holds them all)."
+        ),
+    ] = 1,
 ) -> None:
     """Score a run: LLM judge for open-ended answers, accuracy for multiple choice, judge-free metrics."""
     import os
 
+    from tqdm import tqdm
+
     from mukv.eval.judge import Judge, JudgeConfig
     from mukv.eval.scoring import score_run
+
+    if judge_concurrency < 1:
+        raise ValueError(f"--judge-concurrency: must be >= 1, got {judge_concurrency}")
 
     judge_client = None
     configured = judge_url or judge_model or os.environ.get("MUKV_JUDGE_BASE_URL") or os.environ.get("MUKV_JUDGE_MODEL")
@@ -540,7 +610,18 @@ def judge(
             fg=typer.colors.YELLOW,
             err=True,
         )
-    scores = score_run(run_dir, judge_client)
+    bars: list[tqdm] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="answer", desc="judging", file=sys.stderr, dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        scores = score_run(run_dir, judge_client, concurrency=judge_concurrency, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     typer.echo(json.dumps(scores, indent=2))
 
 

@@ -8,6 +8,7 @@ finishes in a few seconds; calls that could hang run in a thread with a time lim
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import re
 import socket
@@ -36,7 +37,8 @@ class Reply:
     """One scripted response: a chat completion whose message is ``content``, or a raw
     ``status`` / ``body``; ``delay`` seconds before answering. ``trickle`` sends one byte every
     0.2 s until the server stops, inside the response ``"headers"`` or ``"body"``. ``stream``
-    sends that many bytes fast, without a Content-Length, then closes the connection."""
+    sends that many bytes fast, without a Content-Length, then closes the connection.
+    ``headers`` are sent with the reply (``Retry-After``, say)."""
 
     content: str | None = None
     status: int = 200
@@ -44,6 +46,7 @@ class Reply:
     delay: float = 0.0
     trickle: Literal["headers", "body"] | None = None
     stream: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Endpoint:
     requests: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)  # ends trickling replies
+    active: int = 0  # requests being answered now
+    peak: int = 0  # the most answered at once
 
     def queue(self, *replies: Reply) -> None:
         self.script.extend(replies)
@@ -85,8 +90,22 @@ def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length)
             with endpoint.lock:
                 endpoint.requests.append(
-                    {"path": self.path, "headers": dict(self.headers.items()), "body": json.loads(raw or b"null")}
+                    {
+                        "path": self.path,
+                        "headers": dict(self.headers.items()),
+                        "body": json.loads(raw or b"null"),
+                        "at": time.monotonic(),
+                    }
                 )
+                endpoint.active += 1
+                endpoint.peak = max(endpoint.peak, endpoint.active)
+            try:
+                self.answer()
+            finally:
+                with endpoint.lock:
+                    endpoint.active -= 1
+
+        def answer(self) -> None:
             reply = endpoint.next_reply()
             if reply.delay:
                 time.sleep(reply.delay)
@@ -102,6 +121,8 @@ def make_handler(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
                 self.send_response(reply.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(payload)
             except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
@@ -395,6 +416,104 @@ def test_score_open_ended(endpoint, tmp_path):
     assert score_open_ended([], judge) == {"accuracy": 0.0, "score": 0.0, "judge_model": MODEL, "count": 0}
 
 
+# --- rate limits and concurrency ----------------------------------------------------------
+
+
+def test_retry_after_seconds_is_honoured(endpoint):
+    endpoint.queue(Reply(status=429, body='{"error": "slow down"}', headers={"Retry-After": "1"}))
+    judge = Judge(config(endpoint))  # backoff 0: only the Retry-After explains a wait
+    result, _ = call_within(endpoint, 10.0, lambda: judge.judge(QUESTION, ANSWER, PREDICTION))
+    assert (result.pred, result.score) == ("yes", 4)
+    assert len(endpoint.requests) == 2
+    assert endpoint.requests[1]["at"] - endpoint.requests[0]["at"] >= 0.95
+
+
+def test_retry_after_http_date_is_honoured(endpoint):
+    # HTTP dates have whole seconds: 3 s ahead is at least 2 s of waiting.
+    when = email.utils.formatdate(time.time() + 3, usegmt=True)
+    endpoint.queue(Reply(status=503, body="overloaded", headers={"Retry-After": when}))
+    judge = Judge(config(endpoint))
+    result, _ = call_within(endpoint, 15.0, lambda: judge.judge(QUESTION, ANSWER, PREDICTION))
+    assert (result.pred, result.score) == ("yes", 4)
+    assert endpoint.requests[1]["at"] - endpoint.requests[0]["at"] >= 1.9
+
+
+def test_a_retry_after_past_max_wait_fails_at_once(endpoint):
+    endpoint.default = Reply(status=429, body="quota", headers={"Retry-After": "3600"})
+    judge = Judge(config(endpoint, max_wait=30.0))
+    outcome, elapsed = call_within(endpoint, 10.0, lambda: judge.judge(QUESTION, ANSWER, PREDICTION, qid="q7"))
+    assert isinstance(outcome, JudgeError), outcome
+    assert re.search(r"qid 'q7'.*3600.* more would pass max_wait \(30 s.*HTTP 429, Retry-After 3600 s", str(outcome))
+    assert elapsed < 5.0 and len(endpoint.requests) == 1
+
+
+def test_rate_limit_waits_add_up_to_max_wait(endpoint):
+    endpoint.default = Reply(status=429, body="quota", headers={"Retry-After": "0.4"})
+    judge = Judge(config(endpoint, max_wait=1.0, max_retries=10))
+    outcome, elapsed = call_within(endpoint, 10.0, lambda: judge.judge(QUESTION, ANSWER, PREDICTION, qid="q8"))
+    assert isinstance(outcome, JudgeError) and "max_wait" in str(outcome), outcome
+    assert len(endpoint.requests) == 3  # waited 0.4 + 0.4; a third 0.4 would pass 1.0
+    assert 0.7 < elapsed < 5.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("5", 5.0), (" 0 ", 0.0), ("1.5", 1.5), ("-3", 0.0), ("soon", None), ("", None), (None, None), ("nan", None)],
+)
+def test_parse_retry_after_seconds(value, expected):
+    assert judge_module.parse_retry_after(value) == expected
+
+
+def test_parse_retry_after_dates():
+    now = 1_700_000_000.0
+    assert judge_module.parse_retry_after(email.utils.formatdate(now + 120, usegmt=True), now=now) == 120.0
+    assert judge_module.parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0
+
+
+def test_concurrent_requests_are_bounded(endpoint, tmp_path):
+    endpoint.default = Reply(content="{'pred': 'yes', 'score': 3}", delay=0.3)
+    records = [{"qid": f"q{i}", "question": f"Q{i}?", "answer": "a", "prediction": "b"} for i in range(12)]
+    records.append(dict(records[0], qid="same-texts-as-q0"))  # one judgement for both
+    judge = Judge(config(endpoint), tmp_path / "cache.jsonl")
+    seen: list[tuple[int, int]] = []
+    started = time.monotonic()
+    result = score_open_ended(records, judge, concurrency=4, progress=lambda done, total: seen.append((done, total)))
+    elapsed = time.monotonic() - started
+    assert result == {"accuracy": 1.0, "score": 3.0, "judge_model": MODEL, "count": 13}
+    assert len(endpoint.requests) == 12 and endpoint.peak == 4
+    assert elapsed < 12 * 0.3  # sequential would take 3.6 s; 4 at a time about 0.9 s
+    assert seen[-1] == (13, 13) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    again = Judge(config(endpoint), tmp_path / "cache.jsonl")
+    assert score_open_ended(records, again, concurrency=4) == result and len(endpoint.requests) == 12  # cached
+
+
+def test_a_retry_after_holds_back_every_thread(endpoint):
+    # The first request to arrive is told to wait 1 s; the other, in flight meanwhile, succeeds
+    # slowly. Every later request (the retry, and the next questions) waits for the Retry-After.
+    endpoint.queue(
+        Reply(status=429, body="slow down", headers={"Retry-After": "1"}),
+        Reply(content="{'pred': 'no', 'score': 1}", delay=0.3),
+    )
+    records = [{"qid": f"q{i}", "question": f"Q{i}?", "answer": "a", "prediction": "b"} for i in range(4)]
+    result = score_open_ended(records, Judge(config(endpoint)), concurrency=2)
+    assert result["count"] == 4 and len(endpoint.requests) == 5
+    first = endpoint.requests[0]["at"]
+    assert all(request["at"] - first >= 0.95 for request in endpoint.requests[2:])
+
+
+def test_a_judge_error_stops_the_queued_requests(endpoint):
+    endpoint.default = Reply(status=401, body="bad key")
+    records = [{"qid": f"q{i}", "question": f"Q{i}?", "answer": "a", "prediction": "b"} for i in range(20)]
+    with pytest.raises(JudgeError, match="HTTP 401"):
+        score_open_ended(records, Judge(config(endpoint)), concurrency=2)
+    assert len(endpoint.requests) < 20
+
+
+def test_concurrency_is_checked(endpoint):
+    with pytest.raises(ValueError, match="concurrency: must be an integer >= 1"):
+        Judge(config(endpoint)).judge_many([], concurrency=0)
+
+
 # --- configuration -------------------------------------------------------------------------
 
 ENV_NAMES = (
@@ -480,6 +599,8 @@ def test_from_env_names_what_is_missing(clean_env):
         {"timeout": float("nan")},
         {"max_retries": -1},
         {"backoff": -1.0},
+        {"max_wait": -1.0},
+        {"max_wait": float("inf")},
         {"base_url": " "},
         {"model": ""},
     ],

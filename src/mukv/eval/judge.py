@@ -7,6 +7,13 @@ possibly inside code fences or among other text). Malformed replies, HTTP 429/5x
 errors and timed-out requests are retried with exponential backoff; any other HTTP error, and a
 reply larger than 10 MiB, fails at once.
 
+Rate limits are honoured: an HTTP 429 or 503 with ``Retry-After`` (seconds, or an HTTP date)
+waits that long instead of the backoff, and holds back every request of the judge (all threads)
+until then, since the limit is the endpoint's, not one request's. The waiting of one question
+(backoff and rate limits together) is bounded by ``JudgeConfig.max_wait``: a ``Retry-After``
+beyond it fails that question at once, naming it. :meth:`Judge.judge_many` judges many answers
+with at most ``concurrency`` requests in flight.
+
 ``JudgeConfig.timeout`` bounds each request as a whole (connect, TLS handshake, sending, the
 response headers and body), however slowly the server sends its bytes: every socket operation
 is given only the time left until the request's deadline.
@@ -22,6 +29,9 @@ Only the standard library is used for HTTP (``urllib``).
 from __future__ import annotations
 
 import ast
+import collections
+import datetime as dt
+import email.utils
 import functools
 import hashlib
 import http.client
@@ -35,7 +45,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from http.client import HTTPException
 from pathlib import Path
@@ -51,6 +62,7 @@ __all__ = [
     "JudgeScore",
     "build_messages",
     "cache_key",
+    "judge_records",
     "parse_judge_reply",
     "score_open_ended",
 ]
@@ -113,6 +125,10 @@ class JudgeConfig:
     503. A question therefore takes at most about ``(max_retries + 1) * timeout`` seconds plus
     the backoff sleeps (defaults: 5 attempts of 60 s plus 1 + 2 + 4 + 8 s of backoff).
     Name resolution (DNS) is left to the operating system and is not bounded by ``timeout``.
+
+    ``max_wait`` bounds the seconds one question spends waiting between attempts: backoff, and
+    the ``Retry-After`` of HTTP 429/503 replies (which replaces the backoff for that attempt). A
+    wait that would pass it fails the question at once instead of sleeping.
     """
 
     base_url: str
@@ -122,6 +138,7 @@ class JudgeConfig:
     max_retries: int = 4
     backoff: float = 1.0
     temperature: float = 0.0
+    max_wait: float = 600.0
 
     def __post_init__(self) -> None:
         if not str(self.base_url).strip():
@@ -134,6 +151,8 @@ class JudgeConfig:
             raise ValueError(f"max_retries: must be an integer >= 0, got {self.max_retries}")
         if not self.backoff >= 0:
             raise ValueError(f"backoff: must be >= 0 seconds, got {self.backoff}")
+        if not (self.max_wait >= 0 and math.isfinite(self.max_wait)):
+            raise ValueError(f"max_wait: must be a finite number of seconds >= 0, got {self.max_wait}")
         object.__setattr__(self, "base_url", str(self.base_url).strip().rstrip("/"))
         object.__setattr__(self, "model", str(self.model).strip())
         object.__setattr__(self, "api_key", str(self.api_key or "").strip())
@@ -291,7 +310,34 @@ def cache_key(model: str, question: str, answer: str, prediction: str) -> str:
 
 
 class _Transient(Exception):
-    """A failure worth retrying (HTTP 429/5xx, connection error, timeout)."""
+    """A failure worth retrying (HTTP 429/5xx, connection error, timeout); ``retry_after``: the
+    seconds the server asked to wait (its ``Retry-After``), when it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: a number of seconds, or an HTTP date
+    (RFC 9110, section 10.2.3; a date in the past means 0). ``None`` when absent or unreadable.
+    ``now`` is the current POSIX time (default: the clock)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are in GMT
+            when = when.replace(tzinfo=dt.timezone.utc)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
 
 
 class _DeadlineSocket:
@@ -443,6 +489,8 @@ class Judge:
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self.requests = 0  # HTTP requests sent by this instance (cache hits send none)
         self._lock = threading.Lock()
+        # No request leaves before this time.monotonic() value: a Retry-After holds back every thread.
+        self._not_before = 0.0
         self._cache: dict[str, dict[str, Any]] = {}
         if self.cache_path is not None and self.cache_path.is_file():
             self._load()
@@ -521,14 +569,25 @@ class Judge:
         what = f"qid {qid!r}" if qid is not None else f"question {question[:80]!r}"
         attempts = self.config.max_retries + 1
         transient_failures = 0
+        waited = 0.0
         last_problem = "no attempt made"
         for attempt in range(attempts):
+            with self._lock:
+                held = self._not_before - time.monotonic()
+            if held > 0:  # a rate limit (this question's or another's) is in force
+                why = f"the endpoint's Retry-After holds requests for {held:.1f} s more"
+                waited = self._wait(held, waited, what, why if attempt == 0 else f"{last_problem}; {why}")
             try:
                 reply = self._post(messages, what)
             except _Transient as exc:
                 last_problem = str(exc)
                 if attempt + 1 < attempts:
-                    time.sleep(min(_MAX_SLEEP, self.config.backoff * 2**transient_failures))
+                    if exc.retry_after is not None:
+                        with self._lock:
+                            self._not_before = max(self._not_before, time.monotonic() + exc.retry_after)
+                    else:
+                        delay = min(_MAX_SLEEP, self.config.backoff * 2**transient_failures)
+                        waited = self._wait(delay, waited, what, last_problem)
                 transient_failures += 1
                 continue
             parsed = parse_judge_reply(reply)
@@ -538,6 +597,60 @@ class Judge:
         raise JudgeError(
             f"judge {self.config.model} could not score {what} after {attempts} attempt(s); last: {last_problem}"
         )
+
+    def _wait(self, seconds: float, waited: float, what: str, why: str) -> float:
+        """Sleep ``seconds`` for a question that has waited ``waited`` so far; returns the new
+        total. Raises :class:`JudgeError` instead when that would pass ``max_wait``."""
+        if waited + seconds > self.config.max_wait:
+            raise JudgeError(
+                f"judge {self.config.model} could not score {what}: waiting {seconds:.1f} s more would pass "
+                f"max_wait ({self.config.max_wait:g} s; {waited:.1f} s waited already); last: {why}"
+            )
+        if seconds > 0:
+            time.sleep(seconds)
+        return waited + seconds
+
+    def judge_many(
+        self,
+        items: Sequence[tuple[str, str, str, str | None]],
+        *,
+        concurrency: int = 1,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[JudgeScore]:
+        """Judge ``(question, answer, prediction, qid)`` items with at most ``concurrency``
+        requests in flight; the scores in the order of ``items``. Items with the same texts are
+        asked once. ``progress(done, total)`` is called as items are judged (cached ones at once).
+        The first :class:`JudgeError` is raised after the requests in flight end; queued ones
+        are not sent."""
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency: must be an integer >= 1, got {concurrency!r}")
+        keys = [cache_key(self.config.model, q, a, p) for q, a, p, _ in items]
+        first: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            first.setdefault(key, index)
+        copies = collections.Counter(keys)
+        results: dict[str, JudgeScore] = {}
+        total, done = len(items), 0
+
+        def finished(key: str, score: JudgeScore) -> None:
+            nonlocal done
+            results[key] = score
+            done += copies[key]
+            if progress is not None:
+                progress(done, total)
+
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge") as pool:
+            futures = {pool.submit(self.judge, *items[index]): key for key, index in first.items()}
+            pending = set(futures)
+            while pending:
+                completed, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in completed:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()  # type: ignore[misc]
+                    finished(futures[future], future.result())
+        return [results[key] for key in keys]
 
     def _post(self, messages: list[dict[str, str]], what: str) -> str:
         """One request; the reply's message content ("" when the body is not a chat completion).
@@ -570,7 +683,10 @@ class Judge:
         except urllib.error.HTTPError as exc:
             excerpt = _read_excerpt(exc)
             if exc.code == 429 or exc.code >= 500:
-                raise _Transient(f"HTTP {exc.code}: {excerpt!r}") from exc
+                # RFC 9110 gives Retry-After its meaning on 429 and 503; other 5xx get the backoff.
+                retry_after = parse_retry_after(exc.headers.get("Retry-After")) if exc.code in (429, 503) else None
+                told = f", Retry-After {retry_after:g} s" if retry_after is not None else ""
+                raise _Transient(f"HTTP {exc.code}{told}: {excerpt!r}", retry_after) from exc
             raise JudgeError(
                 f"judge {self.config.model} at {url} refused {what}: HTTP {exc.code}: {excerpt!r}"
             ) from exc
@@ -622,33 +738,56 @@ def _get(record: Any, name: str) -> Any:
     return getattr(record, name, None)
 
 
-def score_open_ended(records: Iterable[Any], judge: Judge) -> dict[str, Any]:
+def judge_records(
+    records: Iterable[Any],
+    judge: Judge,
+    *,
+    concurrency: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[Any, JudgeScore]]:
+    """Each open-ended record (mapping or object with ``question``, ``answer``, ``prediction``,
+    ``qid``; records with ``choices`` are skipped) with its verdict, judged by
+    :meth:`Judge.judge_many` (``concurrency``, ``progress`` as there)."""
+    chosen = [record for record in records if not _get(record, "choices")]
+    items = [
+        (
+            str(_get(record, "question") or ""),
+            str(_get(record, "answer") or ""),
+            str(_get(record, "prediction") or ""),
+            _get(record, "qid"),
+        )
+        for record in chosen
+    ]
+    return list(zip(chosen, judge.judge_many(items, concurrency=concurrency, progress=progress), strict=True))
+
+
+def score_open_ended(
+    records: Iterable[Any],
+    judge: Judge,
+    *,
+    concurrency: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """The papers' open-ended metric: the judge's share of ``yes`` and mean 0-5 score.
 
     ``records`` are prediction records (mappings or objects) with ``question``, ``answer``,
     ``prediction`` and ``qid``; records with ``choices`` (multiple choice) are skipped. The
     judge model's name is part of the result and must be reported with it. With no records the
     means are 0.0 and ``count`` is 0. Raises :class:`JudgeError` when an answer cannot be judged.
+    ``concurrency`` and ``progress`` are those of :meth:`Judge.judge_many`.
 
     Returns ``{"accuracy": float, "score": float, "judge_model": str, "count": int}``.
     """
-    verdicts: list[float] = []
-    scores: list[int] = []
-    for record in records:
-        if _get(record, "choices"):
-            continue
-        result = judge.judge(
-            str(_get(record, "question") or ""),
-            str(_get(record, "answer") or ""),
-            str(_get(record, "prediction") or ""),
-            qid=_get(record, "qid"),
-        )
-        verdicts.append(1.0 if result.pred == "yes" else 0.0)
-        scores.append(result.score)
-    count = len(verdicts)
+    verdicts = judge_records(records, judge, concurrency=concurrency, progress=progress)
+    return summarise_verdicts([score for _, score in verdicts], judge.model)
+
+
+def summarise_verdicts(scores: Sequence[JudgeScore], model: str) -> dict[str, Any]:
+    """``{"accuracy", "score", "judge_model", "count"}`` of judge verdicts (0.0 means when none)."""
+    count = len(scores)
     return {
-        "accuracy": sum(verdicts) / count if count else 0.0,
-        "score": sum(scores) / count if count else 0.0,
-        "judge_model": judge.model,
+        "accuracy": sum(1.0 for s in scores if s.pred == "yes") / count if count else 0.0,
+        "score": sum(s.score for s in scores) / count if count else 0.0,
+        "judge_model": model,
         "count": count,
     }

@@ -39,7 +39,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -533,6 +533,8 @@ class RunSummary:
     failed: list[dict[str, Any]] = field(default_factory=list)
     skipped_failed: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Videos given up after every attempt of a worker on them died or raised (distributed runs only).
+    worker_failed: list[str] = field(default_factory=list)
 
     @property
     def failed_videos(self) -> list[str]:
@@ -592,6 +594,32 @@ def _check_inputs(config: RunConfig, found: dict[str, Path]) -> None:
             )
 
 
+def prepare_run(
+    config: RunConfig, out: Path, shard: Shard, *, limit: int | None, allow_missing: bool
+) -> tuple[Any, list[VideoItem], dict[str, Path], RunSummary]:
+    """Everything checked before a run takes its lock: the method's options, the annotations, the
+    videos (missing ones raise :class:`RunError` unless ``allow_missing``), the inputs and the run
+    directory. Returns the method config, the shard's videos, the found video files and a fresh
+    summary. Creates ``out``; writes nothing in it."""
+    from mukv.eval.datasets import load_benchmark, resolve_videos
+    from mukv.memory import method_config as resolve_method_config
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: must be >= 1, got {limit}")
+    method_config = resolve_method_config(config.method, config.overrides, config.preset)
+    videos = shard.videos(load_benchmark(config.benchmark, config.annotation))
+    found, missing = resolve_videos(videos, Path(config.videos))
+    summary = RunSummary(missing=[v.video_id for v in missing])
+    if missing and not allow_missing:
+        names = ", ".join(f"{v.video_id} ({Path(v.path).name})" for v in missing[:20])
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise RunError(f"{len(missing)} of {len(videos)} videos not found under {config.videos}: {names}{more}")
+    _check_inputs(config, found)
+    check_run_dir(out, config, method_config)
+    out.mkdir(parents=True, exist_ok=True)
+    return method_config, videos, found, summary
+
+
 def run_benchmark(
     config: RunConfig,
     out: Path,
@@ -613,23 +641,8 @@ def run_benchmark(
     ``allow_missing``); ``ValueError`` when ``max_new_tokens`` leaves a question no room in the
     model's context. Nothing is written before these checks pass.
     """
-    from mukv.eval.datasets import load_benchmark, resolve_videos
-    from mukv.memory import method_config as resolve_method_config
-
     shard = shard or Shard()
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit: must be >= 1, got {limit}")
-    method_config = resolve_method_config(config.method, config.overrides, config.preset)
-    videos = shard.videos(load_benchmark(config.benchmark, config.annotation))
-    found, missing = resolve_videos(videos, Path(config.videos))
-    summary = RunSummary(missing=[v.video_id for v in missing])
-    if missing and not allow_missing:
-        names = ", ".join(f"{v.video_id} ({Path(v.path).name})" for v in missing[:20])
-        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise RunError(f"{len(missing)} of {len(videos)} videos not found under {config.videos}: {names}{more}")
-    _check_inputs(config, found)
-    check_run_dir(out, config, method_config)
-    out.mkdir(parents=True, exist_ok=True)
+    method_config, videos, found, summary = prepare_run(config, out, shard, limit=limit, allow_missing=allow_missing)
     with RunLock(out / shard.filename):
         failures = _Failures(out / shard.failures_filename)
         try:
@@ -653,6 +666,200 @@ def _answered(out: Path, own: Path) -> set[str]:
     return done
 
 
+def plan_videos(
+    videos: list[VideoItem],
+    found: dict[str, Path],
+    done: set[str],
+    failed_before: dict[str, dict[str, Any]],
+    summary: RunSummary,
+    *,
+    retry_failed: bool,
+) -> list[tuple[VideoItem, list[Question]]]:
+    """The questions still to answer, by video in annotation order: those not in ``done``, nor
+    (unless ``retry_failed``) recorded as failed. Counts what it skips into ``summary``; videos
+    that are not found are left out."""
+    failed_videos = {f["video_id"] for f in failed_before.values() if f["stage"] != "question"}
+    todo: list[tuple[VideoItem, list[Question]]] = []
+    for video in videos:
+        if video.video_id not in found:
+            continue
+        pending = [q for q in video.questions if q.qid not in done]
+        summary.skipped_done += len(video.questions) - len(pending)
+        if not retry_failed:
+            skipped = [q for q in pending if video.video_id in failed_videos or q.qid in failed_before]
+            summary.skipped_failed += len(skipped)
+            pending = [q for q in pending if q not in skipped]
+        todo.append((video, pending))
+    return todo
+
+
+def take_questions(
+    todo: list[tuple[VideoItem, list[Question]]], limit: int | None
+) -> list[tuple[VideoItem, list[Question], int]]:
+    """The videos with questions to answer, each with how many of its pending questions to take:
+    all of them, or (with ``limit``) the first ``limit`` questions of the run in annotation order."""
+    budget = limit
+    taken = []
+    for video, pending in todo:
+        if not pending:
+            continue
+        take = len(pending) if budget is None else min(budget, len(pending))
+        if take == 0:
+            break
+        taken.append((video, pending, take))
+        if budget is not None:
+            budget -= take
+    return taken
+
+
+def check_questions(backend, config: RunConfig, questions: list[Question]) -> dict[str, str]:
+    """Check every question against the model's context before anything is written: a
+    ``max_new_tokens`` that leaves a question no room raises ``ValueError`` now; a question too
+    long on its own is returned (question id -> why), to be recorded as a failure in its turn."""
+    from mukv.engine import StreamSession
+
+    # Tokenizer and context size: nothing is encoded (the rate only lets a Qwen2.5-VL session be made).
+    session = StreamSession(backend, "full")
+    too_long: dict[str, str] = {}
+    for question in questions:
+        try:
+            session.check_question(question.question, question.choices, max_new_tokens=config.max_new_tokens)
+        except ValueError as exc:
+            try:
+                session.check_question(question.question, question.choices, max_new_tokens=1)
+            except ValueError as alone:
+                too_long[question.qid] = str(alone)
+                continue
+            raise ValueError(f"--max-new-tokens {config.max_new_tokens}: question {question.qid}: {exc}") from None
+    return too_long
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A question was answered: ``record`` is its line of the predictions file."""
+
+    qid: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A video (``key`` = its id) or one question (``key`` = the question id) failed at ``stage``
+    (``open``, ``decode``, ``question``), leaving ``qids`` unanswered."""
+
+    key: str
+    stage: str
+    reason: str
+    qids: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An earlier failure of ``key`` (a video or question id) no longer holds."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Warned:
+    """Something a person should read (a truncated file, say)."""
+
+    message: str
+
+
+#: What :func:`stream_video` reports, in order; whoever writes the run directory applies them.
+VideoEvent = Answered | Failed | Resolved | Warned
+
+
+def stream_video(
+    backend,
+    config: RunConfig,
+    method_config: Any,
+    video: VideoItem,
+    pending: list[Question],
+    file: Path,
+    *,
+    take: int | None = None,
+    too_long: Mapping[str, str] | None = None,
+    progress: Callable[[Iterator[Question], int], Iterator[Question]] | None = None,
+) -> Iterator[VideoEvent]:
+    """Stream one video through a fresh session and answer the first ``take`` (default: all) of
+    ``pending`` (its questions still to answer, in time order), yielding what happens as it
+    happens. Writes nothing: the single-process run and the distributed driver both apply the
+    events to the run directory, so the two produce the same records.
+
+    Every frame up to a question's time is ingested before it is asked, answered questions or
+    not, so a resumed or retried video answers its remaining questions from the same frames as an
+    uninterrupted run. A video that cannot be opened or decoded yields a :class:`Failed` with
+    every pending question it leaves unanswered; questions whose frames were all decoded before
+    the failure are still answered. A question in ``too_long`` fails alone."""
+    from mukv.engine import StreamSession
+    from mukv.video import open_source
+
+    period = 1.0 / config.sample_fps
+    too_long = too_long or {}
+    questions = pending if take is None else pending[:take]
+    answered: set[str] = set()
+
+    def failed(stage: str, reason: str, **extra: Any) -> Failed:
+        unanswered = [q.qid for q in pending if q.qid not in answered]
+        return Failed(video.video_id, stage, reason, unanswered, {"file": str(file), **extra})
+
+    try:
+        source = open_source(file, sample_fps=config.sample_fps, npy_fps=config.npy_fps)
+    except VideoError as exc:
+        yield failed("open", str(exc))
+        return
+    # The stream's sampling rate places its frames in time (Qwen2.5-VL).
+    session = StreamSession(backend, config.method, method_config=method_config)
+    declared = [d for d in (source.duration, video.duration) if d is not None]
+    decode_error: VideoError | None = None
+    warned = False
+    try:
+        iterator: Iterator[Question] = iter(questions)
+        if progress is not None:
+            iterator = progress(iterator, len(questions))
+        for question in iterator:
+            if decode_error is None:
+                try:
+                    session.ingest_source(source, until=question.time)
+                except VideoError as exc:
+                    decode_error = exc
+            # Decoding failed after the frame at session.time: a question before the next sample
+            # is answered from the frames it needs; the rest of the video fails.
+            if decode_error is not None and (session.time is None or question.time >= session.time + period):
+                yield failed("decode", str(decode_error), frames_decoded=session.frames_seen, stream_time=session.time)
+                return
+            flags: dict[str, Any] = {}
+            end = source.last_time
+            if decode_error is None and source.exhausted and source.error is None and end is not None:
+                if question.time > end + period:
+                    flags = {"past_end": True, "video_end": end}
+                if not warned and declared and end + period + 1.0 < max(declared):
+                    warned = True
+                    yield Warned(
+                        f"{video.video_id}: {file.name} declares {max(declared):.1f} s but its frames end at "
+                        f"{end:.1f} s (a truncated file?); questions after that are answered from frames up "
+                        f"to {end:.1f} s and marked past_end"
+                    )
+            if question.qid in too_long:
+                yield Failed(question.qid, "question", too_long[question.qid], [question.qid])
+                continue
+            # Asked at the question's time: with no frame by then, from the prompt alone.
+            answer = session.ask(
+                question.question, question.choices, max_new_tokens=config.max_new_tokens, at=question.time
+            )
+            answered.add(question.qid)
+            yield Answered(question.qid, _record(question, answer, backend, period, **flags))
+        if decode_error is not None and len(questions) < len(pending):
+            yield failed("decode", str(decode_error), frames_decoded=session.frames_seen, stream_time=session.time)
+        else:
+            yield Resolved(video.video_id)
+    finally:
+        source.close()
+
+
 class _Run:
     """One locked pass of :func:`run_benchmark` over a shard's videos."""
 
@@ -660,144 +867,56 @@ class _Run:
         self.config, self.out, self.shard = config, out, shard
         self.method_config, self.summary, self.failures = method_config, summary, failures
         self.backend, self.progress = backend, progress
-        self.period = 1.0 / config.sample_fps
-        self.too_long: dict[str, str] = {}  # question id -> why the model cannot take it
 
     def run(self, videos: list[VideoItem], found: dict[str, Path], *, limit: int | None, retry_failed: bool) -> None:
-        config, summary, failures = self.config, self.summary, self.failures
+        config, summary = self.config, self.summary
         path = self.out / self.shard.filename
         done = _answered(self.out, path)
-        failed_before = dict(failures.outstanding)
-        failed_videos = {f["video_id"] for f in failed_before.values() if f["stage"] != "question"}
-        todo: list[tuple[VideoItem, list[Question]]] = []
-        for video in videos:
-            if video.video_id not in found:
-                continue
-            pending = [q for q in video.questions if q.qid not in done]
-            summary.skipped_done += len(video.questions) - len(pending)
-            if not retry_failed:
-                skipped = [q for q in pending if video.video_id in failed_videos or q.qid in failed_before]
-                summary.skipped_failed += len(skipped)
-                pending = [q for q in pending if q not in skipped]
-            todo.append((video, pending))
-        remaining = sum(len(q) for _, q in todo)
-        if limit is not None:
-            remaining = min(remaining, limit)
-        if remaining == 0:
+        todo = plan_videos(videos, found, done, dict(self.failures.outstanding), summary, retry_failed=retry_failed)
+        taken = take_questions(todo, limit)
+        if not taken:
             write_run_file(self.out, config, self.method_config, own=path)
             return
         if self.backend is None:
             from mukv.backends import load_backend
 
             self.backend = load_backend(config.model, device=config.device, dtype=config.dtype)
-        self._check_questions([q for _, questions in todo for q in questions])
+        too_long = check_questions(self.backend, config, [q for _, questions in todo for q in questions])
         write_run_file(self.out, config, self.method_config, own=path)  # everything is checked: the run starts
         writer = PredictionWriter(path)
         try:
-            budget = remaining
-            for video, pending in todo:
-                if budget == 0:
-                    break
-                if pending:
-                    summary.videos += 1
-                    budget -= self._video(video, pending, budget, found[video.video_id], writer)
+            for video, pending, take in taken:
+                summary.videos += 1
+                file = found[video.video_id]
+                for event in stream_video(
+                    self.backend,
+                    config,
+                    self.method_config,
+                    video,
+                    pending,
+                    file,
+                    take=take,
+                    too_long=too_long,
+                    progress=self.progress,
+                ):
+                    apply_event(event, video, writer, self.failures, summary)
         finally:
             writer.close()
 
-    def _check_questions(self, questions: list[Question]) -> None:
-        """Check every question against the model's context before anything is written: a
-        ``max_new_tokens`` that leaves a question no room fails the run now; a question too long
-        on its own is noted, and recorded as a failure when its turn comes."""
-        from mukv.engine import StreamSession
 
-        session = StreamSession(self.backend, "full")  # tokenizer and context size: nothing is encoded
-        for question in questions:
-            try:
-                session.check_question(question.question, question.choices, max_new_tokens=self.config.max_new_tokens)
-            except ValueError as exc:
-                try:
-                    session.check_question(question.question, question.choices, max_new_tokens=1)
-                except ValueError as alone:
-                    self.too_long[question.qid] = str(alone)
-                    continue
-                raise ValueError(
-                    f"--max-new-tokens {self.config.max_new_tokens}: question {question.qid}: {exc}"
-                ) from None
-
-    def _video(self, video: VideoItem, pending: list[Question], budget: int, file: Path, writer) -> int:
-        """Answer up to ``budget`` of ``pending`` (a video's unanswered questions, in time order);
-        returns how many it took of the budget.
-
-        A video that cannot be opened or decoded is recorded as failed with every pending question
-        it leaves unanswered; questions whose frames were all decoded before the failure are still
-        answered. A question the model cannot take is recorded alone."""
-        from mukv.engine import StreamSession
-        from mukv.video import open_source
-
-        config, summary, failures, period = self.config, self.summary, self.failures, self.period
-        questions = pending[:budget]
-        answered: set[str] = set()
-
-        def fail(stage: str, reason: str, **extra: Any) -> None:
-            unanswered = [q.qid for q in pending if q.qid not in answered]
-            failures.add(video.video_id, video, stage, reason, unanswered, file=str(file), **extra)
-
-        try:
-            source = open_source(file, sample_fps=config.sample_fps, npy_fps=config.npy_fps)
-        except VideoError as exc:
-            fail("open", str(exc))
-            return len(questions)
-        session = StreamSession(self.backend, config.method, method_config=self.method_config)
-        declared = [d for d in (source.duration, video.duration) if d is not None]
-        decode_error: VideoError | None = None
-        warned = False
-        try:
-            iterator: Iterator[Question] = iter(questions)
-            if self.progress is not None:
-                iterator = self.progress(iterator, len(questions))
-            for question in iterator:
-                if decode_error is None:
-                    try:
-                        session.ingest_source(source, until=question.time)
-                    except VideoError as exc:
-                        decode_error = exc
-                # Decoding failed after the frame at session.time: a question before the next sample
-                # is answered from the frames it needs; the rest of the video fails.
-                if decode_error is not None and (session.time is None or question.time >= session.time + period):
-                    fail("decode", str(decode_error), frames_decoded=session.frames_seen, stream_time=session.time)
-                    return len(questions)
-                flags: dict[str, Any] = {}
-                end = source.last_time
-                if decode_error is None and source.exhausted and source.error is None and end is not None:
-                    if question.time > end + period:
-                        flags = {"past_end": True, "video_end": end}
-                    if not warned and declared and end + period + 1.0 < max(declared):
-                        warned = True
-                        message = (
-                            f"{video.video_id}: {file.name} declares {max(declared):.1f} s but its frames end at "
-                            f"{end:.1f} s (a truncated file?); questions after that are answered from frames up "
-                            f"to {end:.1f} s and marked past_end"
-                        )
-                        log.warning("%s", message)
-                        summary.warnings.append(message)
-                if question.qid in self.too_long:
-                    failures.add(question.qid, video, "question", self.too_long[question.qid], [question.qid])
-                    continue
-                # Asked at the question's time: with no frame by then, from the prompt alone.
-                answer = session.ask(
-                    question.question, question.choices, max_new_tokens=config.max_new_tokens, at=question.time
-                )
-                writer.write(_record(question, answer, self.backend, period, **flags))
-                answered.add(question.qid)
-                failures.resolve(question.qid)
-                summary.answered += 1
-            if decode_error is not None and len(questions) < len(pending):
-                fail("decode", str(decode_error), frames_decoded=session.frames_seen, stream_time=session.time)
-            else:
-                failures.resolve(video.video_id)
-        finally:
-            source.close()
-        return len(questions)
+def apply_event(event: VideoEvent, video: VideoItem, writer: PredictionWriter, failures: _Failures, summary) -> None:
+    """Apply one event of :func:`stream_video` to the run directory (the one writer's job)."""
+    if isinstance(event, Answered):
+        writer.write(event.record)
+        failures.resolve(event.qid)
+        summary.answered += 1
+    elif isinstance(event, Failed):
+        failures.add(event.key, video, event.stage, event.reason, event.qids, **event.extra)
+    elif isinstance(event, Resolved):
+        failures.resolve(event.key)
+    else:
+        log.warning("%s", event.message)
+        summary.warnings.append(event.message)
 
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:

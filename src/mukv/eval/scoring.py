@@ -14,10 +14,11 @@ whose answers changed, never shows a score of another set of records.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mukv.eval.judge import Judge, score_open_ended
+from mukv.eval.judge import Judge, judge_records, summarise_verdicts
 from mukv.eval.report import (
     SCORES_FILE,
     answer_fingerprint,
@@ -41,8 +42,17 @@ def _judged(run_dir: Path) -> dict[str, str]:
     return judged
 
 
-def score_run(run_dir: Path, judge: Judge | None) -> dict[str, Any]:
-    """Score ``run_dir``'s predictions (judge verdicts come from the judge's cache when known)."""
+def score_run(
+    run_dir: Path,
+    judge: Judge | None,
+    *,
+    concurrency: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Score ``run_dir``'s predictions (judge verdicts come from the judge's cache when known).
+
+    ``concurrency``: judge requests in flight at once; ``progress(done, total)`` is called as
+    open-ended answers are judged (see :meth:`Judge.judge_many`)."""
     if not (run_dir / RUN_FILE).is_file():
         raise RunError(f"{run_dir}: not a run directory (no {RUN_FILE})")
     records = load_predictions(run_dir)
@@ -56,10 +66,11 @@ def score_run(run_dir: Path, judge: Judge | None) -> dict[str, Any]:
     # (its cache makes re-judging free anyway).
     scores["judge"] = current_judge(previous if isinstance(previous, dict) else {}, records)
     if judge is not None and open_records:
-        scores["judge"] = score_open_ended(open_records, judge) | {"covers": records_digest(open_records)}
+        verdicts = judge_records(open_records, judge, concurrency=concurrency, progress=progress)
+        summary = summarise_verdicts([verdict for _, verdict in verdicts], judge.model)
+        scores["judge"] = summary | {"covers": records_digest(open_records)}
         lines = []
-        for record in open_records:
-            verdict = judge.judge(record["question"], record["answer"], record["prediction"], qid=record["qid"])
+        for record, verdict in verdicts:
             lines.append(
                 json.dumps(
                     {
