@@ -102,7 +102,14 @@ def _quiet_libraries() -> None:
 
 
 def _open_session(
-    model: str, method: str, device: str, dtype: str, assignments: list[str] | None, preset: str | None = None
+    model: str,
+    method: str,
+    device: str,
+    dtype: str,
+    assignments: list[str] | None,
+    preset: str | None = None,
+    *,
+    fps: float | None = None,
 ):
     from mukv.backends import load_backend
     from mukv.config import parse_assignments
@@ -112,7 +119,8 @@ def _open_session(
     config = method_config(method, parse_assignments(assignments), preset)  # validate before loading the model
     typer.secho(f"loading {model} on {device} ...", err=True, dim=True)
     backend = load_backend(model, device=device, dtype=dtype)
-    return StreamSession(backend, method, method_config=config)
+    # The stream's sampling rate places its frames in time (Qwen2.5-VL); the source knows it.
+    return StreamSession(backend, method, method_config=config, fps=fps)
 
 
 def _ingest_with_progress(session, source, until: float | None, fps: float) -> int:
@@ -190,7 +198,7 @@ def ask(
     if at is not None and source.duration is not None and at > source.duration + 1.0 / fps:
         source.close()
         raise ValueError(f"--at: {at:g} s is after the end of {video.name} ({source.duration:.1f} s)")
-    session = _open_session(model, method, device, dtype, set_, preset)
+    session = _open_session(model, method, device, dtype, set_, preset, fps=source.sample_fps or fps)
     for text in questions:
         session.check_question(text, choice, max_new_tokens=max_new_tokens)
     _ingest_with_progress(session, source, at, fps)
@@ -223,7 +231,7 @@ def chat(
         raise ValueError(f"--speed: must be a positive number, got {speed}")
     _check_max_new_tokens(max_new_tokens)
     source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
-    session = _open_session(model, method, device, dtype, set_, preset)
+    session = _open_session(model, method, device, dtype, set_, preset, fps=source.sample_fps or fps)
     stop = threading.Event()
     failure: list[BaseException] = []
     started = time.monotonic()

@@ -26,6 +26,13 @@ def _require(condition: bool, field: str, message: str) -> None:
         raise ValueError(f"{field}: {message}")
 
 
+def check_fps(fps: float | None) -> None:
+    """``ValueError`` unless ``fps`` (a stream's sampling rate, frames per second) is ``None`` or a
+    positive finite number."""
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps < math.inf):
+        raise ValueError(f"fps: must be a positive number of frames per second, got {fps!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class BackendConfig:
     """Which checkpoint to load and where to run it.
@@ -41,15 +48,12 @@ class BackendConfig:
     # Resolution-dependent families (Qwen-VL): pixels per frame (frames are resized to a square of
     # about this many pixels; None: the checkpoint's video processor cap). Fixed-size towers ignore it.
     frame_pixels: int | None = None
-    # Qwen2.5-VL: the rate the stream is sampled at, which sets its video time positions.
-    video_fps: float = 0.5
 
     def __post_init__(self) -> None:
         _require(bool(self.model.strip()), "model", "must be a hub id or a local directory")
         _require(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _require(self.vision_batch_frames >= 1, "vision_batch_frames", "must be >= 1")
         _require(self.frame_pixels is None or self.frame_pixels >= 1, "frame_pixels", "must be >= 1")
-        _require(self.video_fps > 0 and math.isfinite(self.video_fps), "video_fps", "must be a positive number")
 
 
 @dataclass(frozen=True, kw_only=True)

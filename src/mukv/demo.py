@@ -91,8 +91,8 @@ def run_demo(
         typer.secho(f"\n== method: {method}", bold=True)
         right[method] = 0
         for number, (stream, video) in enumerate(zip(streams, videos, strict=True), start=1):
-            session = StreamSession(backend, method)
             source = open_video(video, sample_fps=SAMPLE_FPS)
+            session = StreamSession(backend, method, fps=source.sample_fps)
             for q in sorted(stream.questions, key=lambda q: q.ask_frame):
                 at = float(stream.timestamps[q.ask_frame])
                 session.ingest_source(source, until=at)

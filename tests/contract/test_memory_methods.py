@@ -1,4 +1,6 @@
-"""Every registered memory method, through the same session interface."""
+"""Every registered memory method, through the same session interface, on every model family's
+frame layout: LLaVA-OneVision (a unit is a frame) and Qwen2.5-VL (a unit is a pair of frames, whose
+stream is placed in time by its rate). Sessions count frames; memories count units."""
 
 from __future__ import annotations
 
@@ -22,8 +24,32 @@ SMALL = {
 }
 
 
+FPS = 0.5
+
+
+@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl"])
+def backend(request, backend, tmp_path_factory):
+    """The shared tiny LLaVA-OneVision, or a tiny Qwen2.5-VL (56 x 56 px frames: 4 tokens per unit)."""
+    if request.param == "llava_onevision":
+        return backend
+    from mukv.backends import load_backend
+    from mukv.backends.tiny_qwen import build_tiny_qwen
+
+    return load_backend(build_tiny_qwen(tmp_path_factory.mktemp("qwen2_5_vl")))
+
+
+def units(backend, frames: int) -> int:
+    """Whole units ``frames`` frames fill (what a memory stores of them)."""
+    return frames // backend.layout.frames_per_unit
+
+
+def unit_of(backend, frame: int) -> int:
+    """The unit frame ``frame`` belongs to."""
+    return frame // backend.layout.frames_per_unit
+
+
 def new_session(backend, method):
-    return StreamSession(backend, method, overrides=SMALL.get(method))
+    return StreamSession(backend, method, overrides=SMALL.get(method), fps=FPS)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -43,7 +69,7 @@ def test_ingests_answers_and_reports(backend, method):
     assert answer.generated_tokens >= len(answer.token_ids)
     assert answer.stop_reason == ("length" if answer.generated_tokens == len(answer.token_ids) else "eos")
     stats = answer.memory
-    assert isinstance(stats, MemoryStats) and stats.frames == 7
+    assert isinstance(stats, MemoryStats) and stats.frames == units(backend, 7)
     assert stats.total_bytes > 0 and stats.total_tokens > 0
     assert answer.to_dict()["memory"]["total_bytes"] == stats.total_bytes
     assert session.ask("What is shown?", max_new_tokens=2).timings.encode == 0.0
@@ -68,7 +94,7 @@ def test_retrieved_frames_are_never_after_the_question_time(backend, method):
         assert answer.frames_seen == start + 3
         for block in answer.retrieved:
             assert block.end_time <= answer.time
-            assert block.last_frame < answer.frames_seen
+            assert block.last_frame <= unit_of(backend, answer.frames_seen - 1)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -77,13 +103,16 @@ def test_frames_after_the_question_time_do_not_influence_the_answer(backend, met
     frames = make_frames(12, seed=11)
     times = np.arange(12) * 2.0
     config = SMALL.get(method)
-    early = create_memory(method, backend, overrides=config)
-    everything = create_memory(method, backend, overrides=config)
+    early = create_memory(method, backend, overrides=config, fps=FPS)
+    everything = create_memory(method, backend, overrides=config, fps=FPS)
     # The question time closes the 8th frame: a segment boundary for every segment length that
-    # divides 8, so methods that summarise groups of frames see the same groups.
-    early.ingest(backend.encode_frames(frames[:8]), times[:8])
-    everything.ingest(backend.encode_frames(frames[:8]), times[:8])
-    everything.ingest(backend.encode_frames(frames[8:]), times[8:])
+    # divides 8, so methods that summarise groups of frames see the same groups. A unit is taken
+    # at its last frame's time.
+    per_unit = backend.layout.frames_per_unit
+    unit_times = times[per_unit - 1 :: per_unit]
+    early.ingest(backend.encode_frames(frames[:8]), unit_times[: units(backend, 8)])
+    everything.ingest(backend.encode_frames(frames[:8]), unit_times[: units(backend, 8)])
+    everything.ingest(backend.encode_frames(frames[8:]), unit_times[units(backend, 8) :])
     query = Query(text="What is shown?", ids=backend.tokenize("What is shown?"), time=float(times[7]))
     if not everything.answers_past_questions:
         # A method that cannot look back must refuse rather than use later frames.
@@ -162,7 +191,7 @@ def test_unknown_method_and_bad_options(backend):
     with pytest.raises(ValueError, match="num_frames"):
         StreamSession(backend, "uniform", overrides={"num_frames": "many"})
     with pytest.raises(ValueError, match="takes UniformConfig"):
-        create_memory("uniform", backend, config=object())
+        create_memory("uniform", backend, config=object(), fps=FPS)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -182,5 +211,5 @@ def test_frames_ingested_while_an_answer_streams_do_not_change_it(backend, metho
     done = [first, *events][-1]
     assert isinstance(done, DoneEvent)
     assert done.answer.token_ids == expected.token_ids
-    assert done.answer.frames_seen == 5 and done.answer.memory.frames == 5
+    assert done.answer.frames_seen == 5 and done.answer.memory.frames == units(backend, 5)
     assert session.frames_seen == 8

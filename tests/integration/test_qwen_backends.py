@@ -4,7 +4,8 @@ The references are the model itself — ``Qwen*ForConditionalGeneration`` over `
 video placeholders, ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids`` and
 ``second_per_grid_ts`` as the processor builds them, so the model computes its own positions
 (``get_rope_index``) — and its own ``generate``. Frames are 56 x 84 px: a 2 x 3 merged grid (not
-square), 6 tokens per unit of two frames.
+square), 6 tokens per unit of two frames. Streams are sampled at ``FPS`` unless a test says otherwise:
+the rate is the stream's (``StreamSession(..., fps=...)``), and sets ``second_per_grid_ts``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mukv.memory import Query
 from tests.conftest import make_frames
 
 FAMILIES = ["qwen2_5_vl"]
+FPS = 0.5
 QUESTION = "What colour was the triangle?"
 FRAME_SHAPE = (56, 84)
 # Every method with small settings, so that retrieval has to choose on a short stream.
@@ -53,8 +55,9 @@ def padded(frames: np.ndarray, per_unit: int = 2) -> np.ndarray:
     return np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)]) if missing else frames
 
 
-def reference_inputs(backend, frames: np.ndarray, question: str = QUESTION) -> dict:
-    """Model inputs for ``[system | one video of frames | question]`` as the processor builds them."""
+def reference_inputs(backend, frames: np.ndarray, question: str = QUESTION, fps: float = FPS) -> dict:
+    """Model inputs for ``[system | one video of frames sampled at fps | question]`` as the processor
+    builds them."""
     frames = padded(frames)
     units = len(frames) // backend.layout.frames_per_unit
     pad = backend.tokenizer.convert_tokens_to_ids(backend.video_placeholder)
@@ -72,13 +75,13 @@ def reference_inputs(backend, frames: np.ndarray, question: str = QUESTION) -> d
         "mm_token_type_ids": (ids == pad).long() * 2,  # text 0, image 1, video 2
         "pixel_values_videos": backend.preprocessor(frames),
         "video_grid_thw": backend.video_grid(units),
-        "second_per_grid_ts": backend.second_per_grid().reshape(1),
+        "second_per_grid_ts": backend.second_per_grid(fps).reshape(1),
     }
 
 
 @torch.inference_mode()
-def reference_logits(backend, frames: np.ndarray) -> torch.Tensor:
-    return backend.model(**reference_inputs(backend, frames)).logits[0, -1].float()
+def reference_logits(backend, frames: np.ndarray, fps: float = FPS) -> torch.Tensor:
+    return backend.model(**reference_inputs(backend, frames, fps=fps)).logits[0, -1].float()
 
 
 @torch.inference_mode()
@@ -97,8 +100,8 @@ def reference_generate(backend, frames: np.ndarray, max_new: int):
     return [t for t in tokens if t not in backend.eos_token_ids], [step[0].float() for step in out.logits]
 
 
-def stream(backend, frames, chunks, method="full", overrides=None, max_new_tokens=6):
-    session = StreamSession(backend, method, overrides=overrides)
+def stream(backend, frames, chunks, method="full", overrides=None, max_new_tokens=6, fps=FPS):
+    session = StreamSession(backend, method, overrides=overrides, fps=fps)
     start = 0
     for size in chunks:
         session.ingest(frames[start : start + size], np.arange(start, start + size, dtype=float) * 2.0)
@@ -133,13 +136,13 @@ def _decode(backend, frames, max_new: int) -> tuple[list[int], list[torch.Tensor
     video's largest position lies beyond the end of the question."""
     from mukv.engine.generate import greedy_decode
 
-    session = StreamSession(backend, "full")
+    session = StreamSession(backend, "full", fps=FPS)
     session.ingest(frames, np.arange(len(frames)) * 2.0)
     session.memory.materialize(session.time)
     context = session.memory.prepare(Query(text=QUESTION, ids=backend.tokenize(QUESTION), time=session.time))
     prompt = backend.tokenize(backend.prompts.render_question(QUESTION))
     units = len(padded(frames)) // 2
-    largest = int(backend.positions.visual(backend.system_cache()[1], backend.layout, units)[0].max())
+    largest = int(backend.stream_positions(FPS).visual(backend.system_cache()[1], backend.layout, units)[0].max())
     steps: list[torch.Tensor] = []
     tokens = list(greedy_decode(backend, context.cache, prompt, context.next_position, max_new, steps))
     beyond = largest - (context.next_position + prompt.shape[1] - 1)
@@ -155,7 +158,7 @@ def test_full_greedy_decoding_equals_generate(qwen):
     assert beyond > 0
     assert tokens == expected and len(expected) >= 4
     assert max((a - b).abs().max().item() for a, b in zip(steps, logits, strict=False)) < 1e-4
-    session = StreamSession(qwen, "full")
+    session = StreamSession(qwen, "full", fps=FPS)
     session.ingest(frames, np.arange(10) * 2.0)
     assert list(session.ask(QUESTION, max_new_tokens=8).token_ids) == expected
 
@@ -169,22 +172,157 @@ def test_chunked_ingestion_equals_one_shot(qwen, chunks):
     assert whole.token_ids == chunked.token_ids
 
 
-def test_an_odd_frame_at_question_time_is_padded_and_its_group_then_stays(qwen):
-    """The rule for an incomplete temporal group: a question completes it by repeating its last
-    frame (as the processor pads an odd clip) and the group is final; the next frame opens a new one."""
+def test_an_odd_frame_at_question_time_is_padded_for_that_answer_only(qwen):
+    """A question after an odd number of frames is answered as a plain forward over the frames with
+    the processor's padding (the last frame repeated), again the same when asked twice; the padded
+    group is not stored: the next frame completes the real one, units (0 1) (2 3) (4 5)."""
     frames = make_frames(6, seed=4)
-    session = StreamSession(qwen, "full")
+    session = StreamSession(qwen, "full", fps=FPS)
     session.ingest(frames[:5], np.arange(5) * 2.0)
     first = session.ask(QUESTION, max_new_tokens=2, output_logits=True)
     assert (first.first_logits - reference_logits(qwen, frames[:5])).abs().max().item() < 1e-4
+    assert first.frames_seen == 5 and session.memory.frames == 2
     again = session.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    assert torch.equal(first.first_logits, again.first_logits) and session.memory.frames == 3
+    assert torch.equal(first.first_logits, again.first_logits) and session.memory.frames == 2
     session.ingest(frames[5:], [10.0])
     later = session.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    seen = np.concatenate([frames[:5], frames[4:5], frames[5:6]])  # groups (0 1) (2 3) (4 4) (5 5)
-    assert (later.first_logits - reference_logits(qwen, seen)).abs().max().item() < 1e-4
-    assert (later.first_logits - reference_logits(qwen, frames)).abs().max().item() > 1e-3
-    assert later.frames_seen == 6
+    assert session.memory.frames == 3 and later.frames_seen == 6
+    assert (later.first_logits - reference_logits(qwen, frames)).abs().max().item() < 1e-4
+    padded_for_good = np.concatenate([frames[:5], frames[4:5], frames[5:6]])  # (0 1) (2 3) (4 4) (5 5)
+    assert (later.first_logits - reference_logits(qwen, padded_for_good)).abs().max().item() > 1e-3
+
+
+def _records(memory) -> list[tuple]:
+    """What a block method stores, provisional blocks excluded (empty for the other methods)."""
+    store = getattr(memory, "store", None)
+    if store is None:
+        return []
+    provisional = set(memory.provisional_ids)
+    return [
+        (r.granularity, r.first_frame, r.last_frame, r.part, r.start_time, r.end_time, r.tokens)
+        for g in ("frame", "patch", "segment", "block")
+        for r in store.records(g)
+        if r.block_id not in provisional
+    ]
+
+
+@pytest.mark.parametrize("method", list(SMALL))
+def test_a_question_between_the_frames_of_a_group_changes_no_state(qwen, method):
+    """For every method: a question after an odd frame is answered as if the padded group had been
+    stored (same logits), and stores nothing: after the next frames, the stored units, blocks and
+    answers are those of a stream that was never asked."""
+    frames = make_frames(8, seed=13)
+    times = np.arange(8) * 2.0
+    overrides = SMALL[method]
+    asked = StreamSession(qwen, method, overrides=overrides, fps=FPS)
+    asked.ingest(frames[:5], times[:5])
+    answer = asked.ask(QUESTION, max_new_tokens=2, output_logits=True)
+    stored = StreamSession(qwen, method, overrides=overrides, fps=FPS)  # the padded group stored for good
+    stored.ingest(np.concatenate([frames[:5], frames[4:5]]), [*times[:5], times[4] + 0.5])
+    expected = stored.ask(QUESTION, max_new_tokens=2, output_logits=True)
+    assert (answer.first_logits - expected.first_logits).abs().max().item() < 1e-5
+    assert [(b.granularity, b.first_frame, b.last_frame) for b in answer.retrieved] == [
+        (b.granularity, b.first_frame, b.last_frame) for b in expected.retrieved
+    ]
+    never = StreamSession(qwen, method, overrides=overrides, fps=FPS)
+    never.ingest(frames[:5], times[:5])
+    assert asked.memory.frames == never.memory.frames == 2 and _records(asked.memory) == _records(never.memory)
+    for session in (asked, never):
+        session.ingest(frames[5:], times[5:])
+    assert asked.memory.frames == never.memory.frames == 4
+    assert _records(asked.memory) == _records(never.memory)
+    assert asked.stats() == never.stats()
+    a = asked.ask(QUESTION, max_new_tokens=2, output_logits=True)
+    b = never.ask(QUESTION, max_new_tokens=2, output_logits=True)
+    assert torch.equal(a.first_logits, b.first_logits) and a.token_ids == b.token_ids
+
+
+def test_the_state_comparison_detects_a_padded_group_stored_for_good(qwen):
+    """Sabotage: a session that stores the padded group (the rule before provisional units) differs
+    from a stream that was never asked, in units and in later answers."""
+
+    class StoresPadding(StreamSession):
+        def _provisional_unit(self):
+            if self._pending is not None:
+                last = self._pending[-1:].expand(self.backend.layout.frames_per_unit - len(self._pending), -1, -1, -1)
+                self._store_units(torch.cat((self._pending, last)), np.asarray(self._pending_times[-1:]), 0)
+                self._pending, self._pending_times = None, []
+            return None
+
+    frames = make_frames(8, seed=13)
+    times = np.arange(8) * 2.0
+    asked, never = StoresPadding(qwen, "full", fps=FPS), StreamSession(qwen, "full", fps=FPS)
+    for session in (asked, never):
+        session.ingest(frames[:5], times[:5])
+    asked.ask(QUESTION, max_new_tokens=1)
+    for session in (asked, never):
+        session.ingest(frames[5:7], times[5:7])
+    assert (asked.memory.frames, never.memory.frames) == (4, 3)  # (0 1) (2 3) (4 4) (5 6) vs (0 1) (2 3) (4 5)
+    a = asked.ask(QUESTION, max_new_tokens=1, output_logits=True).first_logits
+    b = never.ask(QUESTION, max_new_tokens=1, output_logits=True).first_logits
+    assert (a - b).abs().max().item() > 1e-3
+
+
+# ------------------------------------------------------------------------------ the stream's rate
+
+
+@pytest.mark.parametrize("fps", [2.0, 0.25])
+def test_a_stream_is_placed_in_time_by_its_own_rate(qwen, fps):
+    """At 2 fps a unit spans 2 / 2 = 1 s (``second_per_grid_ts = 1``): the session equals the model
+    over the same frames with that rate, and differs from the same frames at the default rate."""
+    frames = make_frames(6, seed=14)
+    _, answer = stream(qwen, frames, [3, 3], fps=fps)
+    assert (answer.first_logits - reference_logits(qwen, frames, fps=fps)).abs().max().item() < 1e-4
+    assert (answer.first_logits - reference_logits(qwen, frames, fps=FPS)).abs().max().item() > 1e-3
+
+
+def test_streams_at_different_rates_share_one_backend(qwen):
+    """Two sessions on one backend, interleaved, each equal to its own reference."""
+    frames = make_frames(6, seed=15)
+    fast, slow = StreamSession(qwen, "rekv", fps=2.0), StreamSession(qwen, "full", fps=0.5)
+    for start in (0, 3):
+        for session in (fast, slow):
+            session.ingest(frames[start : start + 3], np.arange(start, start + 3) * 2.0)
+    for session, fps in ((fast, 2.0), (slow, 0.5)):
+        logits = session.ask(QUESTION, max_new_tokens=1, output_logits=True).first_logits
+        assert (logits - reference_logits(qwen, frames, fps=fps)).abs().max().item() < 1e-4
+
+
+def test_a_stream_without_a_rate_is_refused(qwen):
+    with pytest.raises(ValueError, match="sampling rate"):
+        StreamSession(qwen, "full")
+    with pytest.raises(ValueError, match="no time step"):
+        qwen.positions.visual(0, qwen.layout, 1)  # the backend's own scheme places text only
+    with pytest.raises(ValueError, match="fps"):
+        StreamSession(qwen, "full", fps=0.0)
+
+
+def test_a_source_at_another_rate_than_the_session_is_refused(qwen):
+    from mukv.video.sources import from_array
+
+    session = StreamSession(qwen, "full", fps=2.0)
+    with pytest.raises(ValueError, match="sampled at 1 frames per second"):
+        session.ingest_source(from_array(make_frames(4, seed=16), fps=1.0))
+    assert session.ingest_source(from_array(make_frames(4, seed=16), fps=4.0, sample_fps=2.0)) == 2
+
+
+class _IgnoresRate:
+    """Sabotage: a backend proxy whose streams all get the default rate's positions."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def stream_positions(self, fps):
+        return self._inner.stream_positions(FPS)
+
+
+def test_the_rate_comparison_detects_a_rate_that_is_ignored(qwen):
+    frames = make_frames(6, seed=14)
+    _, answer = stream(_IgnoresRate(qwen), frames, [6], fps=2.0)
+    assert (answer.first_logits - reference_logits(qwen, frames, fps=2.0)).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("encode", ["shared", "independent"])
@@ -228,7 +366,7 @@ def test_moving_keys_equals_recomputing_them_per_mrope_section(qwen):
     (time, height, width sections), equal the keys the model computes at the new positions."""
     embeds = qwen.encode_frames(make_frames(2, seed=8)).reshape(1, -1, qwen.text.hidden_size)
     n = embeds.shape[1]
-    old, _ = qwen.positions.visual(20, qwen.layout, 1)
+    old, _ = qwen.stream_positions(FPS).visual(20, qwen.layout, 1)
     new = old.clone()
     new[0] += 37  # time only
     new[1] += torch.arange(n) % 5  # height, unevenly per token
@@ -249,15 +387,17 @@ def test_moving_keys_equals_recomputing_them_per_mrope_section(qwen):
 
 @pytest.mark.parametrize("method", list(SMALL))
 def test_every_method_answers_through_the_session(qwen, method):
-    session = StreamSession(qwen, method, overrides=SMALL[method])
+    session = StreamSession(qwen, method, overrides=SMALL[method], fps=FPS)
     frames = make_frames(9, seed=9)
     assert session.ingest(frames[:5], np.arange(5) * 2.0) == 5
     assert session.ingest(frames[5:], np.arange(5, 9) * 2.0) == 4
     answer = session.ask("What is shown?", max_new_tokens=3)
     assert answer.method == method and answer.frames_seen == 9 and answer.time == 16.0
     assert 1 <= len(answer.token_ids) <= 3 and answer.retrieved
-    assert all(block.last_frame < session.memory.frames for block in answer.retrieved)
-    assert session.stats().frames == 5  # units: four pairs and the padded ninth frame
+    # Units: four pairs stored, and the ninth frame's padded unit (index 4), provisional, answered from.
+    assert session.stats().frames == 4
+    assert all(block.last_frame <= 4 for block in answer.retrieved)
+    assert max(block.last_frame for block in answer.retrieved) == 4
     choice = session.ask("Which colour?", ["red", "blue"], max_new_tokens=2)
     assert len(choice.token_ids) <= 2
 
@@ -265,7 +405,7 @@ def test_every_method_answers_through_the_session(qwen, method):
 def test_mukv_blocks_follow_the_unit_layout(qwen):
     """Frame blocks are one temporal group, patch blocks spatial parts of its 2 x 3 grid, segments
     whole groups."""
-    session = StreamSession(qwen, "mukv", overrides={"segment_frames": 2, "patch_layout": "quadrant"})
+    session = StreamSession(qwen, "mukv", overrides={"segment_frames": 2, "patch_layout": "quadrant"}, fps=FPS)
     session.ingest(make_frames(8, seed=10), np.arange(8) * 2.0)
     store = session.memory.store
     p = qwen.layout.tokens
@@ -282,14 +422,17 @@ def test_mukv_blocks_follow_the_unit_layout(qwen):
 
 
 class _WrongPositions:
-    """A backend proxy whose position scheme is wrong, to show the comparisons above can fail."""
+    """A backend proxy whose streams' position scheme is wrong, to show the comparisons above can fail."""
 
     def __init__(self, inner, positions) -> None:
         self._inner = inner
-        self.positions = positions
+        self.wrong = positions
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
+
+    def stream_positions(self, fps):
+        return self.wrong
 
 
 class _Flat(MultimodalRopePositions):
@@ -301,7 +444,7 @@ class _Flat(MultimodalRopePositions):
 
 
 def _scheme(qwen, cls=MultimodalRopePositions, **changes):
-    p = qwen.positions
+    p = qwen.stream_positions(FPS)
     options = {"time_scale": p.time_scale, "interleaved": p.interleaved, "span_per_unit": p.span_per_unit, **changes}
     return cls(p.inv_freq.float(), p.sections, **options)
 

@@ -12,10 +12,10 @@ from tests.conftest import make_frames
 
 
 def _tensors(root, backend) -> list[torch.Tensor]:
-    """Every tensor reachable from ``root`` through attributes and containers (``backend`` and
-    modules excluded)."""
+    """Every tensor reachable from ``root`` through attributes and containers (``backend``, its
+    position scheme, which the memory holds as its stream's, and modules excluded)."""
     found: list[torch.Tensor] = []
-    seen: set[int] = {id(backend)}
+    seen: set[int] = {id(backend), id(backend.positions)}
     stack = [root]
     while stack:
         obj = stack.pop()

@@ -6,6 +6,12 @@ owns the frame layout (what one visual unit yields) and the position scheme (whe
 and how stored keys move): memory methods and the engine only talk to this protocol, never to
 model classes, and never build positions themselves.
 
+Where a model places frames in time by the rate they were sampled at (Qwen2.5-VL: a unit of
+``temporal_patch_size`` frames spans ``temporal_patch_size / fps`` seconds), that rate belongs to
+the stream, not to the backend: one backend serves streams sampled at different rates. So
+:attr:`Backend.positions` places text and moves keys, and :meth:`Backend.stream_positions` gives
+the scheme one stream's visual tokens are placed by; a memory method holds its stream's scheme.
+
 A new model family is one module in :mod:`mukv.backends` with a class implementing this protocol,
 registered for its checkpoints' ``model_type`` with :func:`mukv.backends.registry.register_backend`.
 """
@@ -55,8 +61,17 @@ class Backend(Protocol):
     prompts: PromptTemplate
     text: TextModelSpec
     layout: FrameLayout
+    #: Places text (and a continuation after a cache) and moves stored keys; visual tokens of a
+    #: stream are placed by :meth:`stream_positions` (the same as this one for 1-D RoPE).
     positions: PositionScheme
     eos_token_ids: frozenset[int]
+
+    def stream_positions(self, fps: float | None) -> PositionScheme:
+        """The position scheme of one stream whose frames are sampled at ``fps`` frames per second:
+        :attr:`positions` with the stream's time step where the family has one (otherwise
+        :attr:`positions` itself, whatever ``fps``). ``ValueError`` if the family needs the rate and
+        ``fps`` is ``None``, or if ``fps`` is not a positive number."""
+        ...
 
     @property
     def tokens_per_frame(self) -> int:
@@ -88,7 +103,8 @@ class Backend(Protocol):
         logits: Logits = "last",
     ) -> torch.Tensor | None:
         """Run the language model over ``embeds [B, n, d]`` at ``position_ids [R, n]`` (from
-        :attr:`positions`; every sequence of a batch at the same positions).
+        :attr:`positions` or a stream's :meth:`stream_positions`; every sequence of a batch at the
+        same positions).
 
         Appends the new keys/values to ``cache``, and fails loudly if the model did not. Returns
         logits ``[B, 1, V]`` (``"last"``), ``[B, n, V]`` (``"all"``) or ``None``.

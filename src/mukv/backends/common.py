@@ -11,10 +11,11 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
 
 from mukv.backends.base import Logits, TextModelSpec
+from mukv.backends.positions import PositionScheme
 from mukv.backends.prompts import PromptTemplate
 from mukv.backends.transformers_api import check_cache_grew
 from mukv.compress.attention import attention_hook, capture_attention
-from mukv.config import BackendConfig
+from mukv.config import BackendConfig, check_fps
 from mukv.errors import ModelLoadError
 
 
@@ -89,6 +90,12 @@ class LanguageModelOps:
     def _init_system_prompt(self) -> None:
         self._system_lock = threading.Lock()
         self._system: tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None = None
+
+    def stream_positions(self, fps: float | None) -> PositionScheme:
+        """The scheme of a stream sampled at ``fps`` frames per second: :attr:`positions` (1-D RoPE
+        and other schemes without a time step place frames the same at any rate)."""
+        check_fps(fps)
+        return self.positions
 
     @property
     def tokens_per_frame(self) -> int:

@@ -259,7 +259,10 @@ class MultimodalRopePositions(PositionScheme):
       1`` the time axis of a video runs past the text that follows it.
     * Qwen2.5-VL (default): a whole video is one span, ``time_scale = tokens_per_second *
       second_per_grid_ts`` with ``second_per_grid_ts = temporal_patch_size / fps`` (one value per
-      video); still images use ``time_scale = 1``.
+      video); still images use ``time_scale = 1``. The time step is a property of the video, not of
+      the model: ``time_scale=None`` makes a scheme for text and for moving keys only (a backend's
+      :attr:`~mukv.backends.base.Backend.positions`), which refuses to place visual tokens; one
+      stream's scheme is :meth:`with_time_scale` of it (``Backend.stream_positions(fps)``).
     * Qwen3-VL (``span_per_unit=True``): every temporal group is a span of its own, preceded by its
       timestamp text ``"<{t:.1f} seconds><|vision_start|>"`` and followed by ``<|vision_end|>``, so its
       time position is the span's start and ``time_scale`` is not used. Callers compose
@@ -284,7 +287,7 @@ class MultimodalRopePositions(PositionScheme):
         sections: tuple[int, int, int],
         *,
         interleaved: bool = False,
-        time_scale: float = 1.0,
+        time_scale: float | None = 1.0,
         span_per_unit: bool = False,
         attention_scaling: float = 1.0,
     ) -> None:
@@ -297,7 +300,9 @@ class MultimodalRopePositions(PositionScheme):
         self.sections = tuple(sections)
         self.interleaved = interleaved
         # A 0-d tensor (the model's tokens_per_second * second_per_grid_ts) converts exactly.
-        self.time_scale = float(time_scale)
+        self.time_scale = None if time_scale is None else float(time_scale)
+        if self.time_scale is not None and not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise ValueError(f"time_scale: must be a positive number, got {time_scale}")
         self.span_per_unit = span_per_unit
         if interleaved:
             axis = torch.zeros(slots, dtype=torch.long)
@@ -306,6 +311,17 @@ class MultimodalRopePositions(PositionScheme):
         else:
             axis = torch.cat([torch.full((s,), a, dtype=torch.long) for a, s in enumerate(sections)])
         self.axis_of_slot = axis
+
+    def with_time_scale(self, time_scale: float) -> MultimodalRopePositions:
+        """The same scheme with the time step ``time_scale`` per unit (one video's, or stream's)."""
+        return MultimodalRopePositions(
+            self.inv_freq,
+            self.sections,
+            interleaved=self.interleaved,
+            time_scale=time_scale,
+            span_per_unit=self.span_per_unit,
+            attention_scaling=self.attention_scaling,
+        )
 
     def _span_advance(self, layout: FrameLayout) -> int:
         """How far one vision span moves the cursor: the larger side of its token grid."""
@@ -329,6 +345,11 @@ class MultimodalRopePositions(PositionScheme):
             span = span_start.repeat_interleave(layout.tokens)  # [units * P]
             positions = torch.stack((span, span + rows.repeat(units), span + cols.repeat(units)))
             return positions.to(device), start + (first_unit + units) * advance
+        if self.time_scale is None:
+            raise ValueError(
+                "this position scheme has no time step: a video's visual tokens are placed by the scheme of "
+                "its stream (Backend.stream_positions(fps)), which knows the rate its frames were sampled at"
+            )
         # float32 product then truncation, as the model's get_vision_position_ids computes it; a
         # run continued over several calls keeps counting units from the run's start.
         t = (index * self.time_scale).long()

@@ -29,7 +29,7 @@ from mukv.backends.positions import FrameLayout, MultimodalRopePositions
 from mukv.backends.prompts import PromptTemplate
 from mukv.backends.registry import resolve_device, resolve_dtype, resolve_model_dir
 from mukv.compress.attention import use_hooked_attention
-from mukv.config import BackendConfig
+from mukv.config import BackendConfig, check_fps
 from mukv.errors import ModelLoadError
 from mukv.video.preprocess import as_frames
 
@@ -207,16 +207,12 @@ class QwenVLBackend(LanguageModelOps):
         *,
         model_id: str,
         prompts: PromptTemplate | None = None,
-        video_fps: float = 0.5,
         vision_batch_frames: int = 16,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preprocessor = preprocessor
         self.model_id = model_id
-        self.video_fps = float(video_fps)
-        if not self.video_fps > 0:
-            raise ValueError(f"video_fps: must be positive, got {video_fps}")
         self.prompts = prompts or prompts_from_chat_template(tokenizer, self.video_placeholder)
         self.vision_batch_frames = max(vision_batch_frames, preprocessor.temporal_patch_size)
         self.device = next(model.parameters()).device
@@ -239,13 +235,21 @@ class QwenVLBackend(LanguageModelOps):
     video_placeholder = "<|video_pad|>"
 
     def position_scheme(self) -> MultimodalRopePositions:
-        """The family's M-RoPE scheme, from the language model's rotary embedding."""
+        """The family's M-RoPE scheme, from the language model's rotary embedding (for text and
+        moving keys; a family whose video positions depend on the stream's rate leaves the time step
+        to :meth:`stream_positions`)."""
         raise NotImplementedError
 
-    def second_per_grid(self) -> torch.Tensor:
-        """Seconds one unit spans (``second_per_grid_ts``: ``temporal_patch_size / fps``), float32
-        as the processor returns it."""
-        return torch.tensor(self.preprocessor.temporal_patch_size / self.video_fps, dtype=torch.float32)
+    def stream_positions(self, fps: float | None) -> MultimodalRopePositions:
+        """The scheme of a stream sampled at ``fps`` frames per second (see the protocol)."""
+        check_fps(fps)
+        return self.positions
+
+    def second_per_grid(self, fps: float) -> torch.Tensor:
+        """Seconds one unit of a stream sampled at ``fps`` spans (``second_per_grid_ts``:
+        ``temporal_patch_size / fps``), float32 as the processor returns it."""
+        check_fps(fps)
+        return torch.tensor(self.preprocessor.temporal_patch_size / fps, dtype=torch.float32)
 
     # ------------------------------------------------------------------ loading
 
@@ -278,7 +282,6 @@ class QwenVLBackend(LanguageModelOps):
             tokenizer,
             preprocessor,
             model_id=config.model,
-            video_fps=config.video_fps,
             vision_batch_frames=config.vision_batch_frames,
         )
 

@@ -13,11 +13,12 @@ import torch
 
 from mukv.backends.base import Backend
 from mukv.backends.prompts import validate_question
-from mukv.config import SessionConfig
+from mukv.config import SessionConfig, check_fps
 from mukv.engine.events import Answer, DoneEvent, Event, Timings, TokenEvent
 from mukv.engine.generate import IncrementalDecoder, greedy_decode
 from mukv.errors import StreamError
 from mukv.memory import MemoryMethod, MemoryStats, Query, create_memory
+from mukv.memory.base import PendingUnit
 from mukv.video.preprocess import as_frames
 from mukv.video.sources import FrameStream
 
@@ -29,17 +30,25 @@ class StreamSession:
     stream time, from frames up to then only. Methods are serialised by a lock, so one thread
     may ingest a live stream while another asks questions.
 
+    ``fps`` is the rate the stream's frames are sampled at (frames per second). Models that place
+    frames in time by it (Qwen2.5-VL) need it, and creating a session for one without it is a
+    ``ValueError``; for the others it is optional (checked against sources when given). It is the
+    stream's, not the backend's: sessions at different rates may share one backend.
+
     A backend whose visual unit is a group of frames (``layout.frames_per_unit > 1``, Qwen-VL's
     temporal patches) gets whole groups: frames of an incomplete group wait here. When a question
-    comes while a group is incomplete, the group is completed by repeating its last frame, as the
-    model's own processor pads a clip with an odd frame count, and stored for good (the next frame
-    starts a new group): the answer is the one a plain forward over the frames seen so far gives,
-    and asking again changes nothing. The memory counts units; ``frames_seen`` counts frames.
+    comes while a group is incomplete, the group is completed for that answer only, by repeating its
+    last frame as the model's own processor pads a clip with an odd frame count, and handed to the
+    memory as a provisional unit (:class:`mukv.memory.base.PendingUnit`): the answer is the one a
+    plain forward over the frames seen so far gives, asking again gives it again, and nothing is
+    stored: the next frame completes the real group (after frames 0-4, a question and frame 5, the
+    memory holds units (0 1) (2 3) (4 5), as without the question). The memory counts units;
+    ``frames_seen`` counts frames.
 
     Example::
 
         backend = load_backend("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
-        session = StreamSession(backend, "full")
+        session = StreamSession(backend, "full", fps=0.5)
         session.ingest_source(open_video("walk.mp4", sample_fps=0.5), until=60.0)
         print(session.ask("What did I pick up?").text)
     """
@@ -52,14 +61,18 @@ class StreamSession:
         method_config: Any = None,
         overrides: dict[str, Any] | None = None,
         config: SessionConfig | None = None,
+        fps: float | None = None,
     ) -> None:
         self.backend = backend
+        check_fps(fps)
         if isinstance(method, MemoryMethod):
             if method_config is not None or overrides:
                 raise ValueError("method_config/overrides: only valid with a method name")
+            if fps is not None and method.fps != fps:
+                raise ValueError(f"fps: the memory was made for a stream at {method.fps} fps, not {fps}")
             self.memory = method
         else:
-            self.memory = create_memory(method, backend, method_config, overrides)
+            self.memory = create_memory(method, backend, method_config, overrides, fps=fps)
         self.config = config or SessionConfig()
         # Held for state changes only (ingest, assembling an answering cache), never across a
         # ``yield``: a generator may be advanced by a thread other than the one that started it.
@@ -71,7 +84,14 @@ class StreamSession:
         # Frames of an incomplete visual unit ([k, H, W, 3], k < frames_per_unit) and their times.
         self._pending: torch.Tensor | None = None
         self._pending_times: list[float] = []
+        # Those frames completed into a unit and encoded, for questions until the next frame.
+        self._pending_unit: PendingUnit | None = None
         self._frames = 0
+
+    @property
+    def fps(self) -> float | None:
+        """The rate the stream's frames are sampled at (``None``: not stated)."""
+        return self.memory.fps
 
     @property
     def time(self) -> float | None:
@@ -115,6 +135,7 @@ class StreamSession:
             count = int(tensor.shape[0])
             per_unit = self.backend.layout.frames_per_unit
             if per_unit > 1:
+                self._pending_unit = None
                 if self._pending is not None:
                     tensor = torch.cat((self._pending, tensor.to(self._pending.device)))
                     times = np.concatenate((np.asarray(self._pending_times), times))
@@ -140,17 +161,21 @@ class StreamSession:
         self._memory_seconds += self._clock() - encoded
         self._frames_encoded += count
 
-    def _complete_pending_unit(self) -> None:
-        """The question-time step for an incomplete unit: pad it with its last frame (the model's
-        processor pads an odd frame count so) and store it; the next frame starts a new unit."""
+    def _provisional_unit(self) -> PendingUnit | None:
+        """The incomplete unit completed for a question: padded with its last frame (the model's
+        processor pads an odd frame count so) and encoded once until the next frame arrives; never
+        stored (the memory answers from it provisionally)."""
         if self._pending is None:
-            return
-        frames = self._pending
-        pad = self.backend.layout.frames_per_unit - frames.shape[0]
-        frames = torch.cat((frames, frames[-1:].expand(pad, *frames.shape[1:])))
-        times = np.asarray(self._pending_times[-1:])
-        self._pending, self._pending_times = None, []
-        self._store_units(frames, times, 0)
+            return None
+        if self._pending_unit is None:
+            frames = self._pending
+            pad = self.backend.layout.frames_per_unit - frames.shape[0]
+            frames = torch.cat((frames, frames[-1:].expand(pad, *frames.shape[1:])))
+            start = self._clock()
+            features = self.backend.encode_frames(frames)  # [1, P, d]
+            self._vision_seconds += self._clock() - start
+            self._pending_unit = PendingUnit(features=features[0], time=self._pending_times[-1])
+        return self._pending_unit
 
     def ingest_source(
         self,
@@ -162,10 +187,18 @@ class StreamSession:
         """Ingest frames from ``source`` with timestamp <= ``until`` (all if ``None``).
 
         Frames after ``until`` stay in the source for a later call. ``progress`` is called with
-        the number of frames of each ingested batch. Returns the number of frames ingested.
+        the number of frames of each ingested batch. Returns the number of frames ingested. A source
+        that states its sampling rate (``source.sample_fps``) must sample at the session's ``fps``
+        when the session has one (``ValueError`` otherwise: positions would be wrong).
         """
         if until is not None and not math.isfinite(until):
             raise ValueError(f"until: must be a finite time in seconds, got {until}")
+        rate = getattr(source, "sample_fps", None)
+        if rate is not None and self.fps is not None and not math.isclose(rate, self.fps, rel_tol=1e-6):
+            raise ValueError(
+                f"fps: {source.name} is sampled at {rate:g} frames per second, but this session's stream is at "
+                f"{self.fps:g} (StreamSession(..., fps=...))"
+            )
         total = 0
         while (batch := source.next_batch(self.config.encode_batch_frames, until)) is not None:
             total += self.ingest(batch.frames, batch.timestamps)
@@ -269,10 +302,9 @@ class StreamSession:
                 raise StreamError(f"at: {at:.3f}s is before the newest frame ({self.time:.3f}s)")
             started = self._clock()
             query = Query(text=question, ids=self.backend.tokenize(question), time=at)
-            # The only state changes a question makes: an incomplete unit is completed, open groups
-            # of the memory are materialised.
-            self._complete_pending_unit()
-            self.memory.materialize(at)
+            # The only state change a question makes: open groups of the memory, and an incomplete
+            # unit completed for this answer, are materialised provisionally.
+            self.memory.materialize(at, self._provisional_unit())
             context = self.memory.prepare(query)
             needed = context.next_position + prompt_ids.shape[1] + max_new_tokens
             limit = self.backend.text.max_positions

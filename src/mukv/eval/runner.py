@@ -719,7 +719,7 @@ def check_questions(backend, config: RunConfig, questions: list[Question]) -> di
     from mukv.engine import StreamSession
 
     # Tokenizer and context size: nothing is encoded (the rate only lets a Qwen2.5-VL session be made).
-    session = StreamSession(backend, "full")
+    session = StreamSession(backend, "full", fps=config.sample_fps)
     too_long: dict[str, str] = {}
     for question in questions:
         try:
@@ -812,7 +812,7 @@ def stream_video(
         yield failed("open", str(exc))
         return
     # The stream's sampling rate places its frames in time (Qwen2.5-VL).
-    session = StreamSession(backend, config.method, method_config=method_config)
+    session = StreamSession(backend, config.method, method_config=method_config, fps=source.sample_fps)
     declared = [d for d in (source.duration, video.duration) if d is not None]
     decode_error: VideoError | None = None
     warned = False

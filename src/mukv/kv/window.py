@@ -19,7 +19,8 @@ import torch
 from transformers import DynamicCache
 
 from mukv.backends.base import Backend
-from mukv.kv.cache import GrowingLayer, reserve
+from mukv.backends.positions import PositionScheme
+from mukv.kv.cache import GrowingLayer, cache_of, reserve
 
 # Largest float32 temporary (per layer) that eviction creates on CPU.
 _PIECE_BYTES = 1 << 18
@@ -29,10 +30,12 @@ class SlidingWindow:
     """``[init | window]`` with ``window`` at most ``n_local`` tokens after each append."""
 
     @torch.inference_mode()
-    def __init__(self, backend: Backend, n_local: int) -> None:
+    def __init__(self, backend: Backend, n_local: int, positions: PositionScheme | None = None) -> None:
+        """``positions``: the stream's scheme (its memory method's; default ``backend.positions``)."""
         if n_local < 1:
             raise ValueError(f"n_local: must be >= 1, got {n_local}")
         self.backend = backend
+        self.positions = backend.positions if positions is None else positions
         self.n_local = n_local
         self.cache, self.init_len = backend.system_cache()
         limit = self.init_len + n_local
@@ -41,7 +44,7 @@ class SlidingWindow:
         # tokens of each buffer): every re-positioning rotates from these, so rounding never
         # accumulates over many evictions.
         self._computed_keys: list[torch.Tensor] = [layer.keys[:, :, :0].clone() for layer in self.cache.layers]
-        self._computed_at = torch.empty(backend.positions.rows, 0, dtype=torch.long, device=backend.device)
+        self._computed_at = torch.empty(self.positions.rows, 0, dtype=torch.long, device=backend.device)
         # Where the window's keys sit now (moved by evictions): the next eviction places from here.
         self._live_at = self._computed_at.clone()
         self.cursor = self.init_len  # where the next frame's tokens go
@@ -67,7 +70,7 @@ class SlidingWindow:
         embeds = features.reshape(1, -1, features.shape[-1])
         m = embeds.shape[1]
         n = self.length
-        positions, self.cursor = backend.positions.visual_run(
+        positions, self.cursor = self.positions.visual_run(
             self.run_start, backend.layout, features.shape[0], backend.device, first_unit=self.run_units
         )
         self.run_units += features.shape[0]
@@ -89,6 +92,33 @@ class SlidingWindow:
             self._evict()
         return kv, positions
 
+    def peek(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`append` would return for ``features [U, P, d]`` (the new tokens' ``kv`` and
+        ``positions``), the window left as it is: the units are prefilled over a cache of the
+        window's keys and values that concatenates instead of writing in place."""
+        backend = self.backend
+        embeds = features.reshape(1, -1, features.shape[-1])
+        m = embeds.shape[1]
+        positions, _ = self.positions.visual_run(
+            self.run_start, backend.layout, features.shape[0], backend.device, first_unit=self.run_units
+        )
+        cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in self.cache.layers])
+        backend.forward(embeds, cache, positions, logits="none")
+        kv = torch.stack([torch.stack((layer.keys[0, :, -m:], layer.values[0, :, -m:])) for layer in cache.layers])
+        return kv, positions
+
+    def copy(self) -> SlidingWindow:
+        """An independent window in this one's state (buffers copied; appending to either leaves the
+        other as it was)."""
+        other = SlidingWindow.__new__(SlidingWindow)
+        other.__dict__.update(self.__dict__)  # ints, the backend and the scheme are shared as they are
+        limit = self.init_len + self.n_local
+        other.cache = cache_of([GrowingLayer.copy_of(layer.keys, layer.values, limit) for layer in self.cache.layers])
+        other._computed_keys = [keys.clone() for keys in self._computed_keys]
+        other._computed_at = self._computed_at.clone()
+        other._live_at = self._live_at.clone()
+        return other
+
     def _piece_tokens(self) -> int:
         """Tokens re-positioned at a time: all of them on an accelerator; on CPU as many as fit
         in ``_PIECE_BYTES`` of float32 keys of one layer."""
@@ -106,7 +136,7 @@ class SlidingWindow:
             return
         init = self.init_len
         kept = n - excess
-        scheme = self.backend.positions
+        scheme = self.positions
         live = self._live_at[:, excess:n]
         new, self.cursor = scheme.place(live, init)
         # Every scheme moves a window (contiguous tokens of one run) by one amount on all axes.

@@ -5,6 +5,18 @@ question at time ``t``, assembles the KV cache the answer is generated from: fir
 ``materialize(t)`` (the only state change a question may cause, made explicit so that the session
 can hold its lock over it), then ``prepare(query)``, which returns a cache of the answer's own. The
 engine appends the question after that cache and decodes; it never looks inside a method.
+
+A method serves one stream: it places that stream's visual tokens with the stream's position
+scheme (:attr:`MemoryMethod.positions`, ``backend.stream_positions(fps)`` for the stream's sampling
+rate ``fps``), never with a scheme of its own making.
+
+**Provisional units.** Where a visual unit is a group of frames (Qwen-VL: two), a question may come
+while a group is incomplete. The session then completes it for that answer only (padding it as
+the model's processor pads a clip) and hands it to ``materialize(t, pending=PendingUnit(...))``:
+the unit is part of the answers prepared until the next ``ingest`` or ``materialize`` (which drop
+it), and never part of the stream. Stored state (frames, blocks, encoding state, what later answers
+see) is exactly what it would be had the question not been asked; the real frames arrive later, in
+whole units, through ``ingest``.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import torch
 from transformers import DynamicCache
 
 from mukv.backends.base import Backend
+from mukv.backends.positions import PositionScheme
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,16 @@ def cache_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
 
 
+@dataclass(frozen=True)
+class PendingUnit:
+    """A visual unit that is not part of the stream (yet): ``features [P, d]``, taken at ``time``
+    (seconds, after every ingested unit), to be answered from provisionally (see the module
+    docstring): the session's incomplete temporal group, completed for one question."""
+
+    features: torch.Tensor
+    time: float
+
+
 def prefill_frames(
     backend: Backend,
     cache: DynamicCache,
@@ -138,15 +161,18 @@ def prefill_frames(
     chunk_tokens: int,
     *,
     first_unit: int = 0,
+    scheme: PositionScheme | None = None,
 ) -> int:
     """Append visual units ``features [U, P, d]`` to ``cache`` as one sequence from cursor
-    ``start`` (positions from the backend's scheme), in chunks of at most ``chunk_tokens`` tokens
-    (bounds the attention workspace; results do not depend on it). ``first_unit``: the units
-    continue a run from ``start`` that holds that many units already (see ``PositionScheme.visual_run``).
+    ``start`` (positions from ``scheme``, the stream's: a method passes its :attr:`MemoryMethod.positions`;
+    default ``backend.positions``), in chunks of at most ``chunk_tokens`` tokens (bounds the attention
+    workspace; results do not depend on it). ``first_unit``: the units continue a run from ``start``
+    that holds that many units already (see ``PositionScheme.visual_run``).
 
     Returns the cursor after them.
     """
-    positions, cursor = backend.positions.visual_run(
+    scheme = backend.positions if scheme is None else scheme
+    positions, cursor = scheme.visual_run(
         start, backend.layout, features.shape[0], backend.device, first_unit=first_unit
     )
     embeds = features.reshape(1, -1, features.shape[-1])
@@ -168,14 +194,21 @@ class MemoryMethod(ABC):
     # Whether ``prepare`` can answer at a time before the newest frame (a declared capability).
     answers_past_questions: ClassVar[bool] = True
 
-    def __init__(self, backend: Backend, config: Any = None) -> None:
+    def __init__(self, backend: Backend, config: Any = None, *, fps: float | None = None) -> None:
         self.backend = backend
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise ValueError(
                 f"config: method {self.name!r} takes {self.config_class.__name__}, got {type(self.config).__name__}"
             )
+        #: The rate the stream's frames are sampled at (frames per second; ``None``: not known).
+        self.fps = fps
+        #: The stream's position scheme: where its visual tokens go (``ValueError`` here when the
+        #: backend needs the rate and ``fps`` is ``None``).
+        self.positions: PositionScheme = backend.stream_positions(fps)
         self._timestamps: list[float] = []
+        # The provisional unit of the current question (see PendingUnit), until the next ingest.
+        self._pending_unit: PendingUnit | None = None
 
     @property
     def frames(self) -> int:
@@ -192,13 +225,26 @@ class MemoryMethod(ABC):
         return self._timestamps[-1] if self._timestamps else None
 
     def timestamp(self, index: int) -> float:
+        """Timestamp of unit ``index``; ``index == frames`` is the provisional unit while there is one."""
+        if index == len(self._timestamps) and self._pending_unit is not None:
+            return self._pending_unit.time
         return self._timestamps[index]
 
-    def materialize(self, time: float) -> None:
-        """The question-time step: make every frame up to ``time`` answerable. The session calls
-        it under its lock before :meth:`prepare`; methods whose frames are always answerable keep
-        this no-op (block methods store open groups here: :class:`mukv.memory.blocks.BlockMemory`)."""
-        return None
+    def materialize(self, time: float, pending: PendingUnit | None = None) -> None:
+        """The question-time step: make every frame up to ``time`` answerable, and ``pending`` (a unit
+        after every ingested one, see :class:`PendingUnit`) answerable until the next ``ingest`` or
+        ``materialize``, without making it part of the stream. The session calls it under its lock
+        before :meth:`prepare`. The base keeps ``pending`` for :meth:`pending_unit`; block methods
+        also store open groups (and the pending unit) as provisional blocks here
+        (:class:`mukv.memory.blocks.BlockMemory`)."""
+        if pending is not None and self.time is not None and pending.time <= self.time:
+            raise ValueError(f"pending: a unit at {pending.time}s is not after the stream time {self.time}s")
+        self._pending_unit = pending
+
+    def pending_unit(self, time: float) -> PendingUnit | None:
+        """The provisional unit a question at ``time`` sees (``None`` if none, or if it is later)."""
+        unit = self._pending_unit
+        return unit if unit is not None and unit.time <= time else None
 
     def frame_blocks(self, indices) -> tuple[RetrievedBlock, ...]:
         """Retrieved-block records for whole frames ``indices`` (methods that use frames as is)."""
@@ -220,6 +266,7 @@ class MemoryMethod(ABC):
         """Add frames: visual tokens ``[T, P, d]`` and their timestamps ``[T]`` (seconds)."""
         if features.ndim != 3 or features.shape[0] != len(timestamps):
             raise ValueError(f"features: expected [T, P, d] with T = {len(timestamps)}, got {list(features.shape)}")
+        self._pending_unit = None
         self._ingest(features, timestamps)
         self._timestamps.extend(float(t) for t in timestamps)
 
@@ -232,6 +279,7 @@ class MemoryMethod(ABC):
             if not math.isfinite(t) or (previous is not None and t <= previous):
                 raise ValueError(f"timestamps: must be finite and strictly increasing after {previous}, got {t}")
             previous = t
+        self._pending_unit = None
         self._timestamps.extend(times)
 
     @abstractmethod
@@ -241,7 +289,8 @@ class MemoryMethod(ABC):
     @abstractmethod
     def prepare(self, query: Query) -> AnswerContext:
         """Assemble the answering cache for ``query`` from frames with timestamp <= ``query.time``,
-        after :meth:`materialize` for that time.
+        after :meth:`materialize` for that time, and from the materialized provisional unit if it is
+        not later (:meth:`pending_unit`).
 
         Must not modify stored state: the same question asked twice gets the same cache, and the
         cache is the answer's own (decoding into it never changes what is stored, so it may run

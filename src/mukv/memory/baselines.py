@@ -49,8 +49,8 @@ class FullMemory(MemoryMethod):
     name = "full"
     config_class = FullConfig
 
-    def __init__(self, backend, config: FullConfig | None = None) -> None:
-        super().__init__(backend, config)
+    def __init__(self, backend, config: FullConfig | None = None, *, fps: float | None = None) -> None:
+        super().__init__(backend, config, fps=fps)
         self._cache, self._init_len = backend.system_cache()
         self._length = self._init_len
         # The stream is one run of units from the end of the system prompt, however it is fed:
@@ -67,6 +67,7 @@ class FullMemory(MemoryMethod):
             self._init_len,
             self.config.prefill_chunk_tokens,
             first_unit=self.frames,
+            scheme=self.positions,
         )
         self._cursor = cursor
         self._length = self._cache.get_seq_length()
@@ -88,9 +89,7 @@ class FullMemory(MemoryMethod):
             raise ValueError(f"restore: expected {len(self._cache.layers)} layers of {tokens} tokens each")
         first = self.frames
         self._advance_clock(timestamps)  # validates the timestamps before anything else changes
-        self._cursor = self.backend.positions.visual_run(self._init_len, self.backend.layout, count, first_unit=first)[
-            1
-        ]
+        self._cursor = self.positions.visual_run(self._init_len, self.backend.layout, count, first_unit=first)[1]
         for layer, (keys, values) in zip(self._cache.layers, keys_values, strict=True):
             layer.update(keys.to(layer.keys), values.to(layer.values))
         self._length = self._cache.get_seq_length()
@@ -99,7 +98,7 @@ class FullMemory(MemoryMethod):
         """The cursor after the first ``frames`` frames of the run."""
         if frames == 0:
             return self._init_len
-        return self.backend.positions.visual_run(self._init_len, self.backend.layout, 1, first_unit=frames - 1)[1]
+        return self.positions.visual_run(self._init_len, self.backend.layout, 1, first_unit=frames - 1)[1]
 
     def prepare(self, query: Query) -> AnswerContext:
         frames = self.frames_until(query.time)
@@ -110,6 +109,20 @@ class FullMemory(MemoryMethod):
         cache = DynamicCache(
             ddp_cache_data=[(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in self._cache.layers]
         )
+        pending = self.pending_unit(query.time)
+        if pending is not None:
+            # The provisional unit continues the run in the answer's own cache only.
+            cursor = prefill_frames(
+                self.backend,
+                cache,
+                pending.features[None].to(self.backend.device),
+                self._init_len,
+                self.config.prefill_chunk_tokens,
+                first_unit=frames,
+                scheme=self.positions,
+            )
+            frames += 1
+            length += self.backend.tokens_per_frame
         retrieved = ()
         if frames:
             retrieved = (
@@ -158,8 +171,8 @@ class UniformMemory(MemoryMethod):
     name = "uniform"
     config_class = UniformConfig
 
-    def __init__(self, backend, config: UniformConfig | None = None) -> None:
-        super().__init__(backend, config)
+    def __init__(self, backend, config: UniformConfig | None = None, *, fps: float | None = None) -> None:
+        super().__init__(backend, config, fps=fps)
         self._chunks: list[torch.Tensor] = []
         self._starts: list[int] = []
         self._init_len = backend.system_cache()[1]
@@ -169,6 +182,8 @@ class UniformMemory(MemoryMethod):
         self._chunks.append(features.detach().to("cpu", copy=True))
 
     def _frame(self, index: int) -> torch.Tensor:
+        if index == self.frames and self._pending_unit is not None:
+            return self._pending_unit.features.to("cpu")
         chunk = bisect.bisect_right(self._starts, index) - 1
         return self._chunks[chunk][index - self._starts[chunk]]
 
@@ -180,10 +195,14 @@ class UniformMemory(MemoryMethod):
 
     def prepare(self, query: Query) -> AnswerContext:
         cache, position = self.backend.system_cache()
-        indices = self.sample(self.frames_until(query.time))
+        # The provisional unit (index ``frames``) is sampled like a stored one.
+        seen = self.frames_until(query.time) + (self.pending_unit(query.time) is not None)
+        indices = self.sample(seen)
         if indices:
             features = torch.stack([self._frame(i) for i in indices]).to(self.backend.device)
-            position = prefill_frames(self.backend, cache, features, position, self.config.prefill_chunk_tokens)
+            position = prefill_frames(
+                self.backend, cache, features, position, self.config.prefill_chunk_tokens, scheme=self.positions
+            )
         retrieved = self.frame_blocks(indices)
         length = cache.get_seq_length()
         return AnswerContext(cache=cache, next_position=position, context_tokens=length, retrieved=retrieved)

@@ -6,9 +6,10 @@ scored and which ones a question retrieves. This base owns the rest:
 - the block store (records apart from payloads, one representative matrix per granularity) and
   the system prompt's KV that every answering cache starts with;
 - **provisional blocks**: frames of a group that is still open (a partial segment, ReKV's
-  partial block) are made retrievable by :meth:`materialize`, the explicit question-time step the
-  session calls (under its lock) before :meth:`prepare`; they are replaced when more frames arrive.
-  :meth:`prepare` itself never changes stored state;
+  partial block), and a provisional unit the session completed for one question
+  (:class:`mukv.memory.base.PendingUnit`), are made retrievable by :meth:`materialize`, the explicit
+  question-time step the session calls (under its lock) before :meth:`prepare`; they are replaced
+  when more frames arrive. :meth:`prepare` itself never changes stored state;
 - eligibility by time (a question at ``t`` sees blocks that end at or before ``t``);
 - :meth:`assemble`: the chosen payloads gathered into one answering cache with one copy per
   element, in the order given, either keeping the positions their keys were computed at or
@@ -31,7 +32,7 @@ from transformers import DynamicCache
 from mukv.backends.base import Backend
 from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore
 from mukv.kv.cache import GrowingLayer, cache_of
-from mukv.memory.base import MemoryMethod, RetrievedBlock
+from mukv.memory.base import MemoryMethod, PendingUnit, RetrievedBlock
 
 
 @dataclass(frozen=True)
@@ -54,22 +55,23 @@ class BlockMemory(MemoryMethod):
     """Base of block-based memory methods (see the module docstring).
 
     Subclasses implement ``_ingest`` (frames to stored blocks, via :meth:`add_block`),
-    :meth:`_store_open` (the open groups' frames before a frame index, as provisional blocks),
-    ``prepare`` and ``stats``.
+    :meth:`_store_open` (the open groups' frames before a frame index, and a provisional unit, as
+    provisional blocks), ``prepare`` and ``stats``.
     """
 
     # Tokens of room left after an assembled context for the question and the answer; beyond it
     # the cache doubles once (a copy), so it only needs to cover typical questions and answers.
     answer_room: ClassVar[int] = 256
 
-    def __init__(self, backend: Backend, config: Any = None) -> None:
-        super().__init__(backend, config)
+    def __init__(self, backend: Backend, config: Any = None, *, fps: float | None = None) -> None:
+        super().__init__(backend, config, fps=fps)
         self.store = BlockStore()
         cache, self.init_len = backend.system_cache()
         # The system prompt's KV per layer ``[1, Hkv, init, D]``, shared by every answering cache.
         self.init_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(layer.keys, layer.values) for layer in cache.layers]
         self._provisional: list[int] = []
-        self._materialized: int | None = None  # frames the provisional blocks were built for
+        # (frames, provisional unit) the provisional blocks were built for.
+        self._materialized: tuple[int, PendingUnit | None] | None = None
 
     # ------------------------------------------------------------------ storing
 
@@ -149,24 +151,28 @@ class BlockMemory(MemoryMethod):
     def provisional_ids(self) -> tuple[int, ...]:
         return tuple(self._provisional)
 
-    def materialize(self, time: float) -> None:
-        """Make every frame up to ``time`` retrievable: frames of groups that are still open are
-        stored as provisional blocks (replaced at the next ingest, or when a question needs another
-        prefix). The session calls this, under its lock, before :meth:`prepare`."""
-        upto = self.frames_until(time)
-        if self._materialized == upto:
+    def materialize(self, time: float, pending: PendingUnit | None = None) -> None:
+        """Make every frame up to ``time`` retrievable: frames of groups that are still open, and
+        ``pending`` (see :class:`mukv.memory.base.PendingUnit`), are stored as provisional blocks
+        (replaced at the next ingest, or when a question needs another prefix). The session calls
+        this, under its lock, before :meth:`prepare`."""
+        super().materialize(time, pending)
+        key = (self.frames_until(time), self.pending_unit(time))
+        if self._materialized is not None and self._materialized[0] == key[0] and self._materialized[1] is key[1]:
             return
         self.drop_provisional()
-        self._materialized = upto
-        self._store_open(upto)
+        self._materialized = key
+        self._store_open(*key)
 
     @abstractmethod
-    def _store_open(self, upto: int) -> None:
-        """Store the open groups' frames with index < ``upto`` as provisional blocks."""
+    def _store_open(self, upto: int, pending: PendingUnit | None) -> None:
+        """Store the open groups' frames with index < ``upto`` as provisional blocks, followed by
+        ``pending`` (unit index :attr:`frames`; given only when ``upto == frames``) as if it had been
+        ingested: the groups it completes are stored provisional too, and no encoding state changes."""
 
     def check_materialized(self, time: float) -> None:
         """Raise ``RuntimeError`` unless :meth:`materialize` was called for ``time``'s frames."""
-        if self._materialized != self.frames_until(time):
+        if self._materialized is None or self._materialized[0] != self.frames_until(time):
             raise RuntimeError(
                 f"{self.name}: call materialize({time}) before prepare (the session does): frames of open "
                 "groups would otherwise be missing from the answer"
@@ -190,7 +196,7 @@ class BlockMemory(MemoryMethod):
     def placed_positions(self, payloads: Sequence[BlockPayload], start: int) -> tuple[torch.Tensor, int]:
         """New positions ``[R, total]`` of ``payloads`` placed one after another from cursor
         ``start`` by the backend's scheme, and the cursor after them."""
-        return self.backend.positions.place_blocks([p.positions for p in payloads], start)
+        return self.positions.place_blocks([p.positions for p in payloads], start)
 
     def assemble(self, block_ids: Sequence[int], *, reposition: bool) -> tuple[DynamicCache, int]:
         """``[init | blocks...]`` as a new cache on the model's device, blocks in the given order.
@@ -221,7 +227,7 @@ class BlockMemory(MemoryMethod):
             if reposition:
                 old = torch.cat([p.positions for p in payloads], dim=1)
                 new, _ = self.placed_positions(payloads, init)
-                cos, sin = self.backend.positions.rotation(old, new)  # once, for every layer
+                cos, sin = self.positions.rotation(old, new)  # once, for every layer
             if device.type == "cuda":
                 # One pinned staging buffer, one host-to-device copy; rotations run on the device.
                 staging = torch.empty(blocks.shape, dtype=dtype, pin_memory=True)
@@ -230,7 +236,7 @@ class BlockMemory(MemoryMethod):
                 if cos is not None:
                     cos, sin = cos.to(device), sin.to(device)
                     for keys in blocks[:, 0]:
-                        keys.copy_(self.backend.positions.rotate(keys, cos, sin))
+                        keys.copy_(self.positions.rotate(keys, cos, sin))
             else:
                 # Rotation fused with the copy, block by block: temporaries stay small.
                 self._gather(payloads, blocks, cos, sin)
@@ -253,7 +259,7 @@ class BlockMemory(MemoryMethod):
                 out[:, :, :, offset : offset + n] = payload.kv
             else:
                 piece = slice(offset, offset + n)
-                self.backend.positions.rotate_into(out[:, 0, :, piece], payload.kv[:, 0], cos[piece], sin[piece])
+                self.positions.rotate_into(out[:, 0, :, piece], payload.kv[:, 0], cos[piece], sin[piece])
                 out[:, 1, :, piece] = payload.kv[:, 1]
             offset += n
 

@@ -26,7 +26,7 @@ from mukv.compress.scorers import (
     select_tokens,
 )
 from mukv.kv.blocks import BlockPayload, BlockRecord
-from mukv.memory.base import AnswerContext, MemoryStats, Query, StageClock
+from mukv.memory.base import AnswerContext, MemoryStats, PendingUnit, Query, StageClock
 from mukv.memory.blocks import BlockMemory
 from mukv.memory.granularity import GranularitySpec, mukv_specs, part_indices, patch_token_indices
 from mukv.memory.mukv_config import GRANULARITIES, PRESETS, MukvConfig
@@ -106,8 +106,8 @@ class MukvMemory(BlockMemory):
     config_class = MukvConfig
     presets = PRESETS
 
-    def __init__(self, backend, config: MukvConfig | None = None) -> None:
-        super().__init__(backend, config)
+    def __init__(self, backend, config: MukvConfig | None = None, *, fps: float | None = None) -> None:
+        super().__init__(backend, config, fps=fps)
         cfg = self.config
         self.specs = tuple(spec for spec in mukv_specs(cfg.segment_frames) if cfg.granularities.get(spec.name))
         self._layers = scored_layers(cfg.attention_layer, backend.text.num_layers)
@@ -127,6 +127,8 @@ class MukvMemory(BlockMemory):
         self._shared_first = 0
         self._shared_positions: torch.Tensor | None = None
         self._shared_cursor = self.init_len
+        # Set while a provisional unit is encoded: every block stored then is provisional.
+        self._encoding_provisional = False
 
     # ------------------------------------------------------------------ encoding
 
@@ -161,7 +163,7 @@ class MukvMemory(BlockMemory):
     def _pending_blocks(self, group: _Group) -> list[_Pending]:
         frames = torch.stack(group.features)  # [G, P, d]
         count, p = frames.shape[:2]
-        scheme, layout = self.backend.positions, self.backend.layout
+        scheme, layout = self.positions, self.backend.layout
         pending = []
         for part, idx in enumerate(self._parts[group.spec.name]):
             # The block's tokens within its G units, fed on their own right after the system prompt.
@@ -230,7 +232,7 @@ class MukvMemory(BlockMemory):
         cache = self._shared_cache
         m = features.shape[0]
         # The run's units continue one sequence from the system prompt, however they arrive.
-        positions, self._shared_cursor = self.backend.positions.visual_run(
+        positions, self._shared_cursor = self.positions.visual_run(
             self.init_len, self.backend.layout, m, self.backend.device, first_unit=first - self._shared_first
         )
         previous = self._shared_positions
@@ -281,9 +283,45 @@ class MukvMemory(BlockMemory):
             positions = self._shared_positions[:, cols - self.init_len]
             self._store_group_block(group, part, _Scored(kv, positions, attention), provisional=provisional)
 
-    def _store_open(self, upto: int) -> None:
+    def _store_open(self, upto: int, pending: PendingUnit | None) -> None:
         """Store the open (incomplete) groups' frames before ``upto`` as provisional blocks (a
-        partial segment is retrievable like a whole one)."""
+        partial segment is retrievable like a whole one); a provisional unit is encoded as if it
+        had been ingested (its frame block, its patches, the groups it joins or completes), every
+        block stored provisional, and the encoding state is then put back as it was."""
+        if pending is None:
+            self._store_open_groups(upto)
+            return
+        saved = self._encoding_state()
+        self._encoding_provisional = True
+        try:
+            self._ingest(pending.features[None], np.asarray([pending.time]))
+            self._store_open_groups(upto + 1)
+        finally:
+            self._encoding_provisional = False
+            self._restore_encoding(saved)
+
+    def _encoding_state(self) -> tuple:
+        """What encoding a unit changes: the open groups (their lists copied) and the shared run
+        (its cache's tensors: appending to a ``DynamicCache`` concatenates into new ones)."""
+        groups = {
+            name: _Group(g.spec, [*g.frames], [*g.times], [*g.features], [*g.colsums], [[*h] for h in g.history])
+            for name, g in self._open.items()
+        }
+        cache = self._shared_cache
+        tensors = None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
+        return groups, cache, tensors, self._shared_first, self._shared_positions, self._shared_cursor
+
+    def _restore_encoding(self, state: tuple) -> None:
+        groups, cache, tensors, first, positions, cursor = state
+        self._open = groups
+        if cache is not None:
+            for layer, (keys, values) in zip(cache.layers, tensors, strict=True):
+                layer.keys, layer.values = keys, values
+        self._shared_cache, self._shared_first = cache, first
+        self._shared_positions, self._shared_cursor = positions, cursor
+
+    def _store_open_groups(self, upto: int) -> None:
+        """The open groups' frames before ``upto`` as provisional blocks."""
         pending: list[_Pending] = []
         for group in self._open.values():
             count = sum(f < upto for f in group.frames)
@@ -305,7 +343,7 @@ class MukvMemory(BlockMemory):
             part,
             group.times[0],
             group.times[-1],
-            provisional=provisional,
+            provisional=provisional or self._encoding_provisional,
         )
 
     def _store(
@@ -354,7 +392,7 @@ class MukvMemory(BlockMemory):
         question after the system prompt that is then discarded."""
         cache = self.init_cache()
         n = ids.shape[1]
-        positions = self.backend.positions.text(self.init_len, n, self.backend.device)
+        positions = self.positions.text(self.init_len, n, self.backend.device)
         last = self.backend.text.num_layers - 1
         embeds = self.backend.embed_ids(ids)
         if self.config.query == "last_key":

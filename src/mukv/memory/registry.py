@@ -65,10 +65,17 @@ def method_config(name: str, overrides: Mapping[str, Any] | None = None, preset:
 
 
 def create_memory(
-    name: str, backend: Backend, config: Any = None, overrides: Mapping[str, Any] | None = None
+    name: str,
+    backend: Backend,
+    config: Any = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    fps: float | None = None,
 ) -> MemoryMethod:
-    """Instantiate method ``name`` on ``backend`` with ``config`` (default) plus ``overrides``."""
+    """Instantiate method ``name`` on ``backend`` with ``config`` (default) plus ``overrides``, for
+    a stream sampled at ``fps`` frames per second (needed by backends that place frames in time by
+    the rate: see ``Backend.stream_positions``)."""
     cls = method_class(name)
     if config is None:
-        return cls(backend, method_config(name, overrides))
-    return cls(backend, apply_overrides(config, overrides) if overrides else config)
+        return cls(backend, method_config(name, overrides), fps=fps)
+    return cls(backend, apply_overrides(config, overrides) if overrides else config, fps=fps)

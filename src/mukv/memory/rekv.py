@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from mukv.errors import StreamError
 from mukv.kv.blocks import BlockPayload, BlockRecord, to_device
 from mukv.kv.window import SlidingWindow
-from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, Query
+from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, PendingUnit, Query
 from mukv.memory.blocks import BlockMemory
 from mukv.memory.registry import register_method
 
@@ -100,8 +100,8 @@ class _LayerRetrieval:
         memory = self.memory
         backend = memory.backend
         n = query.shape[2]
-        positions = backend.positions.text(self.question_start, n, query.device)
-        q = _unrotated_group_query(query, positions, backend.text.num_kv_heads, backend.positions)
+        positions = memory.positions.text(self.question_start, n, query.device)
+        q = _unrotated_group_query(query, positions, backend.text.num_kv_heads, memory.positions)
         ids = memory.select(self.ids, self.reps[:, layer] @ q, self.forced)
         self.chosen[layer] = ids
         self.placed[layer] = memory.placement(ids)
@@ -132,13 +132,16 @@ class RekvMemory(BlockMemory):
     name = "rekv"
     config_class = RekvConfig
 
-    def __init__(self, backend, config: RekvConfig | None = None) -> None:
-        super().__init__(backend, config)
-        self.window = SlidingWindow(backend, self.config.n_local)
+    def __init__(self, backend, config: RekvConfig | None = None, *, fps: float | None = None) -> None:
+        super().__init__(backend, config, fps=fps)
+        self.window = SlidingWindow(backend, self.config.n_local, self.positions)
         # The open block: frame indices, times, and each frame's (kv, positions) from the window.
         self._open_frames: list[int] = []
         self._open_times: list[float] = []
         self._open_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Provisional blocks that are whole blocks (a provisional unit completed them): retrieved
+        # by score like stored ones, where the open block's frames are in every layer's choice.
+        self._whole_provisional: set[int] = set()
 
     @property
     def store_granularity(self) -> str:
@@ -156,35 +159,54 @@ class RekvMemory(BlockMemory):
             self._open_times.append(float(timestamps[i]))
             self._open_kv.append((kv, positions))
             if len(self._open_frames) == self.config.block_frames:
-                self._store_open_block(provisional=False)
+                self._store_block(self._open_frames, self._open_times, self._open_kv, provisional=False)
                 self._open_frames, self._open_times, self._open_kv = [], [], []
         if self.backend.device.type == "cpu":
             _release_free_heap()
 
-    def _store_open(self, upto: int) -> None:
+    def _store_open(self, upto: int, pending: PendingUnit | None) -> None:
         count = sum(f < upto for f in self._open_frames)
-        if count:
-            self._store_open_block(provisional=True, count=count)
+        frames, times, kvs = self._open_frames[:count], self._open_times[:count], self._open_kv[:count]
+        if pending is not None:
+            # The unit's KV as the window would compute it, the window left as it is; with the open
+            # frames it makes at most one block (an open block holds fewer than block_frames).
+            kv, positions = self.window.peek(pending.features[None].to(self.backend.device))
+            frames, times, kvs = [*frames, self.frames], [*times, pending.time], [*kvs, (kv, positions)]
+        if frames:
+            record = self._store_block(frames, times, kvs, provisional=True)
+            if len(frames) == self.config.block_frames:
+                self._whole_provisional.add(record.block_id)
 
-    def _store_open_block(self, *, provisional: bool, count: int | None = None) -> BlockRecord:
-        """Store the open block's first ``count`` frames (all by default)."""
-        count = len(self._open_frames) if count is None else count
-        if count == 1 and not provisional:
-            kv, positions = self._open_kv[0]  # the window's copy, no longer held anywhere else
+    def drop_provisional(self) -> None:
+        super().drop_provisional()
+        self._whole_provisional = set()
+
+    def _store_block(
+        self,
+        frames: list[int],
+        times: list[float],
+        kvs: list[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        provisional: bool,
+    ) -> BlockRecord:
+        """Store frames ``frames`` taken at ``times`` as one block of their ``(kv [L, 2, Hkv, P, D],
+        positions [R, P])`` per frame."""
+        if len(kvs) == 1 and not provisional:
+            kv, positions = kvs[0]  # the window's copy, no longer held anywhere else
         else:
-            kv = torch.cat([kv for kv, _ in self._open_kv[:count]], dim=3)
-            positions = torch.cat([p for _, p in self._open_kv[:count]], dim=1)
+            kv = torch.cat([kv for kv, _ in kvs], dim=3)
+            positions = torch.cat([p for _, p in kvs], dim=1)
         # Representatives from un-rotated keys, per layer: [L, Hkv * D].
-        unrotated = self.backend.positions.unrotate(kv[:, 0], positions)
+        unrotated = self.positions.unrotate(kv[:, 0], positions)
         representative = unrotated.float().mean(dim=2).reshape(kv.shape[0], -1)
         payload = BlockPayload(kv=kv, positions=positions, kept=torch.arange(kv.shape[3]), scores=torch.empty(0))
         return self.add_block(
             granularity=self.store_granularity,
-            first_frame=self._open_frames[0],
-            last_frame=self._open_frames[count - 1],
+            first_frame=frames[0],
+            last_frame=frames[-1],
             part=0,
-            start_time=self._open_times[0],
-            end_time=self._open_times[count - 1],
+            start_time=times[0],
+            end_time=times[-1],
             payload=payload,
             representative=representative,
             provisional=provisional,
@@ -204,7 +226,7 @@ class RekvMemory(BlockMemory):
     def placed_positions(self, payloads, start: int) -> tuple[torch.Tensor, int]:
         """Retrieved blocks come from one run (the sliding window): placed by the scheme's
         :meth:`~mukv.backends.positions.PositionScheme.place_run` (1-D RoPE: one after another)."""
-        return self.backend.positions.place_run([p.positions for p in payloads], start)
+        return self.positions.place_run([p.positions for p in payloads], start)
 
     def placement(self, ids: list[int]) -> int:
         """The cursor after blocks ``ids`` placed after the system prompt."""
@@ -221,7 +243,7 @@ class RekvMemory(BlockMemory):
         kv = to_device([p.kv[layer] for p in payloads], dim=2, device=device)  # [2, Hkv, R, D]
         old = torch.cat([p.positions for p in payloads], dim=1)
         new, _ = self.placed_positions(payloads, self.init_len)
-        keys = self.backend.positions.shift(kv[0], old, new)
+        keys = self.positions.shift(kv[0], old, new)
         return keys.unsqueeze(0), kv[1].unsqueeze(0)
 
     def prepare(self, query: Query) -> AnswerContext:
@@ -229,7 +251,7 @@ class RekvMemory(BlockMemory):
         ids, reps = self.eligible(self.store_granularity, query.time)
         eligible = set(ids.tolist())
         # The open block's frames up to the question time (materialized) are in every layer's choice.
-        forced = [i for i in self.provisional_ids if i in eligible]
+        forced = [i for i in self.provisional_ids if i in eligible and i not in self._whole_provisional]
         if ids.numel() == 0:
             return AnswerContext(cache=self.init_cache(), next_position=self.init_len, context_tokens=self.init_len)
         if self.config.layer_shared:
@@ -264,7 +286,7 @@ class RekvMemory(BlockMemory):
         start = self.init_len + self._retrieved_tokens(ids, forced)
         hook = _LayerRetrieval(self, cache, ids, reps, forced, start)
         n = query.ids.shape[1]
-        positions = self.backend.positions.text(start, n, self.backend.device)
+        positions = self.positions.text(start, n, self.backend.device)
         with self.backend.attention_hook(hook):
             self.backend.forward(self.backend.embed_ids(query.ids), cache, positions, logits="none")
         cache.crop(-n)  # drop the question: the engine appends it again, with its prompt
@@ -273,13 +295,13 @@ class RekvMemory(BlockMemory):
     def _retrieve_shared(self, query: Query, ids, reps, forced) -> list[int]:
         cache = self.init_cache()
         n = query.ids.shape[1]
-        positions = self.backend.positions.text(self.init_len, n, self.backend.device)
+        positions = self.positions.text(self.init_len, n, self.backend.device)
         collector = _QueryCollector()
         with self.backend.attention_hook(collector):
             self.backend.forward(self.backend.embed_ids(query.ids), cache, positions, logits="none")
         kv_heads = self.backend.text.num_kv_heads
         scores = sum(
-            reps[:, layer] @ _unrotated_group_query(q, positions, kv_heads, self.backend.positions)
+            reps[:, layer] @ _unrotated_group_query(q, positions, kv_heads, self.positions)
             for layer, q in collector.queries.items()
         )
         return self.select(ids, scores, forced)
@@ -319,22 +341,33 @@ class RecentMemory(MemoryMethod):
     config_class = RecentConfig
     answers_past_questions = False
 
-    def __init__(self, backend, config: RecentConfig | None = None) -> None:
-        super().__init__(backend, config)
-        self.window = SlidingWindow(backend, self.config.num_frames * backend.tokens_per_frame)
+    def __init__(self, backend, config: RecentConfig | None = None, *, fps: float | None = None) -> None:
+        super().__init__(backend, config, fps=fps)
+        self.window = SlidingWindow(backend, self.config.num_frames * backend.tokens_per_frame, self.positions)
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
         for i in range(features.shape[0]):
             self.window.append(features[i : i + 1].to(self.backend.device))
 
-    def _window_frames(self) -> range:
-        """Global indices of the frames in the window, oldest first."""
-        held = self.window.length // self.backend.tokens_per_frame
-        return range(self.frames - held, self.frames)
+    def _window_frames(self, window: SlidingWindow | None = None, frames: int | None = None) -> range:
+        """Global indices of the frames in ``window`` (default: the stored one) after ``frames``
+        frames (default: those ingested), oldest first."""
+        window = self.window if window is None else window
+        frames = self.frames if frames is None else frames
+        held = window.length // self.backend.tokens_per_frame
+        return range(frames - held, frames)
 
     def prepare(self, query: Query) -> AnswerContext:
         upto = self.frames_until(query.time)
-        held = self._window_frames()
+        window = self.window
+        pending = self.pending_unit(query.time)
+        if pending is not None:
+            # The provisional unit joins a copy of the window (evicting from the copy, as an ingest
+            # would); the stored window stays as it is.
+            window = window.copy()
+            window.append(pending.features[None].to(self.backend.device))
+            upto += 1
+        held = self._window_frames(window, upto if pending is not None else None)
         wanted = range(max(0, upto - self.config.num_frames), upto)
         if wanted and (wanted.start < held.start or wanted.stop > held.stop):
             raise StreamError(
@@ -344,12 +377,11 @@ class RecentMemory(MemoryMethod):
         if wanted and wanted.start != held.start:
             raise StreamError("recent: a question before the newest frame needs frames after it in the window")
         p = self.backend.tokens_per_frame
-        cache = self.window.prefix(len(wanted) * p)
-        length = self.window.init_len + len(wanted) * p
+        cache = window.prefix(len(wanted) * p)
+        length = window.init_len + len(wanted) * p
         retrieved = self.frame_blocks(wanted)
         # The window's units are one run (moved by evictions): the question continues it.
-        window = self.window
-        _, cursor = self.backend.positions.visual_run(
+        _, cursor = self.positions.visual_run(
             window.run_start, self.backend.layout, len(wanted), first_unit=window.run_units - len(held)
         )
         return AnswerContext(

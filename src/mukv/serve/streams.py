@@ -46,7 +46,11 @@ DROP_REASONS = ("queue_full", "memory_budget", "stream_closed", "encode_failed")
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """What a stream was created with (validated): its source, memory method and frame sampling."""
+    """What a stream was created with (validated): its source, memory method and frame sampling.
+
+    ``fps`` is the rate file and live sources are sampled at; a push stream's frames carry their own
+    times, and ``fps`` (the server's ``default_fps``) is then the rate its session assumes for
+    models that place frames in time by it (Qwen2.5-VL)."""
 
     source: SourceSpec
     method: str
@@ -433,8 +437,12 @@ class StreamManager:
                 source = await asyncio.to_thread(open_frames, options.source, fps=options.fps, npy_fps=options.npy_fps)
             backend = self.backend
 
+            # The stream's own rate places its frames in time (Qwen2.5-VL): the source's, or for
+            # pushed frames the stream's fps option (the server's default_fps).
+            fps = source.sample_fps if source is not None and source.sample_fps is not None else options.fps
+
             def setup() -> tuple[StreamSession, MemoryStats]:
-                session = StreamSession(backend, options.method, method_config=options.method_config)
+                session = StreamSession(backend, options.method, method_config=options.method_config, fps=fps)
                 return session, session.stats()
 
             session, stats = await asyncio.wrap_future(self.worker.submit(Priority.QUESTION, setup))

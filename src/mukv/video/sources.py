@@ -43,6 +43,8 @@ class FrameStream:
     ``expected_frames`` is an estimate for progress bars (``None`` when unknown, e.g. live);
     ``duration`` is the length in seconds the source declares (a file's header), ``None`` when
     unknown: a file that ends well before it was truncated (see :attr:`last_time`).
+    ``sample_fps`` is the rate the stream delivers frames at (frames per second; ``None`` when
+    unknown, e.g. explicit timestamps): the stream's rate a session places frames by.
     """
 
     def __init__(
@@ -52,10 +54,12 @@ class FrameStream:
         name: str,
         expected_frames: int | None = None,
         duration: float | None = None,
+        sample_fps: float | None = None,
     ) -> None:
         self.name = name
         self.expected_frames = expected_frames
         self.duration = duration
+        self.sample_fps = sample_fps
         self._frames = frames
         self._pending: Frame | None = None
         self._done = False
@@ -252,7 +256,11 @@ def open_video(path: str | Path, *, sample_fps: float = 0.5) -> FrameStream:
         finally:
             container.close()
 
-    return _prime(FrameStream(frames(), name=str(file), expected_frames=expected, duration=duration))
+    # A file recorded below the sampling rate gives every frame: its own rate is the stream's.
+    native = float(stream.average_rate) if stream.average_rate else None
+    rate = sample_fps if native is None else min(sample_fps, native)
+    stream_of = FrameStream(frames(), name=str(file), expected_frames=expected, duration=duration, sample_fps=rate)
+    return _prime(stream_of)
 
 
 def open_npy(path: str | Path, *, fps: float, sample_fps: float | None = 0.5) -> FrameStream:
@@ -311,6 +319,7 @@ def _array_stream(array: np.ndarray, *, fps: float, sample_fps: float | None, na
         name=name,
         expected_frames=len(indices),
         duration=array.shape[0] / fps,
+        sample_fps=fps if sample_fps is None else min(fps, sample_fps),
     )
     return _prime(stream)
 
