@@ -374,9 +374,15 @@ def test_a_websocket_carries_frames_and_questions(server):
                 with pytest.raises(ConnectionClosed) as closed:
                     ws_message(ws)
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
-            with pytest.raises(InvalidStatus) as refused:
-                ws_connect(server, path, subprotocols=["mukv.v1"])
-            assert refused.value.response.status_code == 403
+            # A refused handshake is answered as the HTTP API answers: status, JSON error, and a
+            # client that shows the response can say why.
+            for options in ({"subprotocols": ["mukv.v1"]}, {"subprotocols": ["mukv.v1", "bearer.wrong-token-0123456"]}):
+                with pytest.raises(InvalidStatus) as refused:
+                    ws_connect(server, path, **options)
+                response = refused.value.response
+                assert response.status_code == 401 and response.headers["content-type"] == "application/json"
+                assert response.headers["www-authenticate"] == "Bearer"
+                assert json.loads(response.body)["error"]["code"] == "unauthorized"
             # Leaving never deletes the stream, nor what was pushed through the connection.
             data = info(http, stream_id)
             assert data["frames"]["received"] == 8 and data["answers"]["active"] == 0

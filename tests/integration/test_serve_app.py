@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mukv.engine import StreamSession
 from mukv.serve import ServeConfig, create_app
+from mukv.serve.app import MAX_FRAME_SECONDS
 from mukv.serve.worker import DeviceWorker, Priority
 from mukv.video.streams import make_stream, write_stream_video
 
@@ -338,16 +339,19 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_a_live_url_plays_through_open_live(tiny_model_dir, http_video):
     plain, clip = http_video
     # Credentials in the URL reach the source (the file server ignores them) and never a response.
-    url = plain.replace("http://", "http://viewer:s3cret@")
+    url = plain.replace("http://", "http://viewer:s3cret@") + "?access_token=s3cret&part=1"
     config = ServeConfig(model=str(tiny_model_dir), default_method="full", allowed_schemes=("http",))
     with TestClient(create_app(config)) as live:
         wait_ready(live)
         created = live.post("/v1/streams", json={"source": url, "fps": 2.0})
         assert created.status_code == 201, created.text
-        shown = plain.replace("http://", "http://viewer:***@")
+        shown = plain.replace("http://", "http://viewer:***@") + "?access_token=***&part=1"
         assert created.json()["source"] == {"kind": "live", "url": shown} and created.json()["speed"] is None
         assert "s3cret" not in live.get("/v1/streams").text
         stream_id = created.json()["id"]
+        with live.websocket_connect(f"/v1/streams/{stream_id}/ws") as ws:  # its info there too
+            ready = ws.receive_json()
+            assert ready["type"] == "ready" and ready["stream"]["source"]["url"] == shown
         data = wait_for(
             lambda: (d := info(live, stream_id))["state"] == "ended" and d["frames"]["encoded"] == 4 and d,
             "the live source to end",
@@ -469,6 +473,11 @@ def test_bad_frames_get_json_errors(client, streams):
         "invalid_request",
         "t",
     )
+    # A time far ahead would leave no time for any later frame, clock-stamped ones included.
+    assert_error(push(client, stream_id, frame, t=1e300), 422, "invalid_request", "t")
+    assert_error(push(client, stream_id, frame, t=MAX_FRAME_SECONDS * 1.5), 422, "invalid_request", "t")
+    one = [("frame", ("0.png", png(frame), "image/png"))]
+    assert_error(client.post(url, files=one, data={"t": ["1e300"]}), 422, "invalid_request", "t.0")
     assert_error(push(client, "st_missing", frame, t=1), 404, "stream_not_found")
     assert push(client, stream_id, frame, t=2).status_code == 202
     assert_error(push(client, stream_id, frame, t=2), 409, "timestamp_not_increasing", "t")
@@ -633,6 +642,10 @@ def test_bad_questions_get_json_errors(client, streams):
         client.post(url, json={"question": "Zero?", "max_new_tokens": 0}), 422, "invalid_request", "max_new_tokens"
     )
     assert_error(client.post(url, json={}), 422, "invalid_request", "question")
+    # A lone surrogate (valid JSON, not valid Unicode) in a choice: a bad request, not a server failure.
+    surrogate = b'{"question": "Which?", "choices": ["red \\udfff", "blue"]}'
+    refused = client.post(url, content=surrogate, headers={"content-type": "application/json"})
+    assert_error(refused, 422, "invalid_request", "choices.0")
     assert_error(client.post("/v1/streams/st_missing/questions", json={"question": "Hm?"}), 404, "stream_not_found")
 
 
@@ -766,6 +779,80 @@ def test_a_client_that_disconnects_mid_answer_stops_the_answer(live_server, rout
         http.delete(f"/v1/streams/{stream_id}")
     cancelled = metric_samples(http_get_metrics(url), "mukv_answers_total")
     assert cancelled[(("outcome", "cancelled"),)] >= 1
+
+
+def ws_address(url: str, stream_id: str) -> str:
+    return f"{url.replace('http://', 'ws://')}/v1/streams/{stream_id}/ws"
+
+
+def test_a_message_naming_an_invalid_id_leaves_the_websocket_open(live_server):
+    """Through uvicorn, which encodes each text message as UTF-8: an id that is no valid Unicode (a
+    lone surrogate in JSON) is refused without being sent back, and the connection goes on."""
+    from websockets.sync.client import connect
+
+    url, _ = live_server
+    with httpx.Client(base_url=url, timeout=DEADLINE) as http:
+        stream_id = http.post("/v1/streams", json={"source": "push"}).json()["id"]
+        try:
+            with connect(ws_address(url, stream_id), open_timeout=DEADLINE, close_timeout=5) as ws:
+                assert json.loads(ws.recv(timeout=DEADLINE))["type"] == "ready"
+                for text in (
+                    '{"type": "question", "id": "\\ud800", "question": "hi"}',
+                    '{"type": "cancel", "id": "\\ud800"}',
+                    '{"type": "dance", "id": "\\ud800", "note": "\\udfff"}',
+                ):
+                    ws.send(text)
+                    message = ws_reply(ws)
+                    assert message["type"] == "error" and message["id"] is None and "ref" not in message, message
+                ws.send('{"type": "question", "id": "ok", "question": "hi"}')
+                message = ws_reply(ws)  # still open: answered as any question before the first frame
+                assert message["id"] == "ok" and message["error"]["code"] == "no_frames", message
+        finally:
+            http.delete(f"/v1/streams/{stream_id}")
+
+
+def ws_reply(ws) -> dict:
+    """The next message other than the stream's info."""
+    for _ in range(100):
+        message = json.loads(ws.recv(timeout=DEADLINE))
+        if message["type"] != "stream":
+            return message
+    pytest.fail("only stream info messages came")
+
+
+def test_a_server_without_a_token_refuses_other_origins_with_a_response(live_server):
+    """Through uvicorn: the handshake of a page of another origin is answered 403 with a JSON error
+    that a client can read; the server's own page (its origin) and clients that send no origin connect."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    url, _ = live_server
+    with httpx.Client(base_url=url, timeout=DEADLINE) as http:
+        stream_id = http.post("/v1/streams", json={"source": "push"}).json()["id"]
+        try:
+            address = ws_address(url, stream_id)
+            with pytest.raises(InvalidStatus) as refused:
+                connect(address, origin="http://evil.example", open_timeout=DEADLINE)
+            response = refused.value.response
+            assert response.status_code == 403 and response.headers["content-type"] == "application/json"
+            assert json.loads(response.body)["error"]["code"] == "origin_not_allowed"
+            for origin in (url, None):
+                with connect(address, origin=origin, open_timeout=DEADLINE, close_timeout=5) as ws:
+                    assert json.loads(ws.recv(timeout=DEADLINE))["type"] == "ready"
+        finally:
+            http.delete(f"/v1/streams/{stream_id}")
+
+
+def test_a_token_the_page_cannot_send_is_warned_about(tiny_model_dir, caplog):
+    """The page sends the token to a WebSocket as a subprotocol, which holds only an HTTP token's
+    characters: a server whose token has others says so when it starts."""
+    with caplog.at_level("WARNING", logger="mukv.serve.app"):
+        create_app(ServeConfig(model=str(tiny_model_dir), token="token/with,other:chars"))
+    assert any("subprotocol" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mukv.serve.app"):
+        create_app(ServeConfig(model=str(tiny_model_dir), token="fine-Token_0123.456~"))
+    assert not caplog.records
 
 
 def http_get_metrics(url: str) -> str:

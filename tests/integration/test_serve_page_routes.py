@@ -49,6 +49,7 @@ def tree(tmp_path) -> tuple[Path, Path, Path]:
     touch(first / ".hidden.mp4")
     touch(first / ".cache" / "inside-hidden.mp4")
     touch(first / "line\nbreak.mp4")  # a control character: not listable as text
+    touch(first / "evil\u202egpm.mp4")  # a right-to-left override (a format character): shown reversed
     deep = first.joinpath(*[f"d{level}" for level in range(page.MAX_DEPTH + 1)])
     touch(deep.parent / "deepest-listed.mp4")
     touch(deep / "too-deep.mp4")
@@ -143,6 +144,21 @@ def test_the_page_and_its_files_are_served_with_their_types(client):
         assert served.status_code == 200, path
         assert served.headers["content-type"].startswith(types[Path(path).suffix]), served.headers
         assert served.content == (page.STATIC_DIR / Path(path).name).read_bytes()
+        # Each file with the page's headers: nothing is ever taken for another type.
+        for name, value in page.PAGE_HEADERS.items():
+            assert served.headers[name] == value, (path, name)
+    head = client.head("/")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-security-policy"] == policy
+
+
+@pytest.mark.parametrize("path", ["/static/index.html", "/static/./index.html", "/static/sub/../index.html"])
+def test_the_page_is_served_only_at_its_own_address(client, path):
+    """Under /static the page would be served without its own headers (its content security policy):
+    it is not there."""
+    response = client.get(path)
+    assert response.status_code == 404, response.headers
+    assert response.json()["error"]["code"] == "not_found"
 
 
 def test_the_page_fetches_nothing_from_elsewhere():
@@ -165,8 +181,7 @@ def test_every_static_file_ships_in_the_wheel():
 @pytest.mark.parametrize(
     "path",
     [
-        "/static/../page.py",
-        "/static/%2e%2e/page.py",
+        "/static/%2e%2e/page.py",  # reaches the app as /static/../page.py (a plain ".." the client resolves)
         "/static/..%2fpage.py",
         "/static/%2e%2e%2fapp.py",
         "/static/nope.js",

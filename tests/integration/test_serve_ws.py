@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +21,11 @@ import anyio
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from mukv.serve import ServeConfig, create_app
+from mukv.serve.app import same_origin
 from mukv.serve.worker import Priority
 from mukv.video.streams import eval_kinds, make_stream, write_stream_video
 from tests.e2e.test_serve import PUSH_SEED
@@ -107,10 +111,15 @@ def next_message(ws, *, skip: tuple[str, ...] = ("stream",)) -> dict:
     pytest.fail(f"no message but {skip} in {MAX_MESSAGES}")
 
 
-def expect_error(ws, code: str, *, question_id: str | None = None, field: str | None = None) -> dict:
+def expect_error(
+    ws, code: str, *, question_id: str | None = None, field: str | None = None, ref: str | None = None
+) -> dict:
+    """The next message is an ``error`` with ``code``, ending question ``question_id`` (or none),
+    naming ``ref`` (or no id) as the id of the refused message."""
     message = next_message(ws)
     assert message["type"] == "error" and message["id"] == question_id, message
-    assert set(message) == {"type", "id", "error"} and message["error"]["message"], message
+    assert message.get("ref") == ref, message
+    assert set(message) - {"ref"} == {"type", "id", "error"} and message["error"]["message"], message
     assert message["error"]["code"] == code, message
     if field is not None:
         assert message["error"].get("field") == field, message
@@ -189,9 +198,11 @@ def test_frames_arrive_as_binary_and_base64_messages(client, stream_id):
         assert stored["frames"]["received"] == 3 and stored["encoded_time"] == clock + 2.5
         # The stream's info comes on its own, at most once a second.
         info = next_message(ws, skip=("frames",))
-        assert info["type"] == "stream" and info["id"] == stream_id and info["frames"]["received"] == 3
+        # As the ready message: the info under "stream".
+        assert set(info) == {"type", "stream"} and info["type"] == "stream", info
+        assert info["stream"]["id"] == stream_id and info["stream"]["frames"]["received"] == 3
         second = receive(ws, timeout=3.0)
-        assert second["type"] == "stream" and second["position"] >= info["position"] + 0.5
+        assert second["type"] == "stream" and second["stream"]["position"] >= info["stream"]["position"] + 0.5
 
 
 # -- questions --------------------------------------------------------------------------------------
@@ -225,8 +236,16 @@ def test_two_questions_in_flight_are_told_apart_by_id(app, client, stream_id, cl
             ws.send_json({"type": "question", "id": "cross", "question": first.question, "max_new_tokens": 6})
             ws.send_json({"type": "question", "id": "diamond", "question": second.question, "max_new_tokens": 6})
             wait_for(lambda: answers(client, stream_id)["active"] == 2, "both questions in flight")
+            # Refusals of messages about a question in flight name it as "ref", never as "id": only
+            # that question's own done or error does (collect_answers checks there is one each).
             ws.send_json({"type": "question", "id": "cross", "question": "Again?"})
-            expect_error(ws, "duplicate_question_id", question_id="cross", field="id")
+            expect_error(ws, "duplicate_question_id", field="id", ref="cross")
+            ws.send_json({"type": "question", "id": "cross", "question": "Again?", "at": "soon"})
+            expect_error(ws, "invalid_request", field="at", ref="cross")
+            ws.send_json({"type": "question", "id": "diamond"})
+            expect_error(ws, "invalid_request", field="question", ref="diamond")
+            ws.send_json({"type": "cancel", "id": "cross", "now": True})
+            expect_error(ws, "invalid_request", field="now", ref="cross")
         tokens, final = collect_answers(ws, {"cross", "diamond"})
     assert final["cross"]["answer"] == first.answer and final["diamond"]["answer"] == second.answer, final
     for qid in ("cross", "diamond"):
@@ -295,6 +314,10 @@ def test_bad_messages_get_error_messages_and_the_connection_stays(client, stream
         expect_error(ws, "invalid_request", field="t")
         ws.send_json({"type": "frame", "t": 1, "data": b64(png(frame)), "colour": "red"})
         expect_error(ws, "invalid_request", field="colour")
+        ws.send_json({"type": "frame", "t": 1e300, "data": b64(png(frame))})  # would block every later frame
+        expect_error(ws, "invalid_request", field="t")
+        ws.send_text("[" * 30_000 + "]" * 30_000)  # too deep for the JSON reader, under the size limit
+        expect_error(ws, "invalid_json")
         ws.send_bytes(b"GIF89a" + bytes(32))
         expect_error(ws, "unsupported_media_type", field="frame")
         ws.send_bytes(b"\x89PNG\r\n\x1a\n" + bytes(BODY_LIMIT))
@@ -310,6 +333,11 @@ def test_bad_messages_get_error_messages_and_the_connection_stays(client, stream
         expect_error(ws, "invalid_request", field="id")
         ws.send_json({"type": "question", "id": 7, "question": "Who?"})
         expect_error(ws, "invalid_request", field="id")
+        # An id that is not valid Unicode (a lone surrogate) is refused and never sent back.
+        ws.send_text('{"type": "question", "id": "\\ud800", "question": "Who?"}')
+        expect_error(ws, "invalid_request", field="id")
+        ws.send_text('{"type": "cancel", "id": "\\ud800"}')
+        expect_error(ws, "invalid_request", field="id")
         ws.send_json({"type": "question", "id": "long", "question": "Who?", "max_new_tokens": 65})
         expect_error(ws, "invalid_request", question_id="long", field="max_new_tokens")
         ws.send_json({"type": "question", "id": "empty"})
@@ -322,9 +350,78 @@ def test_bad_messages_get_error_messages_and_the_connection_stays(client, stream
         expect_error(ws, "invalid_value", question_id="blank", field="question")  # refused by the session
         ws.send_json({"type": "question", "id": "late", "question": "What?", "at": 5.0})
         expect_error(ws, "at_after_stream_time", question_id="late", field="at")
+        # A choice the tokenizer cannot take (a lone surrogate) is a bad request, not a server failure.
+        ws.send_text('{"type": "question", "id": "pick", "question": "Which?", "choices": ["red \\udfff", "blue"]}')
+        expect_error(ws, "invalid_request", question_id="pick", field="choices.0")
     assert client.get(f"/v1/streams/{stream_id}").json()["frames"]["received"] == 1
     counts = wait_for(lambda: (a := answers(client, stream_id))["active"] == 0 and a, "the refused answer to end")
     assert counts == {"completed": 0, "cancelled": 0, "failed": 1, "active": 0}
+
+
+def next_within(ws, seconds: float) -> dict:
+    """The next message but the stream's info, within ``seconds`` (a server failure must not hang)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        message = receive(ws, timeout=left)
+        if message["type"] != "stream":
+            return message
+    pytest.fail(f"no message within {seconds} s")
+
+
+def test_a_failure_while_answering_still_ends_the_question(app, client, stream_id, monkeypatch):
+    """Whatever fails in an answer's task, its question ends with ``internal_error`` under its id."""
+    import mukv.serve.ws as ws_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("done_json broke")
+
+    with client.websocket_connect(ws_url(stream_id)) as ws:
+        next_message(ws)
+        ws.send_json({"type": "frame", "t": 0.0, "data": b64(png(small_frames(1)[0]))})
+        assert next_message(ws)["type"] == "frames"
+        monkeypatch.setattr(ws_module, "done_json", broken)
+        ws.send_json({"type": "question", "id": "q", "question": "What is there?", "max_new_tokens": 2})
+        message = next_within(ws, 20)
+        while message["type"] == "token":
+            message = next_within(ws, 20)
+        assert message["type"] == "error" and message["id"] == "q", message
+        assert message["error"]["code"] == "internal_error" and "done_json broke" in message["error"]["message"]
+        monkeypatch.undo()
+        ws.send_json({"type": "question", "id": "q", "question": "What is there?", "max_new_tokens": 2})
+        _, final = collect_answers(ws, {"q"})  # the id is free again and the connection goes on
+        assert final["q"]["type"] == "done"
+
+
+def test_a_message_that_cannot_be_sent_closes_the_connection(client, stream_id, monkeypatch):
+    """A message the server fails to send (here one that is not JSON) closes the connection with
+    1011 rather than leaving its question without an end."""
+    import mukv.serve.ws as ws_module
+
+    monkeypatch.setattr(ws_module, "token_json", lambda event: {"text": object(), "id": 0})
+    with client.websocket_connect(ws_url(stream_id)) as ws:
+        next_message(ws)
+        ws.send_json({"type": "frame", "t": 0.0, "data": b64(png(small_frames(1)[0]))})
+        assert next_message(ws)["type"] == "frames"
+        ws.send_json({"type": "question", "id": "q", "question": "What is there?", "max_new_tokens": 2})
+        with pytest.raises(WebSocketDisconnect) as closed:
+            next_within(ws, 20)
+    assert closed.value.code == 1011
+
+
+def test_a_failing_stream_info_is_reported_and_the_connection_stays(app, client, stream_id, monkeypatch):
+    served = app.state.mukv.streams.get(stream_id)
+    with client.websocket_connect(ws_url(stream_id)) as ws:
+        assert next_message(ws)["type"] == "ready"
+
+        def broken() -> dict:
+            raise RuntimeError("info broke")
+
+        monkeypatch.setattr(served, "info", broken)
+        error = next_within(ws, 10)
+        assert error["type"] == "error" and error["id"] is None and error["error"]["code"] == "internal_error"
+        assert "info broke" in error["error"]["message"]
+        ws.send_text("{not json")
+        expect_error(ws, "invalid_json")
 
 
 def test_frames_sent_to_a_file_stream_are_refused(client, videos):
@@ -371,6 +468,9 @@ def test_the_token_comes_as_a_header_or_a_subprotocol(app, stream_id):
     with plain.websocket_connect(url, headers=AUTH) as ws:
         assert ws.accepted_subprotocol is None
         assert next_message(ws)["type"] == "ready"
+    # A page of another origin may connect with the token (it could not know it).
+    with plain.websocket_connect(url, headers={**AUTH, "Origin": "http://elsewhere.example"}) as ws:
+        assert next_message(ws)["type"] == "ready"
     refused = [
         {},
         {"subprotocols": ["mukv.v1"]},
@@ -380,21 +480,111 @@ def test_the_token_comes_as_a_header_or_a_subprotocol(app, stream_id):
         {"headers": {"Authorization": f"Basic {TOKEN}"}},
     ]
     for options in refused:
-        with pytest.raises(WebSocketDisconnect) as closed, plain.websocket_connect(url, **options):
+        # Answered as the HTTP API answers (the TestClient, as uvicorn, takes an HTTP response).
+        with pytest.raises(WebSocketDenialResponse) as denied, plain.websocket_connect(url, **options):
             pass
-        assert closed.value.code == 1008 and "token" in closed.value.reason, options
+        assert_denied(denied.value, 401, "unauthorized")
+        assert denied.value.headers["www-authenticate"] == "Bearer"
     # Health stays open; an unknown route under /v1 needs the token too.
     assert plain.get("/health/ready").status_code == 200
-    with pytest.raises(WebSocketDisconnect) as closed, plain.websocket_connect("/v1/nothing/ws"):
+    with pytest.raises(WebSocketDenialResponse) as denied, plain.websocket_connect("/v1/nothing/ws"):
         pass
-    assert closed.value.code == 1008
+    assert_denied(denied.value, 401, "unauthorized")
+    # A server that cannot answer a handshake with a response closes it instead.
+    bare = TestClient(without_http_responses(app))  # not entered: the app is already started
+    for options in refused:
+        closed = refusal(bare, url, **options)
+        assert isinstance(closed, WebSocketDisconnect) and closed.code == 1008 and "token" in closed.reason, options
+
+
+def assert_denied(response, status: int, code: str) -> None:
+    """A refused handshake's HTTP response: ``status`` and the HTTP API's JSON error ``code``."""
+    assert response.status_code == status, response.content
+    assert response.headers["content-type"] == "application/json"
+    error = json.loads(response.content)["error"]
+    assert error["code"] == code and error["message"], error
+
+
+def refusal(client: TestClient, path: str, **options) -> Exception:
+    """How a handshake that must be refused was refused: an HTTP response or a close."""
+    with (
+        pytest.raises((WebSocketDenialResponse, WebSocketDisconnect)) as refused,
+        client.websocket_connect(path, **options),
+    ):
+        pass
+    return refused.value
+
+
+def without_http_responses(app):
+    """``app`` served as by a server without ASGI's ``websocket.http.response`` extension."""
+
+    async def bare(scope, receive, send):
+        if scope["type"] == "websocket":
+            scope = {**scope, "extensions": {}}
+        await app(scope, receive, send)
+
+    return bare
 
 
 def test_connections_wait_for_the_model(config):
-    loading = TestClient(create_app(config), headers=AUTH)  # not started: the model is not loaded
-    with pytest.raises(WebSocketDisconnect) as closed, loading.websocket_connect(ws_url("st_any")):
+    app = create_app(config)  # not started: the model is not loaded
+    loading = TestClient(app, headers=AUTH)
+    with pytest.raises(WebSocketDenialResponse) as denied, loading.websocket_connect(ws_url("st_any")):
+        pass
+    assert_denied(denied.value, 503, "model_loading")
+    assert denied.value.headers["retry-after"] == "5"
+    bare = TestClient(without_http_responses(app), headers=AUTH)
+    with pytest.raises(WebSocketDisconnect) as closed, bare.websocket_connect(ws_url("st_any")):
         pass
     assert closed.value.code == 1013 and "loading" in closed.value.reason
+
+
+def test_without_a_token_only_the_pages_own_origin_connects(config):
+    """A server without a token (the default on loopback) refuses a browser page of another origin,
+    which any site the user visits could otherwise open; the model is not loaded here, so a handshake
+    that passes the origin check is refused as loading (503)."""
+    app = create_app(dataclasses.replace(config, token=None))
+    client = TestClient(app)
+    url = "ws://127.0.0.1:8000" + ws_url("st_a")  # sent with Host: 127.0.0.1:8000
+    passed = [None, "http://127.0.0.1:8000", "HTTP://127.0.0.1:8000"]
+    for origin in passed:
+        headers = {} if origin is None else {"Origin": origin}
+        with (
+            pytest.raises(WebSocketDenialResponse) as denied,
+            client.websocket_connect(url, headers=headers),
+        ):
+            pass
+        assert_denied(denied.value, 503, "model_loading")
+    others = ["http://evil.example", "http://127.0.0.1:8001", "http://localhost:8000", "null"]
+    for origin in others:
+        denied = refusal(client, url, headers={"Origin": origin})
+        assert_denied(denied, 403, "origin_not_allowed")
+    bare = TestClient(without_http_responses(app))
+    closed = refusal(bare, url, headers={"Origin": "http://evil.example"})
+    assert isinstance(closed, WebSocketDisconnect) and closed.code == 1008 and "origin" in closed.reason
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "same"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", True),
+        ("http://LocalHost:8000", "localhost:8000", True),
+        ("http://example.com", "example.com:80", True),
+        ("https://example.com", "example.com", True),
+        ("https://example.com:443", "example.com", True),
+        ("http://[::1]:8000", "[::1]:8000", True),
+        ("http://example.com", "example.com:8000", False),
+        ("https://example.com", "example.com:80", False),
+        ("http://example.com.evil.example", "example.com", False),
+        ("http://[::1]:8000", "[::2]:8000", False),
+        ("http://example.com:99999", "example.com:99999", False),
+        ("null", "example.com", False),
+        ("http://example.com", None, False),
+        ("http://example.com", "", False),
+    ],
+)
+def test_same_origin_compares_host_and_port(origin, host, same):
+    assert same_origin(origin, host) is same
 
 
 # -- leaving ------------------------------------------------------------------------------------------

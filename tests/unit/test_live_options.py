@@ -169,3 +169,48 @@ def test_an_unknown_transport_is_a_value_error(transport):
     with pytest.raises(ValueError, match="rtsp_transport"):
         open_live(URL, rtsp_transport=transport)
     assert RTSP_TRANSPORTS == ("auto", "tcp", "udp")
+
+
+# -- how a URL is shown -------------------------------------------------------------------------------
+SECRET = "S3cretPW"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rtsp://admin:S3cretPW@127.0.0.1:9/x", "rtsp://admin:***@127.0.0.1:9/x"),
+        ("rtsp://admin:S3cret%40PW@127.0.0.1:9/x", "rtsp://admin:***@127.0.0.1:9/x"),
+        # A user name alone is often an access token: hidden whole.
+        ("rtsp://S3cretPW@127.0.0.1:9/x", "rtsp://***@127.0.0.1:9/x"),
+        # Everything up to the authority's last "@" is user info, whatever a parser makes of the rest.
+        ("rtsp://admin:S3cretPW@127.0.0.1:9\\@evil/x", "rtsp://admin:***@evil/x"),
+        # Not a URL urlsplit reads (a bad IPv6 address): redacted as text.
+        ("rtsp://admin:S3cretPW@[::1/x", "rtsp://***@[::1/x"),
+        ("rtsp://[::1/x?apikey=S3cretPW&fps=1", "rtsp://[::1/x?apikey=***&fps=1"),
+        # Credential-like query and fragment parameters, in any case; others stay.
+        ("rtsp://127.0.0.1:9/x?password=S3cretPW", "rtsp://127.0.0.1:9/x?password=***"),
+        (
+            "https://cam/x.m3u8?a=1&Token=S3cretPW;X-Amz-Signature=S3cretPW&passwd=S3cretPW&pwd=S3cretPW",
+            "https://cam/x.m3u8?a=1&Token=***;X-Amz-Signature=***&passwd=***&pwd=***",
+        ),
+        (
+            "rtmp://h/app?key=S3cretPW&secret=S3cretPW&auth=S3cretPW&sig=S3cretPW#access_token=S3cretPW&t=3",
+            "rtmp://h/app?key=***&secret=***&auth=***&sig=***#access_token=***&t=3",
+        ),
+        # Nothing to hide: the URL as given.
+        ("rtsp://cam.local:554/stream?channel=1&subtype=0", "rtsp://cam.local:554/stream?channel=1&subtype=0"),
+        ("srt://host:9000?mode=caller", "srt://host:9000?mode=caller"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_urls_are_shown_without_their_credentials(url, shown):
+    from mukv.video.live import redact_url
+
+    assert redact_url(url) == shown
+    assert SECRET not in redact_url(url)
+
+
+def test_a_url_that_does_not_parse_is_named_without_its_password():
+    with pytest.raises(VideoError) as caught:
+        open_live("rtsp://admin:S3cretPW@[::1/x")
+    assert SECRET not in str(caught.value) and "rtsp://***@[::1/x" in str(caught.value)

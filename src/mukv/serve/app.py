@@ -27,12 +27,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -163,21 +164,76 @@ class _Guard:
         await self.app(scope, limited, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Refuse a WebSocket under ``/v1`` before accepting it (the handshake is answered 403): close
-        code 1008 without the token, 1013 while the model is not loaded. Browsers cannot set headers,
-        so the token may also come as an offered subprotocol ``bearer.<token>``."""
+        """Refuse a WebSocket under ``/v1`` before accepting it: without the token (401), from a page
+        of another origin when the server has no token (403), or while the model is not loaded (503).
+
+        Browsers cannot set headers, so the token may also come as an offered subprotocol
+        ``bearer.<token>``. The refusal is an HTTP response with the JSON error body of the HTTP API
+        where the server supports it (ASGI's ``websocket.http.response`` extension, as uvicorn
+        does); elsewhere the handshake is closed with code 1008 (token, origin) or 1013 (loading).
+        """
         if scope["path"].startswith("/v1"):
-            token = self.state.config.token
-            refusal = None
-            if token is not None and not _websocket_has_token(scope, token):
-                refusal = (WS_POLICY_VIOLATION, WS_UNAUTHORIZED)
-            elif not self.state.ready:
-                refusal = (WS_TRY_AGAIN_LATER, _not_ready(self.state).message)
-            if refusal is not None:
-                code, reason = refusal
-                await send({"type": "websocket.close", "code": code, "reason": close_reason(reason)})
+            error, code = self._websocket_refusal(scope)
+            if error is not None:
+                await _refuse_websocket(scope, send, error, code)
                 return
         await self.app(scope, receive, send)
+
+    def _websocket_refusal(self, scope: Scope) -> tuple[ApiError | None, int]:
+        """Why a WebSocket handshake under ``/v1`` is refused (its error and close code), if it is."""
+        token = self.state.config.token
+        if token is not None:
+            if not _websocket_has_token(scope, token):
+                return _unauthorized(WS_UNAUTHORIZED), WS_POLICY_VIOLATION
+        else:
+            # Without a token any page the user visits could reach a loopback server: only the page's
+            # own origin may connect. A page without the token cannot connect to a server that has one.
+            headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+            origin = headers.get("origin")
+            if origin is not None and not same_origin(origin, headers.get("host")):
+                message = f"origin {origin[:100]!r} is not this server's: connect from its own page (or use a token)"
+                return ApiError(403, "origin_not_allowed", message), WS_POLICY_VIOLATION
+        if not self.state.ready:
+            return _not_ready(self.state), WS_TRY_AGAIN_LATER
+        return None, 0
+
+
+async def _refuse_websocket(scope: Scope, send: Send, error: ApiError, code: int) -> None:
+    """Answer a WebSocket handshake with ``error`` as an HTTP response where the server can send one,
+    so that a client sees the status and the body; else close it with ``code``."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [
+            (key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in (error.headers or {}).items()
+        ]
+        await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
+        return
+    await send({"type": "websocket.close", "code": code, "reason": close_reason(error.message)})
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether a handshake's ``Origin`` names the host and port it was sent to (its ``Host``).
+
+    A page's origin is ``scheme://host[:port]``; a port left out is its scheme's default, for the
+    ``Host`` header too (a reverse proxy must pass ``Host`` through unchanged). ``null`` (a sandboxed
+    page, a local file) and anything unparsable is another origin.
+    """
+    if not host:
+        return False
+    try:
+        seen = urlsplit(origin)
+        sent = urlsplit(f"{seen.scheme}://{host}")
+        default = _DEFAULT_PORTS.get(seen.scheme.lower())
+        origin_at = (seen.hostname, seen.port or default)
+        host_at = (sent.hostname, sent.port or default)
+    except ValueError:  # a bad port or IPv6 address
+        return False
+    return seen.hostname is not None and origin_at == host_at
 
 
 # WebSocket close codes (RFC 6455 section 7.4.1; 1013 is IANA's "Try Again Later").
@@ -186,7 +242,7 @@ WS_TRY_AGAIN_LATER = 1013
 # A close frame's reason holds at most 123 bytes of UTF-8 (RFC 6455 section 5.5).
 MAX_CLOSE_REASON_BYTES = 123
 WS_TOKEN_PREFIX = "bearer."
-WS_UNAUTHORIZED = f"unauthorized: send Authorization: Bearer <token> or subprotocol {WS_TOKEN_PREFIX}<token>"
+WS_UNAUTHORIZED = f"missing or wrong token: send Authorization: Bearer <token> or subprotocol {WS_TOKEN_PREFIX}<token>"
 
 
 def close_reason(text: str) -> str:
@@ -215,12 +271,21 @@ def _check_token(header: str | None, token: str) -> ApiError | None:
     scheme, _, value = (header or "").partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode()):
         return None
-    return ApiError(
-        401,
-        "unauthorized",
-        "missing or wrong token: send Authorization: Bearer <token>",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+    return _unauthorized("missing or wrong token: send Authorization: Bearer <token>")
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+# A WebSocket subprotocol is an HTTP token (RFC 6455 section 4.1, RFC 9110 section 5.6.2): a
+# browser's WebSocket constructor refuses any other character, so the page cannot send such a token.
+_SUBPROTOCOL_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def token_fits_subprotocol(token: str) -> bool:
+    """Whether ``token`` can be sent as the subprotocol ``bearer.<token>`` (as the web page does)."""
+    return all(char in _SUBPROTOCOL_CHARS for char in token)
 
 
 def _not_ready(state: ServerState) -> ApiError:
@@ -240,6 +305,24 @@ def _json_error(error: ApiError) -> JSONResponse:
 
 # -- request bodies ----------------------------------------------------------------------------
 OverrideValue = str | bool | int | float | None
+
+# The latest time a pushed frame may carry, in seconds of stream time (about 31 years). Frame times
+# only increase, so a frame far in the future would leave the stream no time for any later frame,
+# a clock-stamped one included; a client with a clock of its own (Unix time, say) stays well below.
+MAX_FRAME_SECONDS = 1e9
+
+
+def _unicode(text: str) -> str:
+    """``text`` unless it holds a lone surrogate (JSON's ``"\\ud800"``): such a string cannot be
+    encoded as UTF-8, by the tokenizer or in a reply."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text (a lone surrogate at character {exc.start})") from None
+    return text
+
+
+UnicodeText = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamRequest(BaseModel):
@@ -262,7 +345,7 @@ class QuestionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str
-    choices: list[str] | None = None
+    choices: list[UnicodeText] | None = None
     max_new_tokens: int | None = Field(default=None, ge=1)
     at: float | None = Field(default=None, allow_inf_nan=False, description="seconds of stream time")
 
@@ -320,6 +403,11 @@ def stream_options(body: StreamRequest, config: ServeConfig) -> StreamOptions:
 def create_app(config: ServeConfig) -> FastAPI:
     """A FastAPI app serving ``config.model`` (loaded when the app starts, on its device worker)."""
     state = ServerState(config)
+    if config.token is not None and not token_fits_subprotocol(config.token):
+        logger.warning(
+            "the token holds characters a WebSocket subprotocol cannot carry: the web page cannot "
+            "send it to a stream's WebSocket (its webcam streams fail); choose letters, digits and -._~"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -437,7 +525,9 @@ def _api_router(state: ServerState) -> APIRouter:
     async def push_frames(
         stream_id: str,
         request: Request,
-        t: float | None = Query(default=None, ge=0, allow_inf_nan=False, description="seconds of stream time"),
+        t: float | None = Query(
+            default=None, ge=0, le=MAX_FRAME_SECONDS, allow_inf_nan=False, description="seconds of stream time"
+        ),
     ) -> JSONResponse:
         """Queue frames for encoding: a PNG/JPEG body at ``t`` (default: seconds since the stream was
         created), or multipart ``frame`` parts with one ``t`` part each (a single frame may take
@@ -628,6 +718,7 @@ def _seconds(text: str, field: str) -> float:
         value = float(text)
     except ValueError:
         raise ApiError(422, "invalid_request", f"{field}: expected seconds, got {text!r}", field=field) from None
-    if not math.isfinite(value) or value < 0:
-        raise ApiError(422, "invalid_request", f"{field}: must be finite seconds >= 0, got {text}", field=field)
+    if not math.isfinite(value) or not 0 <= value <= MAX_FRAME_SECONDS:
+        message = f"{field}: must be seconds from 0 to {MAX_FRAME_SECONDS:.0e}, got {text}"
+        raise ApiError(422, "invalid_request", message, field=field)
     return value

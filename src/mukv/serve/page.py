@@ -16,7 +16,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from mukv.serve.config import ServeConfig
 
@@ -46,15 +49,31 @@ PAGE_HEADERS = {
 }
 
 
+PAGE_FILE = "index.html"
+
+
+class PageFiles(StaticFiles):
+    """The page's files under ``/static``, each with :data:`PAGE_HEADERS` (``nosniff`` above all: a
+    file is only ever what its type says). The page itself is not among them: it is served at ``/``
+    alone, so that it is never shown without its headers by another address."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        if path.lstrip("/") == PAGE_FILE:  # ``path`` is normalised: ``./index.html`` is this too
+            raise HTTPException(404, f"the page is served at /, not /static/{PAGE_FILE}")
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
 def add_page_routes(app: FastAPI) -> None:
     """Serve the page at ``/`` and its files under ``/static`` (no token needed: the page holds no
     data; it asks for the token and sends it with each API request)."""
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+        return FileResponse(STATIC_DIR / PAGE_FILE, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", PageFiles(directory=STATIC_DIR), name="static")
 
 
 @dataclass(frozen=True)
@@ -72,14 +91,15 @@ class Listing:
 
 def _listable(name: str) -> bool:
     """Names a client can show and send back unchanged: valid Unicode (not undecodable bytes),
-    no control characters, not hidden."""
+    no control characters (``Cc``) nor invisible format characters (``Cf``: a right-to-left
+    override would show ``evil\u202egpm.mp4`` as ``evilmp4.mpg``), not hidden."""
     if name.startswith("."):
         return False
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:  # bytes the file system holds that are not UTF-8 (surrogate escapes)
         return False
-    return not any(unicodedata.category(char) == "Cc" for char in name)
+    return not any(unicodedata.category(char) in ("Cc", "Cf") for char in name)
 
 
 def list_sources(config: ServeConfig) -> Listing:

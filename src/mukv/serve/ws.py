@@ -9,17 +9,27 @@ set headers), as a second offered subprotocol ``bearer.<token>``::
 
     new WebSocket(url, ["mukv.v1", "bearer." + token])
 
-A connection without the right token is refused before it is accepted (the handshake is answered
-403; close code 1008), and so is one made while the model is loading (close code 1013). For a
-stream id that does not exist the connection is accepted, sent an ``error`` message (code
-``stream_not_found``) and closed with code 1008 and a reason naming the id.
+A handshake is refused before it is accepted, answered with an HTTP error and the HTTP API's JSON
+error body: 401 ``unauthorized`` without the right token, 503 ``model_loading`` (or
+``model_load_failed``) while the model is not loaded, and, on a server without a token, 403
+``origin_not_allowed`` for a browser page of another origin (an ``Origin`` header whose host and
+port are not the ``Host`` the handshake was sent to: only the server's own page may connect, so
+that no other site the user visits can reach a server on their loopback address). A server that
+cannot answer a handshake with a response (no ASGI ``websocket.http.response`` extension) closes
+it instead, with code 1008 (token, origin) or 1013 (loading). A browser tells a page neither: its
+socket just closes (code 1006). For a stream id that does not exist the connection is accepted,
+sent an ``error`` message (code ``stream_not_found``) and closed with code 1008 and a reason
+naming the id.
 
 **Client to server.**
 
 - a *binary* message: one PNG or JPEG frame, timestamped by the stream's clock when it arrives (as
   a push without ``t``);
 - ``{"type": "frame", "t": <seconds, optional>, "data": "<base64 PNG/JPEG>"}`` (``data`` may also
-  be a ``data:image/...;base64,`` URL, as ``canvas.toDataURL()`` makes);
+  be a ``data:image/...;base64,`` URL, as ``canvas.toDataURL()`` makes; ``t`` from 0 to
+  :data:`~mukv.serve.app.MAX_FRAME_SECONDS`, after the stream's newest frame: a stream's frames
+  are either all clock-stamped or all given their times, as a frame far ahead of the stream's
+  clock leaves no time for clock-stamped frames after it);
 - ``{"type": "question", "id": "<client id>", "question": "...", "choices": [...]?, "at": <seconds>?,
   "max_new_tokens": <int>?}``: up to :data:`MAX_QUESTIONS_IN_FLIGHT` may be in flight at once,
   each tagged by its own ``id`` (a string of at most :data:`MAX_ID_CHARS` characters);
@@ -34,14 +44,23 @@ stream id that does not exist the connection is accepted, sent an ``error`` mess
 - ``{"type": "token", "id": <question id>, "text": ..., "token_id": ...}`` as the answer is made;
 - ``{"type": "done", "id": <question id>, ...}``: the answer, with the fields of the SSE ``done``
   event (:func:`mukv.serve.answers.done_json`);
-- ``{"type": "error", "id": <question id or null>, "error": {"code", "message", "field"?}}``: the
-  codes and body of the HTTP errors; the connection stays open (a bad message, a frame that does not
-  decode or is too large, a frame sent to a file or live stream (``not_a_push_stream``), a refused
-  question). Every question ends with exactly one ``done`` or one ``error``; a cancelled one with
-  the error code ``cancelled``;
-- ``{"type": "stream", ...}``: the stream's info every :data:`STREAM_INFO_SECONDS` while connected,
-  so a page can draw its timeline without polling. When the stream is deleted, an ``error``
-  (``stream_not_found``) is sent and the connection closed (code 1000).
+- ``{"type": "error", "id": <question id or null>, "ref"?: <id>, "error": {"code", "message",
+  "field"?}}``: the codes and body of the HTTP errors; the connection stays open (a bad message, a
+  frame that does not decode or is too large, a frame sent to a file or live stream
+  (``not_a_push_stream``), a refused question). Every question ends with exactly one ``done`` or
+  one ``error`` under its ``id``; a cancelled one with the error code ``cancelled``, one the server
+  failed with ``internal_error``. So ``id`` is a question's only when the error ends it: a refused
+  question message whose own id is valid and not in flight. The refusal of any other message that
+  names an id (a question reusing the id of one in flight, a bad ``cancel``) has ``id`` null and
+  the id in ``ref``; an id that is not a valid one (not a string of 1 to :data:`MAX_ID_CHARS`
+  characters of valid Unicode) is not sent back at all;
+- ``{"type": "stream", "stream": <the stream>}``: the stream's info every
+  :data:`STREAM_INFO_SECONDS` while connected, so a page can draw its timeline without polling.
+  When the stream is deleted, an ``error`` (``stream_not_found``) is sent and the connection closed
+  (code 1000).
+
+Messages are ASCII JSON (any other character escaped). Should the server fail to send one, it logs
+why and closes the connection with code 1011.
 
 **Limits.** A frame holds at most ``max_body_bytes`` bytes (a larger one is answered with the error
 ``body_too_large``) and ``max_frame_pixels`` pixels (``frame_too_large``). A message over
@@ -69,8 +88,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from mukv.engine import TokenEvent
 from mukv.serve.answers import AnswerRun, done_json, token_json
 from mukv.serve.app import (
+    MAX_FRAME_SECONDS,
     WS_POLICY_VIOLATION,
     QuestionRequest,
+    UnicodeText,
     accept_frames,
     check_max_new_tokens,
     check_push_stream,
@@ -94,6 +115,7 @@ MAX_ID_CHARS = 128
 # Room for the JSON around a base64 frame: {"type": "frame", "t": ..., "data": "data:image/jpeg;base64,"}.
 ENVELOPE_BYTES = 1024
 WS_NORMAL_CLOSURE = 1000
+WS_INTERNAL_ERROR = 1011
 
 
 def max_message_bytes(config: ServeConfig) -> int:
@@ -107,7 +129,9 @@ class FrameMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["frame"]
-    t: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="seconds of stream time")
+    t: float | None = Field(
+        default=None, ge=0, le=MAX_FRAME_SECONDS, allow_inf_nan=False, description="seconds of stream time"
+    )
     data: str
 
 
@@ -115,7 +139,7 @@ class QuestionMessage(QuestionRequest):
     """``{"type": "question", "id", ...}``: the body of ``POST /v1/streams/{id}/questions`` and its id."""
 
     type: Literal["question"]
-    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    id: UnicodeText = Field(min_length=1, max_length=MAX_ID_CHARS)
 
 
 class CancelMessage(BaseModel):
@@ -124,7 +148,7 @@ class CancelMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["cancel"]
-    id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    id: UnicodeText = Field(min_length=1, max_length=MAX_ID_CHARS)
 
 
 def _parse(model: type[BaseModel], message: dict[str, Any]) -> Any:
@@ -134,9 +158,35 @@ def _parse(model: type[BaseModel], message: dict[str, Any]) -> Any:
         raise validation_error(exc.errors()) from None
 
 
-def error_message(question_id: str | None, error: ApiError) -> dict[str, Any]:
-    """The ``error`` message of ``error`` (about question ``question_id``, or none)."""
-    return {"type": "error", "id": question_id, **error.body()}
+def error_message(question_id: str | None, error: ApiError, *, ref: str | None = None) -> dict[str, Any]:
+    """The ``error`` message of ``error``: the end of question ``question_id``, or of none (``None``);
+    ``ref`` names the id a refused message carried when the refusal does not end that question."""
+    message: dict[str, Any] = {"type": "error", "id": question_id, **error.body()}
+    if ref is not None:
+        message["ref"] = ref
+    return message
+
+
+def valid_id(value: object) -> str | None:
+    """``value`` if it is a question id the server may send back: a string of 1 to
+    :data:`MAX_ID_CHARS` characters of valid Unicode (no lone surrogate); else ``None``."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_CHARS:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def _decode(text: str) -> Any:
+    """A text message's JSON; ``invalid_json`` for one that is not JSON or nests too deep to read."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"the message is not valid JSON: {exc}") from None
+    except RecursionError:  # thousands of nested arrays: refused like any other unreadable message
+        raise ApiError(400, "invalid_json", "the message is not valid JSON: nested too deep") from None
 
 
 async def serve_socket(websocket: WebSocket, state: ServerState, stream_id: str) -> None:
@@ -149,7 +199,7 @@ async def serve_socket(websocket: WebSocket, state: ServerState, stream_id: str)
     except ApiError as error:
         # Accepted first so that a browser, which sees no reason for a refused handshake, is told why.
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):  # the client left first
-            await websocket.send_json(error_message(None, error))
+            await websocket.send_text(json.dumps(error_message(None, error)))
             await websocket.close(WS_POLICY_VIOLATION, close_reason(f"no stream {stream_id!r}"))
         return
     await _Connection(websocket, state, stream).serve()
@@ -193,14 +243,28 @@ class _Connection:
             self._answers.clear()
 
     async def send(self, message: dict[str, Any]) -> bool:
-        """Send one message; ``False`` once the connection is gone (nothing more is sent then)."""
+        """Send one message; ``False`` once the connection is gone (nothing more is sent then).
+
+        Messages are ASCII JSON: a string that is not valid Unicode (a lone surrogate a client sent
+        as ``"\\ud800"``) is escaped rather than refused by the transport's UTF-8 encoding. Any
+        other failure to send is logged once and closes the connection (code 1011): a connection
+        that cannot be written to would leave its questions without an end.
+        """
         async with self._send_lock:
             if not self.open:
                 return False
             try:
-                await self.websocket.send_json(message)
+                await self.websocket.send_text(json.dumps(message))
             except (WebSocketDisconnect, RuntimeError):  # the client left, or the socket was closed
                 self.open = False
+                return False
+            except Exception:
+                self.open = False
+                logger.exception(
+                    "sending a %s message on the WebSocket of stream %s failed", message.get("type"), self.stream.id
+                )
+                with contextlib.suppress(Exception):  # the transport itself may be what failed
+                    await self.websocket.close(WS_INTERNAL_ERROR, close_reason("the server could not send a message"))
                 return False
             return True
 
@@ -216,7 +280,11 @@ class _Connection:
     async def _handle(self, message: dict[str, Any]) -> None:
         """One client message; a bad one is answered with an ``error`` message, the connection stays."""
         arrival = self.stream.clock()  # a binary frame's time: when it reached the server
+        # A refusal carries as its id only the question it ends: a question message's own id, once
+        # valid and not in flight. Any other id the message named (a duplicate of a question in
+        # flight, a cancel's) is sent back as ``ref``, so no question seems to end twice.
         question_id = None
+        ref = None
         try:
             if message.get("bytes") is not None:
                 await self._frame(message["bytes"], arrival, field="frame")
@@ -225,15 +293,15 @@ class _Connection:
             limit = max_message_bytes(self.config)
             if len(text) > limit:
                 raise ApiError(413, "body_too_large", f"the message is over the limit of {limit:,} bytes")
-            try:
-                data = json.loads(text)
-            except ValueError as exc:
-                raise ApiError(400, "invalid_json", f"the message is not valid JSON: {exc}") from None
+            data = _decode(text)
             if not isinstance(data, dict):
                 raise ApiError(422, "invalid_request", "a message is a JSON object with a type", field="type")
             kind = data.get("type")
-            if kind in ("question", "cancel") and isinstance(data.get("id"), str):
-                question_id = data["id"]
+            named = valid_id(data.get("id")) if kind in ("question", "cancel") else None
+            if kind == "question" and named is not None and named not in self._answers:
+                question_id = named
+            else:
+                ref = named
             if kind == "frame":
                 body = _parse(FrameMessage, data)
                 await self._frame(_base64(body.data), arrival if body.t is None else body.t, field="data")
@@ -249,10 +317,10 @@ class _Connection:
                     field="type",
                 )
         except ApiError as error:
-            await self.send(error_message(question_id, error))
+            await self.send(error_message(question_id, error, ref=ref))
         except Exception as exc:
             logger.exception("a message on the WebSocket of stream %s failed", self.stream.id)
-            await self.send(error_message(question_id, from_exception(exc)))
+            await self.send(error_message(question_id, from_exception(exc), ref=ref))
 
     async def _frame(self, data: bytes, t: float, *, field: str) -> None:
         check_push_stream(self.stream)
@@ -300,13 +368,16 @@ class _Connection:
 
     # -- messages out ------------------------------------------------------------------------------
     async def _answer(self, question_id: str, run: AnswerRun) -> None:
-        """Send the answer's tokens, then its ``done`` (or ``error``) message."""
+        """Send the answer's tokens, then its ``done`` (or ``error``) message. Whatever fails here
+        still ends the question, with the error ``internal_error``."""
+        ended = False  # its done or error message is sent (or the connection is gone)
         try:
             while True:
                 try:
                     event = await run.next()
                 except Exception as exc:  # a refused question, a failure, the stream deleted
                     self._forget(question_id, run)
+                    ended = True
                     error = self._deleted() if self.stream.closed else from_exception(exc)
                     await self.send(error_message(question_id, error))
                     return
@@ -316,11 +387,19 @@ class _Connection:
                     if not await self.send(message):
                         return
                     continue
+                data = done_json(event.answer, run, frames_queued=self.stream.counters()["queued"])
                 # Ended: no longer cancellable, so a cancel racing the done message is not answered twice.
                 self._forget(question_id, run)
-                data = done_json(event.answer, run, frames_queued=self.stream.counters()["queued"])
+                ended = True
                 await self.send({"type": "done", "id": question_id, **data})
                 return
+        except Exception as exc:
+            logger.exception("the answer to question %r on stream %s failed", question_id, self.stream.id)
+            # Unless a cancel already ended it (and answered for it), the question ends here.
+            if not ended and self._forget(question_id, run):
+                await self.send(
+                    error_message(question_id, ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+                )
         finally:
             run.cancel()  # no-op once it ended; stops it when the client left
             self._forget(question_id, run)
@@ -328,22 +407,32 @@ class _Connection:
     def _deleted(self) -> ApiError:
         return ApiError(404, "stream_not_found", f"stream {self.stream.id} was deleted")
 
-    def _forget(self, question_id: str, run: AnswerRun) -> None:
+    def _forget(self, question_id: str, run: AnswerRun) -> bool:
+        """Take ``run`` out of the questions in flight; whether it was still there."""
         entry = self._answers.get(question_id)
         if entry is not None and entry[0] is run:  # a later question may reuse the id
             del self._answers[question_id]
+            return True
+        return False
 
     async def _tick(self) -> None:
-        """The stream's info every :data:`STREAM_INFO_SECONDS`; closes the connection once it is deleted."""
-        while self.open:
-            await asyncio.sleep(STREAM_INFO_SECONDS)
-            if self.stream.closed:
-                error = self._deleted()
-                await self.send(error_message(None, error))
-                await self._close(WS_NORMAL_CLOSURE, error.message)
-                return
-            if not await self.send({"type": "stream", **self.stream.info()}):
-                return
+        """The stream's info every :data:`STREAM_INFO_SECONDS`; closes the connection once it is deleted.
+        Should the info fail, the client is told (``internal_error``) and the ticks stop; the
+        connection stays."""
+        try:
+            while self.open:
+                await asyncio.sleep(STREAM_INFO_SECONDS)
+                if self.stream.closed:
+                    error = self._deleted()
+                    await self.send(error_message(None, error))
+                    await self._close(WS_NORMAL_CLOSURE, error.message)
+                    return
+                if not await self.send({"type": "stream", "stream": self.stream.info()}):
+                    return
+        except Exception as exc:
+            logger.exception("the info of stream %s failed", self.stream.id)
+            message = f"the stream's info stopped: {type(exc).__name__}: {exc}"
+            await self.send(error_message(None, ApiError(500, "internal_error", message)))
 
 
 def _base64(data: str) -> bytes:

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import math
 import numbers
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -58,19 +59,69 @@ _CLOCK_RESTART_S = 1.0
 _CLOCK_JUMP_S = 10.0
 
 
+# Query (and fragment) parameters whose value is hidden by :func:`redact_url`: any whose name holds
+# one of these, in any case (``password``, ``api_key``, ``X-Amz-Signature``, ``access_token``, ...).
+_SECRET_NAMES = re.compile(r"pass|pwd|secret|token|key|sig|auth|cred|session|ticket", re.IGNORECASE)
+# ``name=value`` pairs of a query, separated by ``&`` or ``;``.
+_PARAMETER = re.compile(r"(^|[&;])([^&;=]*)=([^&;]*)")
+# ``scheme://`` then the authority (up to the first ``/``, ``?`` or ``#``), for URLs urlsplit refuses.
+_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//([^/?#]*)")
+_HIDDEN = "***"
+
+
+def _redact_parameters(text: str) -> str:
+    """``text`` (a query or fragment) with the values of credential-like parameters hidden."""
+
+    def hide(match: re.Match[str]) -> str:
+        separator, name, value = match.groups()
+        if value and _SECRET_NAMES.search(name):
+            value = _HIDDEN
+        return f"{separator}{name}={value}"
+
+    return _PARAMETER.sub(hide, text)
+
+
+def _redact_netloc(netloc: str) -> str:
+    """``netloc`` with its user info hidden: ``user:***@host`` for a user and password, ``***@host``
+    for a user name alone (often an access token given as one)."""
+    if "@" not in netloc:
+        return netloc
+    userinfo, hostport = netloc.rsplit("@", 1)
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:{_HIDDEN}@{hostport}" if colon else f"{_HIDDEN}@{hostport}"
+
+
 def redact_url(url: str) -> str:
-    """``url`` with the password of its user info replaced by ``***`` (for messages and logs)."""
+    """``url`` as messages and logs show it, with its credentials hidden (``***``): the password of
+    its user info (a user name without a password is hidden whole, as it is often a token), and the
+    values of query and fragment parameters whose names look like credentials (``password``,
+    ``passwd``, ``pwd``, ``token``, ``key``, ``secret``, ``sig``/``signature``, ``auth``, ...).
+
+    A URL that does not parse is redacted as text: whatever stands between ``//`` and the last ``@``
+    of its authority is hidden, and its parameters as above.
+    """
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc:
-        return url
-    userinfo, hostport = parts.netloc.rsplit("@", 1)
-    if ":" not in userinfo:
-        return url
-    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    return parts._replace(netloc=netloc).geturl()
+    except ValueError:  # "rtsp://user:pw@[::1/x" (a bad IPv6 address): hidden all the same
+        return _redact_text(url)
+    netloc = _redact_netloc(parts.netloc)
+    query = _redact_parameters(parts.query)
+    fragment = _redact_parameters(parts.fragment)
+    if (netloc, query, fragment) == (parts.netloc, parts.query, parts.fragment):
+        return url  # nothing to hide: as given, not as urlsplit would rebuild it
+    return parts._replace(netloc=netloc, query=query, fragment=fragment).geturl()
+
+
+def _redact_text(url: str) -> str:
+    """:func:`redact_url` for text that is not a URL urlsplit reads."""
+    match = _AUTHORITY.match(url)
+    if match is not None and "@" in match.group(2):
+        scheme = match.group(1) or ""
+        url = f"{scheme}//{_HIDDEN}@{match.group(2).rsplit('@', 1)[1]}{url[match.end() :]}"
+    head, mark, rest = url.partition("?")
+    if not mark:
+        head, mark, rest = url.partition("#")
+    return head + mark + _redact_parameters(rest) if mark else head
 
 
 @dataclass(frozen=True)

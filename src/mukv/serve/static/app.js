@@ -437,11 +437,9 @@
         state.socketReady = true;
         startCapture();
         break;
-      case "stream": {
-        const { type, ...info } = message;
-        state.stream = info;
+      case "stream":
+        state.stream = message.stream;
         break;
-      }
       case "frames":
         for (const t of message.timestamps || []) state.frameTimes.push(t);
         if (state.frameTimes.length > MAX_TICKS) state.frameTimes.splice(0, state.frameTimes.length - MAX_TICKS);
@@ -459,6 +457,8 @@
       }
       case "error": {
         const error = new ApiError(message.error?.code ?? "error", message.error?.message ?? "", message.error?.field);
+        // Only an error under a question's own id ends it; one naming it as "ref" (a refused message
+        // about it) leaves it running.
         const answer = message.id ? findAnswer(message.id) : null;
         if (answer) failAnswer(answer, error);
         else showError("the stream's WebSocket", error);
