@@ -308,14 +308,14 @@ def tiny_model(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     force: Annotated[bool, typer.Option(help="Write into a non-empty directory.")] = False,
     family: Annotated[
-        str, typer.Option(help="Model family: llava_onevision, qwen2_5_vl (its config's model_type).")
+        str, typer.Option(help="Model family: llava_onevision, qwen2_5_vl, qwen3_vl (its config's model_type).")
     ] = "llava_onevision",
 ) -> None:
     """Build a tiny random checkpoint offline (loads like a hub checkpoint with --model DIR)."""
     from mukv.backends.tiny import build_tiny_model
     from mukv.backends.tiny_qwen import FAMILIES, build_tiny_qwen
 
-    names = {"llava_onevision": "LLaVA-OneVision", "qwen2_5_vl": "Qwen2.5-VL"}
+    names = {"llava_onevision": "LLaVA-OneVision", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
     if family not in ("llava_onevision", *FAMILIES):
         raise ValueError(f"--family: expected one of llava_onevision, {', '.join(FAMILIES)}, got {family!r}")
     if directory.exists() and not directory.is_dir():

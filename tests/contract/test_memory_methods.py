@@ -1,6 +1,7 @@
 """Every registered memory method, through the same session interface, on every model family's
-frame layout: LLaVA-OneVision (a unit is a frame) and Qwen2.5-VL (a unit is a pair of frames, whose
-stream is placed in time by its rate). Sessions count frames; memories count units."""
+frame layout: LLaVA-OneVision (a unit is a frame), Qwen2.5-VL (a unit is a pair of frames, whose
+stream is placed in time by its rate) and Qwen3-VL (pairs too, each fed between its timestamp text).
+Sessions count frames; memories count units."""
 
 from __future__ import annotations
 
@@ -27,15 +28,25 @@ SMALL = {
 FPS = 0.5
 
 
-@pytest.fixture(scope="module", params=["llava_onevision", "qwen2_5_vl"])
+# The Qwen families run the contract in `make test-slow`: their own modules (test_qwen_backends.py,
+# test_qwen3_vl.py) answer with every method through the session in the default run.
+FAMILIES = [
+    "llava_onevision",
+    pytest.param("qwen2_5_vl", marks=pytest.mark.slow),
+    pytest.param("qwen3_vl", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def backend(request, backend, tmp_path_factory):
-    """The shared tiny LLaVA-OneVision, or a tiny Qwen2.5-VL (56 x 56 px frames: 4 tokens per unit)."""
+    """The shared tiny LLaVA-OneVision, or a tiny Qwen2.5-VL (56 x 56 px frames: 4 tokens per unit), or a
+    tiny Qwen3-VL (64 x 64 px frames: 4 tokens per unit, with its timestamp text and DeepStack maps)."""
     if request.param == "llava_onevision":
         return backend
     from mukv.backends import load_backend
     from mukv.backends.tiny_qwen import build_tiny_qwen
 
-    return load_backend(build_tiny_qwen(tmp_path_factory.mktemp("qwen2_5_vl")))
+    return load_backend(build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param))
 
 
 def units(backend, frames: int) -> int:

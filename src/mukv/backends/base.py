@@ -79,8 +79,19 @@ class Backend(Protocol):
         ...
 
     def encode_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 frames ``[T, H, W, 3]`` -> visual tokens ``[U, P, d]`` on ``device``: one row per
-        visual unit (``U = T / layout.frames_per_unit``), ``P = layout.tokens``."""
+        """uint8 frames ``[T, H, W, 3]`` -> visual tokens ``[U, P, w]`` on ``device``: one row per
+        visual unit (``U = T / layout.frames_per_unit``), ``P = layout.tokens``. ``w`` is the model's
+        hidden size ``d``, or a multiple of it where each visual token carries more than its input
+        embedding (Qwen3-VL's DeepStack maps, side by side): whatever selects or moves tokens carries
+        them unchanged, and :meth:`forward` takes them as they are."""
+        ...
+
+    def unit_text(self, time: float) -> tuple[str, str]:
+        """The text the model's processor writes before and after a visual unit stamped ``time``
+        seconds (the mean time of its frames), ``("", "")`` where it writes none. Qwen3-VL writes
+        ``<{time:.1f} seconds><|vision_start|>`` and ``<|vision_end|>``: a unit is then fed with its
+        text, and its place in a stream depends on the text lengths before it
+        (:func:`mukv.memory.base.unit_sequence`)."""
         ...
 
     def tokenize(self, text: str) -> torch.Tensor:
@@ -102,7 +113,8 @@ class Backend(Protocol):
         position_ids: torch.Tensor,
         logits: Logits = "last",
     ) -> torch.Tensor | None:
-        """Run the language model over ``embeds [B, n, d]`` at ``position_ids [R, n]`` (from
+        """Run the language model over ``embeds [B, n, d]`` (or ``[B, n, w]``: visual features as
+        :meth:`encode_frames` gives them, text rows zero beyond ``d``) at ``position_ids [R, n]`` (from
         :attr:`positions` or a stream's :meth:`stream_positions`; every sequence of a batch at the
         same positions).
 

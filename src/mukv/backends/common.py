@@ -102,6 +102,10 @@ class LanguageModelOps:
         """Visual tokens per unit (``layout.tokens``)."""
         return self.layout.tokens
 
+    def unit_text(self, time: float) -> tuple[str, str]:
+        """No text around a visual unit (see the protocol): a family that writes some overrides it."""
+        return "", ""
+
     def tokenize(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
         return ids.to(self.device)

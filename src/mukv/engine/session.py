@@ -142,21 +142,28 @@ class StreamSession:
                 whole = tensor.shape[0] - tensor.shape[0] % per_unit
                 self._pending = tensor[whole:].clone() if whole < tensor.shape[0] else None
                 self._pending_times = [float(t) for t in times[whole:]]
+                # A unit's stamp is its frames' mean time, as Qwen3-VL's processor writes it.
+                stamps = (times[0:whole:per_unit] + times[per_unit - 1 : whole : per_unit]) / 2
                 tensor, times = tensor[:whole], times[per_unit - 1 : whole : per_unit]
+            else:
+                stamps = times
             if tensor.shape[0]:
-                self._store_units(tensor, times, count)
+                self._store_units(tensor, times, count, stamps)
             else:
                 self._frames_encoded += count
             self._frames += count
         return count
 
-    def _store_units(self, frames: torch.Tensor, times: np.ndarray, count: int) -> None:
+    def _store_units(
+        self, frames: torch.Tensor, times: np.ndarray, count: int, stamps: np.ndarray | None = None
+    ) -> None:
         """Encode whole units of ``frames`` and hand them to the memory, each unit at the time of its
-        last frame (``times``, one per unit); ``count`` new frames are accounted."""
+        last frame (``times``, one per unit) and stamped with its frames' mean time (``stamps``,
+        default ``times``); ``count`` new frames are accounted."""
         start = self._clock()
         features = self.backend.encode_frames(frames)
         encoded = self._clock()
-        self.memory.ingest(features, times)
+        self.memory.ingest(features, times, stamps)
         self._vision_seconds += encoded - start
         self._memory_seconds += self._clock() - encoded
         self._frames_encoded += count
@@ -174,7 +181,9 @@ class StreamSession:
             start = self._clock()
             features = self.backend.encode_frames(frames)  # [1, P, d]
             self._vision_seconds += self._clock() - start
-            self._pending_unit = PendingUnit(features=features[0], time=self._pending_times[-1])
+            # Padding repeats the last frame, so the unit's frames' mean time is of its real first and last.
+            stamp = (self._pending_times[0] + self._pending_times[-1]) / 2
+            self._pending_unit = PendingUnit(features=features[0], time=self._pending_times[-1], stamp=stamp)
         return self._pending_unit
 
     def ingest_source(

@@ -15,6 +15,8 @@ process kept several times the bytes the method held, and more with every frame.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 
@@ -30,10 +32,21 @@ class SlidingWindow:
     """``[init | window]`` with ``window`` at most ``n_local`` tokens after each append."""
 
     @torch.inference_mode()
-    def __init__(self, backend: Backend, n_local: int, positions: PositionScheme | None = None) -> None:
-        """``positions``: the stream's scheme (its memory method's; default ``backend.positions``)."""
+    def __init__(
+        self, backend: Backend, n_local: int, positions: PositionScheme | None = None, *, max_units: int | None = None
+    ) -> None:
+        """``positions``: the stream's scheme (its memory method's; default ``backend.positions``).
+        ``max_units``: hold the last ``max_units`` whole units (with their text, where the model writes
+        text around units: their lengths vary) instead of the last ``n_local`` tokens, which then
+        only sizes the buffers."""
         if n_local < 1:
             raise ValueError(f"n_local: must be >= 1, got {n_local}")
+        if max_units is not None and max_units < 1:
+            raise ValueError(f"max_units: must be >= 1, got {max_units}")
+        self.max_units = max_units
+        # With ``max_units``, per unit held (oldest first): its tokens and the cursor after it (moved
+        # with evictions).
+        self.units: list[tuple[int, int]] = []
         self.backend = backend
         self.positions = backend.positions if positions is None else positions
         self.n_local = n_local
@@ -60,21 +73,40 @@ class SlidingWindow:
         """Tokens in the window (system prompt excluded)."""
         return self.cache.get_seq_length() - self.init_len
 
-    def append(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill visual units ``features [U, P, d]`` after the window; then evict beyond ``n_local``.
+    def _sequence(self, features: torch.Tensor, stamps: Sequence[float] | None):
+        """The units after the window as the model takes them (see :func:`mukv.memory.base.unit_sequence`)."""
+        # Imported here: mukv.memory imports this module (its methods hold windows).
+        from mukv.memory.base import unit_sequence
 
-        Returns the new tokens' ``kv [L, 2, Hkv, U * P, D]`` (keys rotated at the returned
-        ``positions [R, U * P]``), copied out of the window.
+        stamps = [0.0] * features.shape[0] if stamps is None else stamps
+        return unit_sequence(
+            self.backend,
+            self.positions,
+            features,
+            stamps,
+            self.run_start,
+            first_unit=self.run_units,
+            cursor=self.cursor,
+        )
+
+    def append(
+        self, features: torch.Tensor, stamps: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill visual units ``features [U, P, w]`` (stamped ``stamps``, where the model writes text
+        around units) after the window; then evict beyond ``n_local`` tokens (or ``max_units`` units).
+
+        Returns the new tokens' ``kv [L, 2, Hkv, m, D]`` (``m = U * P`` plus the units' text; keys
+        rotated at the returned ``positions [R, m]``), copied out of the window.
         """
-        backend = self.backend
-        embeds = features.reshape(1, -1, features.shape[-1])
+        flat, positions, self.cursor, units = self._sequence(features, stamps)
+        embeds = flat[None]
         m = embeds.shape[1]
         n = self.length
-        positions, self.cursor = self.positions.visual_run(
-            self.run_start, backend.layout, features.shape[0], backend.device, first_unit=self.run_units
-        )
+        if self.max_units is not None:
+            p = self.backend.layout.tokens
+            self.units += [(u.length(p), u.cursor) for u in units]
         self.run_units += features.shape[0]
-        backend.forward(embeds, self.cache, positions, logits="none")
+        self.backend.forward(embeds, self.cache, positions, logits="none")
         first = self.cache.layers[0].keys
         kv = first.new_empty((len(self.cache.layers), 2, first.shape[1], m, first.shape[3]))
         for i, layer in enumerate(self.cache.layers):
@@ -92,16 +124,14 @@ class SlidingWindow:
             self._evict()
         return kv, positions
 
-    def peek(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What :meth:`append` would return for ``features [U, P, d]`` (the new tokens' ``kv`` and
+    def peek(self, features: torch.Tensor, stamps: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`append` would return for ``features [U, P, w]`` (the new tokens' ``kv`` and
         ``positions``), the window left as it is: the units are prefilled over a cache of the
         window's keys and values that concatenates instead of writing in place."""
         backend = self.backend
-        embeds = features.reshape(1, -1, features.shape[-1])
+        flat, positions, _, _ = self._sequence(features, stamps)
+        embeds = flat[None]
         m = embeds.shape[1]
-        positions, _ = self.positions.visual_run(
-            self.run_start, backend.layout, features.shape[0], backend.device, first_unit=self.run_units
-        )
         cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in self.cache.layers])
         backend.forward(embeds, cache, positions, logits="none")
         kv = torch.stack([torch.stack((layer.keys[0, :, -m:], layer.values[0, :, -m:])) for layer in cache.layers])
@@ -117,6 +147,7 @@ class SlidingWindow:
         other._computed_keys = [keys.clone() for keys in self._computed_keys]
         other._computed_at = self._computed_at.clone()
         other._live_at = self._live_at.clone()
+        other.units = list(self.units)
         return other
 
     def _piece_tokens(self) -> int:
@@ -131,7 +162,12 @@ class SlidingWindow:
         """Drop the oldest tokens beyond ``n_local`` and re-rotate the rest to where the position
         scheme places them right after the system prompt, moving everything in place, front to back."""
         n = self.length
-        excess = n - self.n_local
+        if self.max_units is None:
+            excess = n - self.n_local
+        else:
+            gone = max(0, len(self.units) - self.max_units)
+            excess = sum(length for length, _ in self.units[:gone])
+            self.units = self.units[gone:]
         if excess <= 0:
             return
         init = self.init_len
@@ -140,7 +176,10 @@ class SlidingWindow:
         live = self._live_at[:, excess:n]
         new, self.cursor = scheme.place(live, init)
         # Every scheme moves a window (contiguous tokens of one run) by one amount on all axes.
-        self.run_start += int(new[0, 0] - live[0, 0])
+        moved = int(new[0, 0] - live[0, 0])
+        self.run_start += moved
+        if self.max_units is not None:
+            self.units = [(length, cursor + moved) for length, cursor in self.units]
         piece = self._piece_tokens()
         for a in range(0, kept, piece):
             b = min(a + piece, kept)

@@ -151,6 +151,84 @@ class PendingUnit:
 
     features: torch.Tensor
     time: float
+    #: The time a model that writes timestamps writes for the unit (its frames' mean, see
+    #: :meth:`MemoryMethod.ingest`); ``None``: ``time``.
+    stamp: float | None = None
+
+
+@dataclass(frozen=True)
+class UnitTokens:
+    """Where one visual unit's tokens lie in a sequence fed to the model: from ``offset``, ``prefix``
+    text tokens, the unit's ``P`` visual tokens, then ``suffix`` text tokens (text the model writes
+    around every unit, e.g. Qwen3-VL's timestamp; none for the other families)."""
+
+    offset: int
+    prefix: int
+    suffix: int
+    #: The cursor after the unit and its text (where text, or the next unit, continues).
+    cursor: int
+
+    def length(self, p: int) -> int:
+        """Tokens of the unit with its text, for ``p`` visual tokens."""
+        return self.prefix + p + self.suffix
+
+    def indices(self, visual: torch.Tensor, p: int) -> torch.Tensor:
+        """Indices in the sequence of the unit's text and of its visual tokens ``visual [k]`` (indices
+        into its ``p``): a block of the unit keeps the unit's text with it, in sequence order."""
+        start = self.offset + self.prefix
+        device = visual.device
+        return torch.cat(
+            (
+                torch.arange(self.offset, start, device=device),
+                start + visual,
+                torch.arange(start + p, start + p + self.suffix, device=device),
+            )
+        )
+
+
+def unit_sequence(
+    backend: Backend,
+    scheme: PositionScheme,
+    features: torch.Tensor,
+    stamps: Sequence[float],
+    start: int,
+    *,
+    first_unit: int = 0,
+    cursor: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int, list[UnitTokens]]:
+    """Visual units ``features [U, P, w]`` (unit ``u`` stamped ``stamps[u]``) as the model takes them:
+    embeddings ``[n, w]``, positions ``[R, n]``, the cursor after them, and each unit's tokens.
+
+    Without unit text (``backend.unit_text`` empty) this is :meth:`PositionScheme.visual_run` from
+    ``start`` with ``first_unit`` units of the run before (``n = U * P``). With it, every unit is fed
+    ``[prefix | unit | suffix]`` (text, visual, text positions) from ``cursor`` (default ``start``),
+    the cursor after one unit's text being where the next begins: text lengths vary with the stamp,
+    so a unit's place is a cursor, not a multiple of a size.
+    """
+    p, width = backend.layout.tokens, features.shape[-1]
+    device = backend.device
+    texts = [backend.unit_text(float(t)) for t in stamps]
+    if not any(a or b for a, b in texts):
+        positions, after = scheme.visual_run(start, backend.layout, features.shape[0], device, first_unit=first_unit)
+        units = [
+            UnitTokens(u * p, 0, 0, scheme.visual_run(start, backend.layout, 1, first_unit=first_unit + u)[1])
+            for u in range(len(texts))
+        ]
+        return features.reshape(-1, width), positions, after, units
+    cursor = start if cursor is None else cursor
+    embeds, positions, units, offset = [], [], [], 0
+    for unit, (before, after) in zip(features, texts, strict=True):
+        ids = [backend.tokenize(text) for text in (before, after)]
+        a, b = ids[0].shape[1], ids[1].shape[1]
+        visual, end = scheme.visual(cursor + a, backend.layout, 1, device)
+        positions += [scheme.text(cursor, a, device), visual, scheme.text(end, b, device)]
+        # Text rows are as wide as the unit's features (zero beyond the embedding: no DeepStack).
+        text = [torch.nn.functional.pad(backend.embed_ids(i)[0], (0, width - backend.text.hidden_size)) for i in ids]
+        embeds += [text[0].to(unit.dtype), unit.to(device), text[1].to(unit.dtype)]
+        cursor = end + b
+        units.append(UnitTokens(offset, a, b, cursor))
+        offset += a + p + b
+    return torch.cat(embeds), torch.cat(positions, dim=1), cursor, units
 
 
 def prefill_frames(
@@ -162,24 +240,39 @@ def prefill_frames(
     *,
     first_unit: int = 0,
     scheme: PositionScheme | None = None,
+    stamps: Sequence[float] | None = None,
+    cursor: int | None = None,
 ) -> int:
-    """Append visual units ``features [U, P, d]`` to ``cache`` as one sequence from cursor
+    """Append visual units ``features [U, P, w]`` to ``cache`` as one sequence from cursor
     ``start`` (positions from ``scheme``, the stream's: a method passes its :attr:`MemoryMethod.positions`;
     default ``backend.positions``), in chunks of at most ``chunk_tokens`` tokens (bounds the attention
     workspace; results do not depend on it). ``first_unit``: the units continue a run from ``start``
-    that holds that many units already (see ``PositionScheme.visual_run``).
+    that holds that many units already (see ``PositionScheme.visual_run``). ``stamps``: the units'
+    stamps, for a backend that writes text around each unit (then fed from ``cursor``, see
+    :func:`unit_sequence`; needed there).
 
     Returns the cursor after them.
     """
     scheme = backend.positions if scheme is None else scheme
-    positions, cursor = scheme.visual_run(
-        start, backend.layout, features.shape[0], backend.device, first_unit=first_unit
+    if stamps is None:
+        stamps = [0.0] * features.shape[0]
+        if any(backend.unit_text(0.0)):
+            raise ValueError("prefill_frames: this backend writes a stamp around each unit; pass the units' stamps")
+    flat, positions, cursor, _ = unit_sequence(
+        backend, scheme, features, stamps, start, first_unit=first_unit, cursor=cursor
     )
-    embeds = features.reshape(1, -1, features.shape[-1])
+    feed(backend, cache, flat, positions, chunk_tokens)
+    return cursor
+
+
+def feed(
+    backend: Backend, cache: DynamicCache, embeds: torch.Tensor, positions: torch.Tensor, chunk_tokens: int
+) -> None:
+    """Append ``embeds [n, w]`` at ``positions [R, n]`` to ``cache`` in chunks of at most ``chunk_tokens``."""
+    embeds = embeds[None]
     for offset in range(0, embeds.shape[1], chunk_tokens):
         piece = embeds[:, offset : offset + chunk_tokens]
         backend.forward(piece, cache, positions[:, offset : offset + piece.shape[1]], logits="none")
-    return cursor
 
 
 class MemoryMethod(ABC):
@@ -206,7 +299,12 @@ class MemoryMethod(ABC):
         #: The stream's position scheme: where its visual tokens go (``ValueError`` here when the
         #: backend needs the rate and ``fps`` is ``None``).
         self.positions: PositionScheme = backend.stream_positions(fps)
+        #: Whether the model writes text around every unit (``backend.unit_text``): units are then fed
+        #: with it (:func:`unit_sequence`) and a unit's blocks keep it.
+        self.units_have_text = any(backend.unit_text(0.0))
         self._timestamps: list[float] = []
+        # Each unit's stamp (see ``ingest``), where a model writes a time for every unit.
+        self._stamps: list[float] = []
         # The provisional unit of the current question (see PendingUnit), until the next ingest.
         self._pending_unit: PendingUnit | None = None
 
@@ -230,6 +328,17 @@ class MemoryMethod(ABC):
             return self._pending_unit.time
         return self._timestamps[index]
 
+    def stamp(self, index: int) -> float:
+        """Stamp of unit ``index`` (see :meth:`ingest`); ``index == frames`` is the provisional unit's."""
+        if index == len(self._stamps) and self._pending_unit is not None:
+            unit = self._pending_unit
+            return unit.time if unit.stamp is None else unit.stamp
+        return self._stamps[index]
+
+    def stamps(self, first: int, count: int) -> list[float]:
+        """Stamps of units ``first .. first + count - 1``."""
+        return [self.stamp(i) for i in range(first, first + count)]
+
     def materialize(self, time: float, pending: PendingUnit | None = None) -> None:
         """The question-time step: make every frame up to ``time`` answerable, and ``pending`` (a unit
         after every ingested one, see :class:`PendingUnit`) answerable until the next ``ingest`` or
@@ -248,7 +357,6 @@ class MemoryMethod(ABC):
 
     def frame_blocks(self, indices) -> tuple[RetrievedBlock, ...]:
         """Retrieved-block records for whole frames ``indices`` (methods that use frames as is)."""
-        p = self.backend.tokens_per_frame
         return tuple(
             RetrievedBlock(
                 granularity="frame",
@@ -256,18 +364,37 @@ class MemoryMethod(ABC):
                 last_frame=i,
                 start_time=self.timestamp(i),
                 end_time=self.timestamp(i),
-                tokens=p,
+                tokens=self.unit_tokens(i),
                 block_id=i,
             )
             for i in indices
         )
 
-    def ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
-        """Add frames: visual tokens ``[T, P, d]`` and their timestamps ``[T]`` (seconds)."""
+    def unit_tokens(self, index: int) -> int:
+        """Tokens unit ``index`` takes in a cache: its ``P`` visual tokens, and the text the model
+        writes around it (the layout's token count is the visual tokens alone)."""
+        p = self.backend.tokens_per_frame
+        if not self.units_have_text:
+            return p
+        return p + sum(self.backend.tokenize(text).shape[1] for text in self.backend.unit_text(self.stamp(index)))
+
+    def ingest(self, features: torch.Tensor, timestamps: np.ndarray, stamps: Sequence[float] | None = None) -> None:
+        """Add frames: visual tokens ``[T, P, d]`` and their timestamps ``[T]`` (seconds; a unit of
+        several frames is at its last frame's). ``stamps [T]``: the time a model that writes one per
+        unit writes for it (Qwen3-VL: its frames' mean); default ``timestamps``."""
         if features.ndim != 3 or features.shape[0] != len(timestamps):
             raise ValueError(f"features: expected [T, P, d] with T = {len(timestamps)}, got {list(features.shape)}")
+        stamps = timestamps if stamps is None else stamps
+        if len(stamps) != len(timestamps):
+            raise ValueError(f"stamps: {len(stamps)} values for {len(timestamps)} units")
         self._pending_unit = None
-        self._ingest(features, timestamps)
+        # Stamps first: ``_ingest`` feeds the new units' text (``self.frames`` is still the first's index).
+        self._stamps.extend(float(t) for t in stamps)
+        try:
+            self._ingest(features, timestamps)
+        except BaseException:
+            del self._stamps[len(self._timestamps) :]
+            raise
         self._timestamps.extend(float(t) for t in timestamps)
 
     def _advance_clock(self, timestamps: Sequence[float]) -> None:
@@ -281,6 +408,7 @@ class MemoryMethod(ABC):
             previous = t
         self._pending_unit = None
         self._timestamps.extend(times)
+        self._stamps.extend(times)
 
     @abstractmethod
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:

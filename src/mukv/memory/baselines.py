@@ -19,7 +19,9 @@ from mukv.memory.base import (
     Query,
     RetrievedBlock,
     cache_bytes,
+    feed,
     prefill_frames,
+    unit_sequence,
 )
 from mukv.memory.registry import register_method
 
@@ -57,18 +59,21 @@ class FullMemory(MemoryMethod):
         # each ingest continues it, so chunked ingestion places every unit as one call would (a
         # Qwen2.5-VL video's time axis counts units from the run's start).
         self._cursor = self._init_len
+        # Where a model writes text around every unit, units differ in length: the cache length and
+        # the cursor after each unit, so that a question about an earlier time takes its prefix.
+        self._unit_ends: list[tuple[int, int]] = []
         self._warned = False
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
-        cursor = prefill_frames(
-            self.backend,
-            self._cache,
-            features,
-            self._init_len,
-            self.config.prefill_chunk_tokens,
-            first_unit=self.frames,
-            scheme=self.positions,
+        stamps = self.stamps(self.frames, features.shape[0])
+        flat, positions, cursor, units = unit_sequence(
+            self.backend, self.positions, features, stamps, self._init_len, first_unit=self.frames, cursor=self._cursor
         )
+        feed(self.backend, self._cache, flat, positions, self.config.prefill_chunk_tokens)
+        if self.units_have_text:
+            self._unit_ends += [
+                (self._length + u.offset + u.length(self.backend.tokens_per_frame), u.cursor) for u in units
+            ]
         self._cursor = cursor
         self._length = self._cache.get_seq_length()
         if cursor > self.backend.text.max_positions and not self._warned:
@@ -83,6 +88,8 @@ class FullMemory(MemoryMethod):
         """Adopt the visual KV of the next ``len(timestamps)`` frames, per layer ``(keys, values)``
         ``[1, Hkv, U * P, D]`` computed as the scheme places them after the current cache (a saved
         memory, or a benchmark's synthetic state), as if the frames had been ingested."""
+        if self.units_have_text:
+            raise ValueError("restore: this model writes text around every unit; its frames can only be ingested")
         count = len(timestamps)
         tokens = count * self.backend.tokens_per_frame
         if len(keys_values) != len(self._cache.layers) or any(k.shape[2] != tokens for k, _ in keys_values):
@@ -98,11 +105,19 @@ class FullMemory(MemoryMethod):
         """The cursor after the first ``frames`` frames of the run."""
         if frames == 0:
             return self._init_len
+        if self.units_have_text:
+            return self._unit_ends[frames - 1][1]
         return self.positions.visual_run(self._init_len, self.backend.layout, 1, first_unit=frames - 1)[1]
+
+    def _length_after(self, frames: int) -> int:
+        """The cache length after the first ``frames`` frames."""
+        if self.units_have_text:
+            return self._unit_ends[frames - 1][0] if frames else self._init_len
+        return self._init_len + frames * self.backend.tokens_per_frame
 
     def prepare(self, query: Query) -> AnswerContext:
         frames = self.frames_until(query.time)
-        length = self._init_len + frames * self.backend.tokens_per_frame
+        length = self._length_after(frames)
         cursor = self._cursor_after(frames)
         # Views of the stored prefix: the first cache update while answering concatenates into new
         # tensors, so the stored cache is never modified.
@@ -120,9 +135,11 @@ class FullMemory(MemoryMethod):
                 self.config.prefill_chunk_tokens,
                 first_unit=frames,
                 scheme=self.positions,
+                stamps=[self.stamp(frames)],
+                cursor=cursor,
             )
             frames += 1
-            length += self.backend.tokens_per_frame
+            length = cache.get_seq_length()
         retrieved = ()
         if frames:
             retrieved = (
@@ -132,7 +149,7 @@ class FullMemory(MemoryMethod):
                     last_frame=frames - 1,
                     start_time=self.timestamp(0),
                     end_time=self.timestamp(frames - 1),
-                    tokens=frames * self.backend.tokens_per_frame,
+                    tokens=length - self._init_len,
                 ),
             )
         return AnswerContext(cache=cache, next_position=cursor, context_tokens=length, retrieved=retrieved)
@@ -201,7 +218,13 @@ class UniformMemory(MemoryMethod):
         if indices:
             features = torch.stack([self._frame(i) for i in indices]).to(self.backend.device)
             position = prefill_frames(
-                self.backend, cache, features, position, self.config.prefill_chunk_tokens, scheme=self.positions
+                self.backend,
+                cache,
+                features,
+                position,
+                self.config.prefill_chunk_tokens,
+                scheme=self.positions,
+                stamps=[self.stamp(i) for i in indices],
             )
         retrieved = self.frame_blocks(indices)
         length = cache.get_seq_length()

@@ -105,10 +105,10 @@ class BlockMemory(MemoryMethod):
             self._provisional.append(record.block_id)
         return record
 
-    def ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
+    def ingest(self, features: torch.Tensor, timestamps: np.ndarray, stamps: Sequence[float] | None = None) -> None:
         """Add frames (see :meth:`MemoryMethod.ingest`); provisional blocks are dropped first."""
         self.drop_provisional()
-        super().ingest(features, timestamps)
+        super().ingest(features, timestamps, stamps)
 
     def restore(self, blocks: Iterable[EncodedBlock], timestamps: Sequence[float]) -> None:
         """Adopt already-encoded ``blocks`` covering the next ``len(timestamps)`` frames, taken at

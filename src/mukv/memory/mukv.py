@@ -10,7 +10,7 @@ prompt, and the question is answered from that cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from mukv.compress.scorers import (
     select_tokens,
 )
 from mukv.kv.blocks import BlockPayload, BlockRecord
-from mukv.memory.base import AnswerContext, MemoryStats, PendingUnit, Query, StageClock
+from mukv.memory.base import AnswerContext, MemoryStats, PendingUnit, Query, StageClock, UnitTokens, unit_sequence
 from mukv.memory.blocks import BlockMemory
 from mukv.memory.granularity import GranularitySpec, mukv_specs, part_indices, patch_token_indices
 from mukv.memory.mukv_config import GRANULARITIES, PRESETS, MukvConfig
@@ -127,6 +127,8 @@ class MukvMemory(BlockMemory):
         self._shared_first = 0
         self._shared_positions: torch.Tensor | None = None
         self._shared_cursor = self.init_len
+        # Where each unit of the run lies in its sequence (with its text), in order.
+        self._shared_units: list[UnitTokens] = []
         # Set while a provisional unit is encoded: every block stored then is provisional.
         self._encoding_provisional = False
 
@@ -161,10 +163,20 @@ class MukvMemory(BlockMemory):
         self._encode_pending(pending, provisional=False)
 
     def _pending_blocks(self, group: _Group) -> list[_Pending]:
-        frames = torch.stack(group.features)  # [G, P, d]
+        frames = torch.stack(group.features)  # [G, P, w]
         count, p = frames.shape[:2]
         scheme, layout = self.positions, self.backend.layout
         pending = []
+        if self.units_have_text:
+            # The group's units with their text, fed from the system prompt; each block takes its
+            # tokens' columns: a unit's text goes with every block of it, its tokens where they were.
+            flat, positions, _, units = unit_sequence(
+                self.backend, scheme, frames, [self.stamp(f) for f in group.frames], self.init_len
+            )
+            for part, idx in enumerate(self._parts[group.spec.name]):
+                tokens = torch.cat([unit.indices(idx, p) for unit in units])
+                pending.append(_Pending(group, part, flat[tokens], positions[:, tokens]))
+            return pending
         for part, idx in enumerate(self._parts[group.spec.name]):
             # The block's tokens within its G units, fed on their own right after the system prompt.
             tokens = (torch.arange(count, device=idx.device)[:, None] * p + idx[None, :]).reshape(-1)
@@ -229,17 +241,26 @@ class MukvMemory(BlockMemory):
             self._shared_first = first
             self._shared_positions = None
             self._shared_cursor = self.init_len
+            self._shared_units = []
         cache = self._shared_cache
         m = features.shape[0]
         # The run's units continue one sequence from the system prompt, however they arrive.
-        positions, self._shared_cursor = self.positions.visual_run(
-            self.init_len, self.backend.layout, m, self.backend.device, first_unit=first - self._shared_first
+        flat, positions, self._shared_cursor, units = unit_sequence(
+            self.backend,
+            self.positions,
+            features,
+            self.stamps(first, m),
+            self.init_len,
+            first_unit=first - self._shared_first,
+            cursor=self._shared_cursor,
         )
         previous = self._shared_positions
+        past = 0 if previous is None else previous.shape[1]  # the run's tokens before these
+        self._shared_units = [*self._shared_units, *(replace(u, offset=u.offset + past) for u in units)]
         self._shared_positions = positions if previous is None else torch.cat((previous, positions), dim=1)
         with self.backend.capture_attention(self._layers) as capture:
-            self.backend.forward(features.reshape(1, m * p, -1), cache, positions, logits="none")
-        probs = capture.probs[0]  # [m*P, past + m*P]: row r is the query at key index past + r
+            self.backend.forward(flat[None], cache, positions, logits="none")
+        probs = capture.probs[0]  # [n, past + n]: row r is the query at key index past + r
         for a in range(m):
             frame = first + a
             for spec in self.specs:
@@ -248,7 +269,7 @@ class MukvMemory(BlockMemory):
                 group.times.append(times[a])
                 cols = self._shared_columns(group)
                 for part, idx in enumerate(self._parts[spec.name]):
-                    added = probs[a * p + idx][:, cols[part]].sum(dim=0)
+                    added = probs[units[a].indices(idx, p)][:, cols[part]].sum(dim=0)
                     previous = group.colsums[part] if part < len(group.colsums) else added[:0]
                     total = torch.cat((previous, torch.zeros_like(added[previous.shape[0] :]))) + added
                     if part < len(group.colsums):
@@ -265,10 +286,12 @@ class MukvMemory(BlockMemory):
             self._shared_positions = None
 
     def _shared_columns(self, group: _Group) -> list[torch.Tensor]:
-        """Key indices in the shared prefill's cache of each part's tokens so far."""
+        """Key indices in the shared prefill's cache of each part's tokens so far (with their units' text)."""
         p = self.backend.tokens_per_frame
-        offsets = torch.tensor([f - self._shared_first for f in group.frames], device=self.backend.device) * p
-        return [(self.init_len + offsets[:, None] + idx[None, :]).reshape(-1) for idx in self._parts[group.spec.name]]
+        units = [self._shared_units[f - self._shared_first] for f in group.frames]
+        return [
+            self.init_len + torch.cat([unit.indices(idx, p) for unit in units]) for idx in self._parts[group.spec.name]
+        ]
 
     def _store_shared_group(self, group: _Group, *, provisional: bool) -> None:
         assert self._shared_cache is not None
@@ -309,10 +332,12 @@ class MukvMemory(BlockMemory):
         }
         cache = self._shared_cache
         tensors = None if cache is None else [(layer.keys, layer.values) for layer in cache.layers]
-        return groups, cache, tensors, self._shared_first, self._shared_positions, self._shared_cursor
+        shared = (self._shared_first, self._shared_positions, self._shared_cursor, self._shared_units)
+        return groups, cache, tensors, shared
 
     def _restore_encoding(self, state: tuple) -> None:
-        groups, cache, tensors, first, positions, cursor = state
+        groups, cache, tensors, (first, positions, cursor, units) = state
+        self._shared_units = units
         self._open = groups
         if cache is not None:
             for layer, (keys, values) in zip(cache.layers, tensors, strict=True):

@@ -8,6 +8,9 @@ which are inserted (in time order, re-positioned contiguously) before the questi
 query already depends on what lower layers retrieved, as in ReKV. The question tokens of that
 pass are then dropped and the engine answers after ``[init | retrieved blocks]``.
 
+Where blocks differ in size (units with text of varying length around them, Qwen3-VL's timestamps),
+layers cannot each hold their own choice in one cache, and the layer-shared choice is taken.
+
 ``recent``: the last ``num_frames`` frames kept in a rolling sliding-window cache; each frame is
 prefilled once, and a question is answered after ``[init | those frames]``.
 """
@@ -154,7 +157,8 @@ class RekvMemory(BlockMemory):
         for i in range(features.shape[0]):
             # One frame per chunk: each frame's tokens see the system prompt, the window and the
             # frame's own earlier tokens.
-            kv, positions = self.window.append(features[i : i + 1].to(self.backend.device))
+            unit = features[i : i + 1].to(self.backend.device)
+            kv, positions = self.window.append(unit, [self.stamp(start + i)])
             self._open_frames.append(start + i)
             self._open_times.append(float(timestamps[i]))
             self._open_kv.append((kv, positions))
@@ -170,7 +174,7 @@ class RekvMemory(BlockMemory):
         if pending is not None:
             # The unit's KV as the window would compute it, the window left as it is; with the open
             # frames it makes at most one block (an open block holds fewer than block_frames).
-            kv, positions = self.window.peek(pending.features[None].to(self.backend.device))
+            kv, positions = self.window.peek(pending.features[None].to(self.backend.device), [self.stamp(self.frames)])
             frames, times, kvs = [*frames, self.frames], [*times, pending.time], [*kvs, (kv, positions)]
         if frames:
             record = self._store_block(frames, times, kvs, provisional=True)
@@ -254,7 +258,11 @@ class RekvMemory(BlockMemory):
         forced = [i for i in self.provisional_ids if i in eligible and i not in self._whole_provisional]
         if ids.numel() == 0:
             return AnswerContext(cache=self.init_cache(), next_position=self.init_len, context_tokens=self.init_len)
-        if self.config.layer_shared:
+        # Layers choosing on their own need blocks of one size: each layer's cache must hold as many
+        # tokens. Where a model writes text of varying length around units (Qwen3-VL's timestamps),
+        # sizes differ, and one choice for all layers is taken (as ``layer_shared`` does).
+        sizes = {self.store.record(i).tokens for i in ids.tolist() if i not in forced}
+        if self.config.layer_shared or len(sizes) > 1:
             chosen = self._retrieve_shared(query, ids, reps, forced)
             cache, _ = self.assemble(chosen, reposition=True)
             per_layer = {layer: chosen for layer in range(self.backend.text.num_layers)}
@@ -343,18 +351,22 @@ class RecentMemory(MemoryMethod):
 
     def __init__(self, backend, config: RecentConfig | None = None, *, fps: float | None = None) -> None:
         super().__init__(backend, config, fps=fps)
-        self.window = SlidingWindow(backend, self.config.num_frames * backend.tokens_per_frame, self.positions)
+        # Units with text differ in length: the window then holds whole units, not a token count.
+        units = self.config.num_frames if self.units_have_text else None
+        tokens = self.config.num_frames * backend.tokens_per_frame
+        self.window = SlidingWindow(backend, tokens, self.positions, max_units=units)
 
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:
+        start = self.frames
         for i in range(features.shape[0]):
-            self.window.append(features[i : i + 1].to(self.backend.device))
+            self.window.append(features[i : i + 1].to(self.backend.device), [self.stamp(start + i)])
 
     def _window_frames(self, window: SlidingWindow | None = None, frames: int | None = None) -> range:
         """Global indices of the frames in ``window`` (default: the stored one) after ``frames``
         frames (default: those ingested), oldest first."""
         window = self.window if window is None else window
         frames = self.frames if frames is None else frames
-        held = window.length // self.backend.tokens_per_frame
+        held = len(window.units) if self.units_have_text else window.length // self.backend.tokens_per_frame
         return range(frames - held, frames)
 
     def prepare(self, query: Query) -> AnswerContext:
@@ -365,7 +377,7 @@ class RecentMemory(MemoryMethod):
             # The provisional unit joins a copy of the window (evicting from the copy, as an ingest
             # would); the stored window stays as it is.
             window = window.copy()
-            window.append(pending.features[None].to(self.backend.device))
+            window.append(pending.features[None].to(self.backend.device), [self.stamp(self.frames)])
             upto += 1
         held = self._window_frames(window, upto if pending is not None else None)
         wanted = range(max(0, upto - self.config.num_frames), upto)
@@ -377,13 +389,19 @@ class RecentMemory(MemoryMethod):
         if wanted and wanted.start != held.start:
             raise StreamError("recent: a question before the newest frame needs frames after it in the window")
         p = self.backend.tokens_per_frame
-        cache = window.prefix(len(wanted) * p)
-        length = window.init_len + len(wanted) * p
+        if self.units_have_text:
+            # Whole units with their text; the question continues after the last one wanted.
+            tokens = sum(length for length, _ in window.units[: len(wanted)])
+            cursor = window.units[len(wanted) - 1][1] if wanted else window.init_len
+        else:
+            tokens = len(wanted) * p
+            # The window's units are one run (moved by evictions): the question continues it.
+            _, cursor = self.positions.visual_run(
+                window.run_start, self.backend.layout, len(wanted), first_unit=window.run_units - len(held)
+            )
+        cache = window.prefix(tokens)
+        length = window.init_len + tokens
         retrieved = self.frame_blocks(wanted)
-        # The window's units are one run (moved by evictions): the question continues it.
-        _, cursor = self.positions.visual_run(
-            window.run_start, self.backend.layout, len(wanted), first_unit=window.run_units - len(held)
-        )
         return AnswerContext(
             cache=cache, next_position=cursor if wanted else length, context_tokens=length, retrieved=retrieved
         )
