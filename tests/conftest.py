@@ -66,6 +66,20 @@ def make_frames(n: int, height: int = 96, width: int = 128, seed: int = 0) -> np
     return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
 
 
+def greedy_generate(backend, max_new: int, **inputs):
+    """The plain model's own ``generate`` over ``inputs``, greedy, stopping at the backend's
+    end-of-sequence ids, with every step's logits."""
+    return backend.model.generate(
+        **inputs,
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=sorted(backend.eos_token_ids),
+        pad_token_id=backend.tokenizer.pad_token_id,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
 @pytest.fixture
 def frames() -> np.ndarray:
     return make_frames(6)

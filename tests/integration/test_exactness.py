@@ -14,7 +14,7 @@ import torch
 from mukv import StreamSession
 from mukv.engine.generate import greedy_decode
 from mukv.memory import Query
-from tests.conftest import make_frames
+from tests.conftest import greedy_generate, make_frames
 
 QUESTION = "What colour was the triangle?"
 
@@ -77,15 +77,8 @@ def _decoding_error(backend, decode_backend, frames, max_new=12) -> tuple[float,
     steps: list[torch.Tensor] = []
     tokens = list(greedy_decode(decode_backend, context.cache, prompt_ids, context.next_position, max_new, steps))
     embeds = reference_embeddings(backend, frames, QUESTION)
-    out = backend.model.generate(
-        inputs_embeds=embeds,
-        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=sorted(backend.eos_token_ids),
-        pad_token_id=backend.tokenizer.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
+    out = greedy_generate(
+        backend, max_new, inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)
     )
     if tokens != out.sequences[0].tolist():
         return 1.0, tokens

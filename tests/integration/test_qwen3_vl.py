@@ -22,18 +22,11 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from mukv import StreamSession
 from mukv.backends.positions import MultimodalRopePositions
 from tests.conftest import make_frames
+from tests.integration import qwen_helpers as shared
+from tests.integration.qwen_helpers import FPS, QUESTION, Proxy, generated, load_tiny, padded, small_settings, stream
 
-FPS = 0.5
-QUESTION = "What colour was the triangle?"
 FRAME_SHAPE = (64, 96)
-# Every method with small settings, so that retrieval has to choose on a short stream.
-SMALL = {
-    "uniform": {"num_frames": 2},
-    "mukv": {"top_k.patch": 3, "top_k.frame": 2, "top_k.segment": 1, "segment_frames": 2},
-    "rekv": {"retrieve_blocks": 2, "n_local": 40},
-    "recent": {"num_frames": 2},
-    "full": {},
-}
+SMALL = small_settings(n_local=40)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +40,9 @@ def qwen3_dir(tmp_path_factory):
 def qwen3(qwen3_dir):
     from mukv.backends.qwen3_vl import Qwen3VLBackend
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    return Qwen3VLBackend.from_pretrained(directory=qwen3_dir, model=str(qwen3_dir), frame_shape=FRAME_SHAPE)
-
-
-def padded(frames: np.ndarray, per_unit: int = 2) -> np.ndarray:
-    """The processor's rule for a clip that does not fill its last temporal group: repeat the last frame."""
-    missing = -len(frames) % per_unit
-    return np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)]) if missing else frames
+    backend = load_tiny(qwen3_dir, FRAME_SHAPE)
+    assert type(backend) is Qwen3VLBackend
+    return backend
 
 
 def processor_stamps(count: int, fps: float) -> list[float]:
@@ -96,18 +84,7 @@ def reference_logits(backend, frames: np.ndarray, fps: float = FPS) -> torch.Ten
 
 @torch.inference_mode()
 def reference_generate(backend, frames: np.ndarray, max_new: int):
-    inputs = reference_inputs(backend, frames)
-    out = backend.model.generate(
-        **inputs,
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=sorted(backend.eos_token_ids),
-        pad_token_id=backend.tokenizer.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    return [t for t in tokens if t not in backend.eos_token_ids], [step[0].float() for step in out.logits]
+    return generated(backend, reference_inputs(backend, frames), max_new)
 
 
 def streamed(backend, features: torch.Tensor, times: list[float], chunks: list[int] | None = None):
@@ -208,26 +185,9 @@ def test_greedy_decoding_equals_generate(qwen3):
     assert max((a - b).abs().max().item() for a, b in zip(steps, logits, strict=False)) < 1e-4
 
 
-@torch.inference_mode()
 def test_moving_keys_equals_recomputing_them_per_interleaved_section(qwen3):
-    features = qwen3.encode_frames(make_frames(2, seed=8))
-    embeds = features.reshape(1, -1, features.shape[-1])
-    n = embeds.shape[1]
     old, _ = qwen3.positions.visual(20, qwen3.layout, 1)
-    new = old.clone()
-    new[0] += 37
-    new[1] += torch.arange(n) % 5
-    new[2] -= 3
-    caches = []
-    for positions in (old, new):
-        cache, _ = qwen3.system_cache()
-        qwen3.forward(embeds, cache, positions, logits="none")
-        caches.append(cache)
-    computed_old = caches[0].layers[0].keys[:, :, -n:]
-    computed_new = caches[1].layers[0].keys[:, :, -n:]
-    moved = qwen3.positions.shift(computed_old, old, new)
-    assert (moved - computed_new).abs().max().item() < 1e-4
-    assert (computed_old - computed_new).abs().max().item() > 1e-2
+    shared.check_moving_keys_equals_recomputing_them(qwen3, old)
 
 
 def test_text_only_forwards_take_plain_embeddings(qwen3):
@@ -282,23 +242,10 @@ def test_the_comparison_detects_positions_without_grids(qwen3):
 # ---------------------------------------------------------------------------------- through the session
 
 
-def stream(backend, frames, chunks, method="full", overrides=None, max_new_tokens=6, fps=FPS):
-    session = StreamSession(backend, method, overrides=overrides, fps=fps)
-    start = 0
-    for size in chunks:
-        session.ingest(frames[start : start + size], np.arange(start, start + size) / fps)
-        start += size
-    assert start == len(frames)
-    return session, session.ask(QUESTION, max_new_tokens=max_new_tokens, output_logits=True)
-
-
 @pytest.mark.parametrize("count", [4, 5])
 def test_full_first_logits_equal_a_plain_forward(qwen3, count):
     """An odd count: the last unit is padded for this answer, stamped with its one frame's time."""
-    frames = make_frames(count, seed=1)
-    _, answer = stream(qwen3, frames, [2, count - 2])
-    assert (answer.first_logits - reference_logits(qwen3, frames)).abs().max().item() < 1e-4
-    assert answer.frames_seen == count
+    shared.check_full_first_logits(qwen3, count, reference_logits)
 
 
 def test_full_greedy_decoding_equals_generate(qwen3):
@@ -311,11 +258,7 @@ def test_full_greedy_decoding_equals_generate(qwen3):
 
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1, 1, 1], [2, 3, 1], [4, 2], [3, 3]])
 def test_chunked_ingestion_equals_one_shot(qwen3, chunks):
-    frames = make_frames(6, seed=2)
-    _, whole = stream(qwen3, frames, [6])
-    _, chunked = stream(qwen3, frames, chunks)
-    assert (whole.first_logits - chunked.first_logits).abs().max().item() < 1e-5
-    assert whole.token_ids == chunked.token_ids
+    shared.check_chunked_ingestion_equals_one_shot(qwen3, chunks)
 
 
 def test_a_question_about_an_earlier_time_takes_that_prefix(qwen3):
@@ -336,37 +279,17 @@ def test_a_question_about_an_earlier_time_takes_that_prefix(qwen3):
 def test_lossless_temporal_mukv_equals_full(qwen3, encode):
     """Keep ratio 1, segment blocks only, every one retrieved in time order: the full context, text
     and DeepStack included."""
-    frames = make_frames(8, seed=5)
-    _, full = stream(qwen3, frames, [3, 5])
-    lossless = {
-        "encode": encode,
-        "order": "temporal",
-        "segment_frames": 4,
-        "keep_ratio.segment": 1.0,
-        "granularities.frame": False,
-        "granularities.patch": False,
-        "top_k.segment": 4,
-    }
-    _, answer = stream(qwen3, frames, [3, 5], "mukv", lossless)
-    assert [b.granularity for b in answer.retrieved] == ["segment"]
+    full, answer = shared.check_lossless_temporal_mukv_equals_full(qwen3, encode)
     assert sum(b.tokens for b in answer.retrieved) == full.retrieved[0].tokens
-    assert (answer.first_logits - full.first_logits).abs().max().item() < 1e-4
-    assert answer.token_ids == full.token_ids
 
 
 @pytest.mark.parametrize("overrides", [{}, {"layer_shared": True}, {"block_frames": 2}])
 def test_rekv_without_eviction_and_with_every_block_equals_full(qwen3, overrides):
-    frames = make_frames(7, seed=6)
-    _, full = stream(qwen3, frames, [4, 3])
-    _, answer = stream(qwen3, frames, [4, 3], "rekv", {"retrieve_blocks": 8, **overrides})
-    assert (answer.first_logits - full.first_logits).abs().max().item() < 1e-4
-    assert answer.token_ids == full.token_ids
+    shared.check_rekv_without_eviction_equals_full(qwen3, overrides)
 
 
 def test_rekv_with_eviction_and_selection_answers_from_rotated_keys(qwen3):
-    frames = make_frames(8, seed=7)
-    session, answer = stream(qwen3, frames, [8], "rekv", {"retrieve_blocks": 2, "n_local": 40})
-    assert session.memory.window.length == 40 and len(answer.token_ids) >= 1
+    shared.check_rekv_with_eviction_answers(qwen3, n_local=40)
 
 
 def test_recent_holding_every_unit_equals_full_and_holds_whole_units(qwen3):
@@ -388,40 +311,18 @@ def test_recent_holding_every_unit_equals_full_and_holds_whole_units(qwen3):
 def test_a_question_between_the_frames_of_a_group_changes_no_state(qwen3, method):
     """A question after an odd frame is answered as if the padded group had been stored, and stores
     nothing: later answers are those of a stream that was never asked."""
-    frames = make_frames(8, seed=13)
-    times = np.arange(8) * 2.0
-    overrides = SMALL[method]
-    asked = StreamSession(qwen3, method, overrides=overrides, fps=FPS)
-    asked.ingest(frames[:5], times[:5])
-    answer = asked.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    stored = StreamSession(qwen3, method, overrides=overrides, fps=FPS)  # the padded group stored for good
     # Frame 4 twice, the copy a hair later: the unit's stamp (their mean) still writes <8.0 seconds>.
-    stored.ingest(np.concatenate([frames[:5], frames[4:5]]), [*times[:5], times[4] + 0.01])
-    expected = stored.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    assert (answer.first_logits - expected.first_logits).abs().max().item() < 1e-5
-    never = StreamSession(qwen3, method, overrides=overrides, fps=FPS)
-    never.ingest(frames[:5], times[:5])
+    frames, times, asked, never, _, _ = shared.ask_between_the_frames_of_a_group(
+        qwen3, method, SMALL[method], copy_after=0.01
+    )
     for session in (asked, never):
         session.ingest(frames[5:], times[5:])
-    assert asked.stats() == never.stats()
-    a = asked.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    b = never.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    assert torch.equal(a.first_logits, b.first_logits) and a.token_ids == b.token_ids
+    shared.check_later_answers_equal(asked, never)
 
 
 @pytest.mark.parametrize("method", list(SMALL))
 def test_every_method_answers_through_the_session(qwen3, method):
-    session = StreamSession(qwen3, method, overrides=SMALL[method], fps=FPS)
-    frames = make_frames(9, seed=9)
-    assert session.ingest(frames[:5], np.arange(5) * 2.0) == 5
-    assert session.ingest(frames[5:], np.arange(5, 9) * 2.0) == 4
-    answer = session.ask("What is shown?", max_new_tokens=3)
-    assert answer.method == method and answer.frames_seen == 9 and answer.time == 16.0
-    assert 1 <= len(answer.token_ids) <= 3 and answer.retrieved
-    assert session.stats().frames == 4
-    assert max(block.last_frame for block in answer.retrieved) == 4
-    choice = session.ask("Which colour?", ["red", "blue"], max_new_tokens=2)
-    assert len(choice.token_ids) <= 2
+    shared.check_every_method_answers(qwen3, method, SMALL[method])
 
 
 def test_mukv_blocks_keep_their_units_text(qwen3):
@@ -442,15 +343,7 @@ def test_mukv_blocks_keep_their_units_text(qwen3):
 # ---------------------------------------------------------------------------------------- sabotage
 
 
-class _Proxy:
-    def __init__(self, inner) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-class _DropsDeepStack(_Proxy):
+class _DropsDeepStack(Proxy):
     """Visual features without their DeepStack maps (zeros: the language model adds nothing)."""
 
     def encode_frames(self, frames):
@@ -459,7 +352,7 @@ class _DropsDeepStack(_Proxy):
         return torch.cat((features[..., :d], torch.zeros_like(features[..., d:])), dim=-1)
 
 
-class _StampsLastFrame(_Proxy):
+class _StampsLastFrame(Proxy):
     """Each unit stamped one second late (as if by its last frame's time at 1 fps)."""
 
     def unit_text(self, time):
@@ -468,29 +361,8 @@ class _StampsLastFrame(_Proxy):
 
 @pytest.mark.parametrize("wrong", [_DropsDeepStack, _StampsLastFrame], ids=["no DeepStack", "late stamps"])
 def test_the_session_comparison_detects_a_broken_backend(qwen3, wrong):
-    frames = make_frames(6, seed=11)
-    reference = reference_logits(qwen3, frames)
-    _, right = stream(qwen3, frames, [6], max_new_tokens=1)
-    _, broken = stream(wrong(qwen3), frames, [6], max_new_tokens=1)
-    assert (right.first_logits - reference).abs().max().item() < 1e-4
-    assert (broken.first_logits - reference).abs().max().item() > 1e-3
+    shared.check_comparison_detects(qwen3, wrong(qwen3), reference_logits)
 
 
 def test_tiny_model_command_writes_a_checkpoint_every_command_loads(tmp_path):
-    from typer.testing import CliRunner
-
-    from mukv.cli import app
-
-    runner = CliRunner()
-    directory = tmp_path / "tiny-qwen3"
-    result = runner.invoke(app, ["tiny-model", str(directory), "--family", "qwen3_vl"])
-    assert result.exit_code == 0, result.output
-    assert "Qwen3-VL" in result.output
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "video_preprocessor_config.json"):
-        assert (directory / name).is_file()
-    video = tmp_path / "frames.npy"
-    np.save(video, make_frames(3, seed=12))
-    args = ["ask", str(video), "-q", "What colour?", "--npy-fps", "0.5", "--model", str(directory)]
-    result = runner.invoke(app, [*args, "--max-new-tokens", "2", "--json"])
-    assert result.exit_code == 0, result.output
-    assert '"frames_seen": 3' in result.output
+    shared.check_tiny_model_command(tmp_path, "qwen3_vl", "Qwen3-VL")

@@ -18,19 +18,12 @@ from mukv import StreamSession
 from mukv.backends.positions import MultimodalRopePositions
 from mukv.memory import Query
 from tests.conftest import make_frames
+from tests.integration import qwen_helpers as shared
+from tests.integration.qwen_helpers import FPS, QUESTION, Proxy, generated, load_tiny, padded, small_settings, stream
 
 FAMILIES = ["qwen2_5_vl"]
-FPS = 0.5
-QUESTION = "What colour was the triangle?"
 FRAME_SHAPE = (56, 84)
-# Every method with small settings, so that retrieval has to choose on a short stream.
-SMALL = {
-    "uniform": {"num_frames": 2},
-    "mukv": {"top_k.patch": 3, "top_k.frame": 2, "top_k.segment": 1, "segment_frames": 2},
-    "rekv": {"retrieve_blocks": 2, "n_local": 12},
-    "recent": {"num_frames": 2},
-    "full": {},
-}
+SMALL = small_settings(n_local=12)
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
@@ -42,17 +35,7 @@ def qwen_dir(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen(qwen_dir):
-    from mukv.backends.registry import backend_class, read_model_type
-
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    cls = backend_class(read_model_type(qwen_dir, str(qwen_dir)))
-    return cls.from_pretrained(directory=qwen_dir, model=str(qwen_dir), frame_shape=FRAME_SHAPE)
-
-
-def padded(frames: np.ndarray, per_unit: int = 2) -> np.ndarray:
-    """The processor's rule for a clip that does not fill its last temporal group: repeat the last frame."""
-    missing = -len(frames) % per_unit
-    return np.concatenate([frames, np.repeat(frames[-1:], missing, axis=0)]) if missing else frames
+    return load_tiny(qwen_dir, FRAME_SHAPE)
 
 
 def reference_inputs(backend, frames: np.ndarray, question: str = QUESTION, fps: float = FPS) -> dict:
@@ -86,28 +69,7 @@ def reference_logits(backend, frames: np.ndarray, fps: float = FPS) -> torch.Ten
 
 @torch.inference_mode()
 def reference_generate(backend, frames: np.ndarray, max_new: int):
-    inputs = reference_inputs(backend, frames)
-    out = backend.model.generate(
-        **inputs,
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=sorted(backend.eos_token_ids),
-        pad_token_id=backend.tokenizer.pad_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    return [t for t in tokens if t not in backend.eos_token_ids], [step[0].float() for step in out.logits]
-
-
-def stream(backend, frames, chunks, method="full", overrides=None, max_new_tokens=6, fps=FPS):
-    session = StreamSession(backend, method, overrides=overrides, fps=fps)
-    start = 0
-    for size in chunks:
-        session.ingest(frames[start : start + size], np.arange(start, start + size, dtype=float) * 2.0)
-        start += size
-    assert start == len(frames)
-    return session, session.ask(QUESTION, max_new_tokens=max_new_tokens, output_logits=True)
+    return generated(backend, reference_inputs(backend, frames), max_new)
 
 
 def test_the_family_is_loaded_by_model_type_with_its_layout(qwen, qwen_dir):
@@ -124,11 +86,7 @@ def test_the_family_is_loaded_by_model_type_with_its_layout(qwen, qwen_dir):
 
 @pytest.mark.parametrize("count", [4, 5])
 def test_full_first_logits_equal_a_plain_forward(qwen, count):
-    frames = make_frames(count, seed=1)
-    _, answer = stream(qwen, frames, [2, count - 2])
-    error = (answer.first_logits - reference_logits(qwen, frames)).abs().max().item()
-    assert error < 1e-4
-    assert answer.frames_seen == count
+    shared.check_full_first_logits(qwen, count, reference_logits)
 
 
 def _decode(backend, frames, max_new: int) -> tuple[list[int], list[torch.Tensor], int]:
@@ -165,11 +123,7 @@ def test_full_greedy_decoding_equals_generate(qwen):
 
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1, 1, 1], [2, 3, 1], [4, 2], [3, 3]])
 def test_chunked_ingestion_equals_one_shot(qwen, chunks):
-    frames = make_frames(6, seed=2)
-    _, whole = stream(qwen, frames, [6])
-    _, chunked = stream(qwen, frames, chunks)
-    assert (whole.first_logits - chunked.first_logits).abs().max().item() < 1e-5
-    assert whole.token_ids == chunked.token_ids
+    shared.check_chunked_ingestion_equals_one_shot(qwen, chunks)
 
 
 def test_an_odd_frame_at_question_time_is_padded_for_that_answer_only(qwen):
@@ -211,30 +165,18 @@ def test_a_question_between_the_frames_of_a_group_changes_no_state(qwen, method)
     """For every method: a question after an odd frame is answered as if the padded group had been
     stored (same logits), and stores nothing: after the next frames, the stored units, blocks and
     answers are those of a stream that was never asked."""
-    frames = make_frames(8, seed=13)
-    times = np.arange(8) * 2.0
-    overrides = SMALL[method]
-    asked = StreamSession(qwen, method, overrides=overrides, fps=FPS)
-    asked.ingest(frames[:5], times[:5])
-    answer = asked.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    stored = StreamSession(qwen, method, overrides=overrides, fps=FPS)  # the padded group stored for good
-    stored.ingest(np.concatenate([frames[:5], frames[4:5]]), [*times[:5], times[4] + 0.5])
-    expected = stored.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    assert (answer.first_logits - expected.first_logits).abs().max().item() < 1e-5
+    frames, times, asked, never, answer, expected = shared.ask_between_the_frames_of_a_group(
+        qwen, method, SMALL[method], copy_after=0.5
+    )
     assert [(b.granularity, b.first_frame, b.last_frame) for b in answer.retrieved] == [
         (b.granularity, b.first_frame, b.last_frame) for b in expected.retrieved
     ]
-    never = StreamSession(qwen, method, overrides=overrides, fps=FPS)
-    never.ingest(frames[:5], times[:5])
     assert asked.memory.frames == never.memory.frames == 2 and _records(asked.memory) == _records(never.memory)
     for session in (asked, never):
         session.ingest(frames[5:], times[5:])
     assert asked.memory.frames == never.memory.frames == 4
     assert _records(asked.memory) == _records(never.memory)
-    assert asked.stats() == never.stats()
-    a = asked.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    b = never.ask(QUESTION, max_new_tokens=2, output_logits=True)
-    assert torch.equal(a.first_logits, b.first_logits) and a.token_ids == b.token_ids
+    shared.check_later_answers_equal(asked, never)
 
 
 def test_the_state_comparison_detects_a_padded_group_stored_for_good(qwen):
@@ -271,7 +213,7 @@ def test_a_stream_is_placed_in_time_by_its_own_rate(qwen, fps):
     """At 2 fps a unit spans 2 / 2 = 1 s (``second_per_grid_ts = 1``): the session equals the model
     over the same frames with that rate, and differs from the same frames at the default rate."""
     frames = make_frames(6, seed=14)
-    _, answer = stream(qwen, frames, [3, 3], fps=fps)
+    _, answer = stream(qwen, frames, [3, 3], fps=fps, frame_seconds=2.0)
     assert (answer.first_logits - reference_logits(qwen, frames, fps=fps)).abs().max().item() < 1e-4
     assert (answer.first_logits - reference_logits(qwen, frames, fps=FPS)).abs().max().item() > 1e-3
 
@@ -306,14 +248,8 @@ def test_a_source_at_another_rate_than_the_session_is_refused(qwen):
     assert session.ingest_source(from_array(make_frames(4, seed=16), fps=4.0, sample_fps=2.0)) == 2
 
 
-class _IgnoresRate:
+class _IgnoresRate(Proxy):
     """Sabotage: a backend proxy whose streams all get the default rate's positions."""
-
-    def __init__(self, inner) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
     def stream_positions(self, fps):
         return self._inner.stream_positions(FPS)
@@ -321,85 +257,34 @@ class _IgnoresRate:
 
 def test_the_rate_comparison_detects_a_rate_that_is_ignored(qwen):
     frames = make_frames(6, seed=14)
-    _, answer = stream(_IgnoresRate(qwen), frames, [6], fps=2.0)
+    _, answer = stream(_IgnoresRate(qwen), frames, [6], fps=2.0, frame_seconds=2.0)
     assert (answer.first_logits - reference_logits(qwen, frames, fps=2.0)).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("encode", ["shared", "independent"])
 def test_lossless_temporal_mukv_equals_full(qwen, encode):
     """Keep ratio 1, segment blocks only, every one retrieved in time order: the full context."""
-    frames = make_frames(8, seed=5)
-    _, full = stream(qwen, frames, [3, 5])
-    lossless = {
-        "encode": encode,
-        "order": "temporal",
-        "segment_frames": 4,
-        "keep_ratio.segment": 1.0,
-        "granularities.frame": False,
-        "granularities.patch": False,
-        "top_k.segment": 4,
-    }
-    _, answer = stream(qwen, frames, [3, 5], "mukv", lossless)
-    assert [b.granularity for b in answer.retrieved] == ["segment"]
-    assert (answer.first_logits - full.first_logits).abs().max().item() < 1e-4
-    assert answer.token_ids == full.token_ids
+    shared.check_lossless_temporal_mukv_equals_full(qwen, encode)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"layer_shared": True}, {"block_frames": 2}])
 def test_rekv_without_eviction_and_with_every_block_equals_full(qwen, overrides):
-    frames = make_frames(7, seed=6)
-    _, full = stream(qwen, frames, [4, 3])
-    _, answer = stream(qwen, frames, [4, 3], "rekv", {"retrieve_blocks": 8, **overrides})
-    assert (answer.first_logits - full.first_logits).abs().max().item() < 1e-4
-    assert answer.token_ids == full.token_ids
+    shared.check_rekv_without_eviction_equals_full(qwen, overrides)
 
 
 def test_rekv_with_eviction_and_selection_answers_from_rotated_keys(qwen):
-    frames = make_frames(8, seed=7)
-    session, answer = stream(qwen, frames, [8], "rekv", {"retrieve_blocks": 2, "n_local": 12})
-    assert session.memory.window.length == 12 and len(answer.token_ids) >= 1
+    shared.check_rekv_with_eviction_answers(qwen, n_local=12)
 
 
-@torch.inference_mode()
 def test_moving_keys_equals_recomputing_them_per_mrope_section(qwen):
-    """Keys computed at one set of positions, re-rotated to others that move each axis differently
-    (time, height, width sections), equal the keys the model computes at the new positions."""
-    embeds = qwen.encode_frames(make_frames(2, seed=8)).reshape(1, -1, qwen.text.hidden_size)
-    n = embeds.shape[1]
+    """Keys computed at a stream's positions, re-rotated per M-RoPE section, equal recomputed keys."""
     old, _ = qwen.stream_positions(FPS).visual(20, qwen.layout, 1)
-    new = old.clone()
-    new[0] += 37  # time only
-    new[1] += torch.arange(n) % 5  # height, unevenly per token
-    new[2] -= 3
-    caches = []
-    for positions in (old, new):
-        cache, _ = qwen.system_cache()
-        qwen.forward(embeds, cache, positions, logits="none")
-        caches.append(cache)
-    for layer in range(qwen.text.num_layers):
-        computed_old = caches[0].layers[layer].keys[:, :, -n:]
-        computed_new = caches[1].layers[layer].keys[:, :, -n:]
-        if layer == 0:  # deeper layers' keys depend on the other tokens' positions too
-            moved = qwen.positions.shift(computed_old, old, new)
-            assert (moved - computed_new).abs().max().item() < 1e-4
-            assert (computed_old - computed_new).abs().max().item() > 1e-2
+    shared.check_moving_keys_equals_recomputing_them(qwen, old)
 
 
 @pytest.mark.parametrize("method", list(SMALL))
 def test_every_method_answers_through_the_session(qwen, method):
-    session = StreamSession(qwen, method, overrides=SMALL[method], fps=FPS)
-    frames = make_frames(9, seed=9)
-    assert session.ingest(frames[:5], np.arange(5) * 2.0) == 5
-    assert session.ingest(frames[5:], np.arange(5, 9) * 2.0) == 4
-    answer = session.ask("What is shown?", max_new_tokens=3)
-    assert answer.method == method and answer.frames_seen == 9 and answer.time == 16.0
-    assert 1 <= len(answer.token_ids) <= 3 and answer.retrieved
-    # Units: four pairs stored, and the ninth frame's padded unit (index 4), provisional, answered from.
-    assert session.stats().frames == 4
-    assert all(block.last_frame <= 4 for block in answer.retrieved)
-    assert max(block.last_frame for block in answer.retrieved) == 4
-    choice = session.ask("Which colour?", ["red", "blue"], max_new_tokens=2)
-    assert len(choice.token_ids) <= 2
+    shared.check_every_method_answers(qwen, method, SMALL[method])
 
 
 def test_mukv_blocks_follow_the_unit_layout(qwen):
@@ -421,15 +306,12 @@ def test_mukv_blocks_follow_the_unit_layout(qwen):
 # ---------------------------------------------------------------------------------------- sabotage
 
 
-class _WrongPositions:
+class _WrongPositions(Proxy):
     """A backend proxy whose streams' position scheme is wrong, to show the comparisons above can fail."""
 
     def __init__(self, inner, positions) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.wrong = positions
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
     def stream_positions(self, fps):
         return self.wrong
@@ -457,23 +339,15 @@ def _scheme(qwen, cls=MultimodalRopePositions, **changes):
     ],
 )
 def test_the_reference_comparison_detects_wrong_positions(qwen, wrong):
-    frames = make_frames(6, seed=11)
-    reference = reference_logits(qwen, frames)
-    _, right = stream(qwen, frames, [6], max_new_tokens=1)
-    _, broken = stream(_WrongPositions(qwen, wrong(qwen)), frames, [6], max_new_tokens=1)
-    assert (right.first_logits - reference).abs().max().item() < 1e-4
-    assert (broken.first_logits - reference).abs().max().item() > 1e-3
+    shared.check_comparison_detects(qwen, _WrongPositions(qwen, wrong(qwen)), reference_logits)
 
 
-class _DecodeAfterLargest:
+class _DecodeAfterLargest(Proxy):
     """Generated tokens placed one past the prompt's largest position (``rope_deltas``' rule)."""
 
     def __init__(self, inner, offset: int) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._offset = offset
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
     def forward(self, embeds, cache, position_ids, logits="last"):
         if embeds.shape[1] == 1:
@@ -491,36 +365,8 @@ def test_the_generate_comparison_detects_decoding_after_the_largest_position(qwe
 
 
 def test_tiny_model_command_writes_a_checkpoint_every_command_loads(tmp_path):
-    from typer.testing import CliRunner
-
     from mukv.cli import app
 
-    runner = CliRunner()
-    directory = tmp_path / "tiny-qwen"
-    result = runner.invoke(app, ["tiny-model", str(directory), "--family", "qwen2_5_vl"])
-    assert result.exit_code == 0, result.output
-    assert "Qwen2.5-VL" in result.output
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "video_preprocessor_config.json"):
-        assert (directory / name).is_file()
-    video = tmp_path / "frames.npy"
-    np.save(video, make_frames(3, seed=12))
-    result = runner.invoke(
-        app,
-        [
-            "ask",
-            str(video),
-            "-q",
-            "What colour?",
-            "--npy-fps",
-            "0.5",
-            "--model",
-            str(directory),
-            "--max-new-tokens",
-            "2",
-            "--json",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert '"frames_seen": 3' in result.output
+    runner = shared.check_tiny_model_command(tmp_path, "qwen2_5_vl", "Qwen2.5-VL")
     bad = runner.invoke(app, ["tiny-model", str(tmp_path / "other"), "--family", "gpt2"])
     assert bad.exit_code != 0 and "--family" in bad.output

@@ -137,13 +137,27 @@ class LanguageModelOps:
         logits: Logits = "last",
     ) -> torch.Tensor | None:
         """Language model over ``embeds [B, n, d]`` at ``position_ids [R, n]``; see the protocol."""
-        before = cache.get_seq_length()
         self.check_positions(embeds, position_ids)
+        return self._run_language_model(embeds.to(device=self.device, dtype=self.dtype), cache, position_ids, logits)
+
+    def _run_language_model(
+        self,
+        embeds: torch.Tensor,
+        cache: DynamicCache,
+        position_ids: torch.Tensor,
+        logits: Logits,
+        **extra,
+    ) -> torch.Tensor | None:
+        """The language model over ``embeds [B, n, d]`` (on the backend's device and dtype, positions
+        checked) with the model's own ``extra`` arguments: appends to ``cache`` and fails loudly if it
+        did not grow by ``n``; the logits ``forward`` asks for."""
+        before = cache.get_seq_length()
         out = self._lm(
-            inputs_embeds=embeds.to(device=self.device, dtype=self.dtype),
+            inputs_embeds=embeds,
             cache=cache,
             position_ids=self.model_position_ids(position_ids.to(self.device), embeds.shape[0]),
             use_cache=True,
+            **extra,
         )
         check_cache_grew(cache, before, embeds.shape[1])
         if logits == "none":

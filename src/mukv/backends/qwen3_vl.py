@@ -38,7 +38,6 @@ from mukv.backends.base import Logits
 from mukv.backends.positions import MultimodalRopePositions
 from mukv.backends.qwen_vl import VIDEO_PREPROCESSOR_FILES, QwenVLBackend, _first_json
 from mukv.backends.registry import register_backend, resolve_model_dir
-from mukv.backends.transformers_api import check_cache_grew
 from mukv.config import BackendConfig, check_fps
 
 # Qwen3VLVideoProcessor.max_video_tokens: the per-frame token ceiling when the checkpoint names none.
@@ -145,7 +144,6 @@ class Qwen3VLBackend(QwenVLBackend):
         a unit's :meth:`unit_sequence`) at ``position_ids [3, n]``: the first ``d`` channels are the
         input embeddings; the DeepStack maps are added after the first ``K`` layers at the tokens
         that carry them (rows that are zero there are text)."""
-        before = cache.get_seq_length()
         self.check_positions(embeds, position_ids)
         d = self.text.hidden_size
         embeds = embeds.to(device=self.device, dtype=self.dtype)
@@ -159,15 +157,4 @@ class Qwen3VLBackend(QwenVLBackend):
             embeds = embeds[..., :d]
         elif embeds.shape[-1] != d:
             raise ValueError(f"embeds: expected {d} or {self.feature_width} channels, got {embeds.shape[-1]}")
-        out = self._lm(
-            inputs_embeds=embeds.contiguous(),
-            cache=cache,
-            position_ids=self.model_position_ids(position_ids.to(self.device), embeds.shape[0]),
-            use_cache=True,
-            **extra,
-        )
-        check_cache_grew(cache, before, embeds.shape[1])
-        if logits == "none":
-            return None
-        hidden = out.last_hidden_state if logits == "all" else out.last_hidden_state[:, -1:]
-        return self.model.lm_head(hidden).float()
+        return self._run_language_model(embeds.contiguous(), cache, position_ids, logits, **extra)
