@@ -62,6 +62,9 @@ def test_without_ray_workers_say_how_to_install_it(bench, model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+# In the default run, tests/integration/test_distributed_eval.py's killed-worker test checks that
+# two workers write the single process's records; this one adds the command line and the judge.
+@pytest.mark.slow
 @needs_ray
 def test_two_workers_equal_one_process_and_the_judge_runs_concurrently(
     bench,
