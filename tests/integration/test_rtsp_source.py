@@ -34,8 +34,8 @@ import numpy as np
 import pytest
 
 from mukv.errors import VideoError
-from mukv.video import LiveStream, open_live
-from tests.integration.test_live_source import bounded, live_threads  # noqa: F401 (bounded: autouse fixture)
+from mukv.video import open_live
+from tests.integration.test_live_source import bounded, drain, live_threads  # noqa: F401 (bounded: autouse fixture)
 from tests.integration.test_serve_app import sse_events, wait_for
 
 TEST_LIMIT_S = 45.0  # the watchdog: no test of this module takes this long
@@ -225,21 +225,6 @@ def rtsp(tmp_path_factory) -> Iterator[RtspServer]:
     """One server for the module, publishing ``live``."""
     with rtsp_server(tmp_path_factory.mktemp("rtsp")) as server:
         yield server
-
-
-def drain(stream: LiveStream, seconds: float) -> tuple[list[np.ndarray], list[float], list[float]]:
-    """Take frames as they come for ``seconds``: frames, their timestamps and arrival times."""
-    frames: list[np.ndarray] = []
-    times: list[float] = []
-    arrivals: list[float] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not stream.exhausted:
-        batch = stream.next_batch(8, wait_s=min(0.5, max(0.0, deadline - time.monotonic())))
-        if batch is not None:
-            frames.extend(batch.frames)
-            times.extend(batch.timestamps.tolist())
-            arrivals.extend([time.monotonic()] * len(batch))
-    return frames, times, arrivals
 
 
 # -- open_live -----------------------------------------------------------------------------------

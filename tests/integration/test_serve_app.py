@@ -34,6 +34,7 @@ from mukv.serve import ServeConfig, create_app
 from mukv.serve.app import MAX_FRAME_SECONDS
 from mukv.serve.worker import DeviceWorker, Priority
 from mukv.video.streams import make_stream, write_stream_video
+from tests.e2e.test_serve import ws_message
 
 TOKEN = "integration-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -802,22 +803,13 @@ def test_a_message_naming_an_invalid_id_leaves_the_websocket_open(live_server):
                     '{"type": "dance", "id": "\\ud800", "note": "\\udfff"}',
                 ):
                     ws.send(text)
-                    message = ws_reply(ws)
+                    message = ws_message(ws)
                     assert message["type"] == "error" and message["id"] is None and "ref" not in message, message
                 ws.send('{"type": "question", "id": "ok", "question": "hi"}')
-                message = ws_reply(ws)  # still open: answered as any question before the first frame
+                message = ws_message(ws)  # still open: answered as any question before the first frame
                 assert message["id"] == "ok" and message["error"]["code"] == "no_frames", message
         finally:
             http.delete(f"/v1/streams/{stream_id}")
-
-
-def ws_reply(ws) -> dict:
-    """The next message other than the stream's info."""
-    for _ in range(100):
-        message = json.loads(ws.recv(timeout=DEADLINE))
-        if message["type"] != "stream":
-            return message
-    pytest.fail("only stream info messages came")
 
 
 def test_a_server_without_a_token_refuses_other_origins_with_a_response(live_server):
