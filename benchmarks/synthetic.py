@@ -1,12 +1,16 @@
-"""The random-weight LLaVA-OneVision 0.5B model and synthetic stream states of the cost benchmarks.
+"""Random-weight models at real sizes and synthetic stream states of the cost benchmarks.
 
 - :func:`build_backend`: a model with the dimensions of ``llava-onevision-qwen2-0.5b-ov`` and random
-  weights (nothing downloaded), wrapped as ``load_backend`` wraps a checkpoint.
+  weights (nothing downloaded), wrapped as ``load_backend`` wraps a checkpoint;
+  :func:`build_qwen25_vl_3b` and :func:`build_qwen3_vl_2b` the same for ``Qwen2.5-VL-3B-Instruct``
+  and ``Qwen3-VL-2B-Instruct``; :data:`REAL_MODELS` names the three.
 - Synthetic states, through the package's public API only: :func:`fill_mukv` and :func:`fill_rekv`
   adopt encoded blocks of the exact kept sizes (random K/V, the positions the backend's scheme
   gives, random representatives) with ``BlockMemory.restore``; :func:`fill_full` adopts a random
   K/V cache with ``FullMemory.restore``; :func:`fill_ingest` feeds random visual features to
   ``memory.ingest`` (``uniform``, ``recent``: their ingest is cheap or bounded).
+- :func:`clone_groups`: extends a block store by copies of blocks a method really encoded, at later
+  frames and times, sharing their K/V (for hours of stream state at sizes that do not fit in RAM).
 - :class:`Scenario`: a method, its overrides and how to fill its state, so that a benchmark
   iterates over data instead of branching per method.
 - Question timing: :func:`timed_ask`, :func:`warm_asks`, :func:`summarize_asks` (medians of the
@@ -27,13 +31,25 @@ from transformers import (
     AutoModelForImageTextToText,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig,
     Qwen2Config,
+    Qwen3VLConfig,
     SiglipVisionConfig,
 )
 
 import mukv
 from mukv.backends.llava_onevision import LlavaOnevisionBackend
+from mukv.backends.qwen2_5_vl import Qwen25VLBackend
+from mukv.backends.qwen3_vl import DEFAULT_MAX_VIDEO_TOKENS, Qwen3VLBackend
+from mukv.backends.qwen_vl import DEFAULT_MAX_PIXELS, QwenFramePreprocessor, square_frame_shape
 from mukv.backends.tiny import build_tokenizer
+from mukv.backends.tiny_qwen import (
+    QWEN3_CHAT_TEMPLATE,
+    QWEN3_MEAN,
+    QWEN3_STD,
+    QWEN_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
+)
 from mukv.compress.scorers import keep_count
 from mukv.kv.blocks import BlockPayload
 from mukv.memory.blocks import EncodedBlock
@@ -115,18 +131,173 @@ def build_backend(
     )
 
 
-def parameter_counts(backend: LlavaOnevisionBackend) -> dict[str, int]:
+# The Qwen-VL checkpoints' language and vision sizes (their hub ``config.json``). Both tie the
+# output head to the input embedding.
+QWEN25_VL_3B = {
+    "text": {
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128000,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+    },
+    "vision": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+    },
+}
+QWEN3_VL_2B = {
+    "text": {
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 262144,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+    },
+    "vision": {
+        "depth": 24,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [5, 11, 17],
+    },
+}
+
+
+def qwen_model(config_class: type, sizes: dict, tokenizer, device: torch.device, dtype: torch.dtype, **kwargs):
+    """A random ``config_class`` model of ``sizes`` built directly in ``dtype`` on ``device``, with the
+    real vocabulary and the chat format's special ids from ``tokenizer``."""
+    ids = tokenizer.convert_tokens_to_ids
+    eos = ids("<|im_end|>")
+    text = {
+        **sizes["text"],
+        "vocab_size": 151936,
+        "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": True,
+    }
+    config = config_class(
+        text_config=text,
+        vision_config=dict(sizes["vision"]),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
+    model.generation_config.eos_token_id = eos
+    return model
+
+
+def build_qwen25_vl_3b(
+    device: torch.device, dtype: torch.dtype, *, seed: int = 0, attn_implementation: str = "sdpa", **backend_kwargs
+) -> Qwen25VLBackend:
+    """``Qwen2.5-VL-3B-Instruct``'s dimensions (675 M vision, 3.1 B language parameters), random
+    weights, frames at the backend's default resolution (756 x 756 px: the video processor's cap)."""
+    tokenizer = build_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS, chat_template=QWEN_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    model = qwen_model(
+        Qwen2_5_VLConfig, QWEN25_VL_3B, tokenizer, device, dtype, attn_implementation=attn_implementation
+    )
+    vision = model.config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    preprocessor = QwenFramePreprocessor(
+        shape=square_frame_shape(DEFAULT_MAX_PIXELS, factor),
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+    )
+    return Qwen25VLBackend(model, tokenizer, preprocessor, model_id="random-qwen2.5-vl-3b", **backend_kwargs)
+
+
+def build_qwen3_vl_2b(
+    device: torch.device, dtype: torch.dtype, *, seed: int = 0, attn_implementation: str = "sdpa", **backend_kwargs
+) -> Qwen3VLBackend:
+    """``Qwen3-VL-2B-Instruct``'s dimensions (about 0.4 B vision, 1.7 B language parameters, three
+    DeepStack maps), random weights, frames at the backend's default resolution (864 x 864 px: the
+    video processor's ceiling of 768 merged tokens per frame)."""
+    tokenizer = build_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS, chat_template=QWEN3_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    model = qwen_model(Qwen3VLConfig, QWEN3_VL_2B, tokenizer, device, dtype, attn_implementation=attn_implementation)
+    vision = model.config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    preprocessor = QwenFramePreprocessor(
+        shape=square_frame_shape(DEFAULT_MAX_VIDEO_TOKENS * factor * factor, factor),
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        mean=QWEN3_MEAN,
+        std=QWEN3_STD,
+    )
+    return Qwen3VLBackend(model, tokenizer, preprocessor, model_id="random-qwen3-vl-2b", **backend_kwargs)
+
+
+def _build_llava(device: torch.device, dtype: torch.dtype, **kwargs) -> LlavaOnevisionBackend:
+    # Admits caches past the checkpoint's 32,768 trained positions (``full`` at 10 minutes holds
+    # 58,820 tokens): the cost is what such a cache costs; real weights would answer worse.
+    return build_backend(device, dtype, max_positions=1 << 20, **kwargs)
+
+
+#: Real-size random-weight models by name: ``build(device, dtype, *, seed, attn_implementation,
+#: vision_batch_frames)``.
+REAL_MODELS: dict[str, Callable[..., Any]] = {
+    "llava-onevision-0.5b": _build_llava,
+    "qwen2.5-vl-3b": build_qwen25_vl_3b,
+    "qwen3-vl-2b": build_qwen3_vl_2b,
+}
+
+
+def frame_shape(backend: Any) -> tuple[int, int]:
+    """The ``(height, width)`` frames are resized to before the vision tower."""
+    pre = backend.preprocessor
+    shape = getattr(pre, "shape", None)
+    return tuple(shape) if shape is not None else (pre.size, pre.size)
+
+
+def parameter_counts(backend: Any) -> dict[str, int]:
+    """Parameters of the whole model, its vision tower (with the projector or merger) and language model."""
     model = backend.model
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
+    inner = model.model
+    if hasattr(inner, "vision_tower"):  # LLaVA-OneVision: tower and projector apart
+        vision = count(inner.vision_tower) + count(inner.multi_modal_projector)
+    else:  # Qwen-VL: the merger is part of ``visual``
+        vision = count(inner.visual)
+    lm_head = 0 if model.lm_head.weight is inner.language_model.get_input_embeddings().weight else count(model.lm_head)
     return {
         "total": count(model),
-        "vision_tower": count(model.model.vision_tower),
-        "projector": count(model.model.multi_modal_projector),
-        "language_model": count(model.model.language_model),
-        "lm_head": count(model.lm_head),
+        "vision": vision,
+        "language_model": count(inner.language_model),
+        "lm_head": lm_head,
     }
 
 
@@ -148,10 +319,13 @@ def timestamps(first: int, count: int, interval: float) -> np.ndarray:
 
 
 def random_features(backend: Any, count: int, seed: int) -> torch.Tensor:
-    """Random visual tokens ``[count, P, d]`` in the model dtype, on the model device."""
+    """Random visual tokens ``[count, P, w]`` of ``count`` units in the model dtype, on the model
+    device (``w``: the backend's ``feature_width`` where its tokens carry more than an embedding,
+    Qwen3-VL's DeepStack maps, else the hidden size)."""
     g = torch.Generator().manual_seed(seed)
-    p, d = backend.tokens_per_frame, backend.text.hidden_size
-    return torch.randn(count, p, d, generator=g).to(device=backend.device, dtype=backend.dtype)
+    p = backend.tokens_per_frame
+    width = getattr(backend, "feature_width", backend.text.hidden_size)
+    return torch.randn(count, p, width, generator=g).to(device=backend.device, dtype=backend.dtype)
 
 
 def ingest_features(session: mukv.StreamSession, features: torch.Tensor, times: np.ndarray) -> None:
@@ -166,7 +340,9 @@ def generic_warmup(backend: Any) -> None:
     """One small language-model prefill after the system prompt, so kernels are initialised
     before any measured region (common to every method)."""
     cache, init_len = backend.system_cache()
-    embeds = random_features(backend, 1, seed=12345).reshape(1, -1, backend.text.hidden_size)
+    g = torch.Generator().manual_seed(12345)
+    embeds = torch.randn(1, backend.tokens_per_frame, backend.text.hidden_size, generator=g)
+    embeds = embeds.to(device=backend.device, dtype=backend.dtype)
     positions = backend.positions.text(init_len, embeds.shape[1], backend.device)
     backend.forward(embeds, cache, positions, logits="last")
     synchronize(backend.device)
@@ -315,6 +491,61 @@ def fill_ingest(session: mukv.StreamSession, first: int, count: int, interval: f
     for start in range(first, first + count, 64):
         n = min(64, first + count - start)
         ingest_features(session, random_features(backend, n, seed + start), timestamps(start, n, interval))
+
+
+def clone_groups(
+    session: mukv.StreamSession, template: list[EncodedBlock], group: int, groups: int, interval: float, seed: int
+) -> None:
+    """Extend a block store by ``groups`` copies of ``template`` (the blocks a method encoded for the
+    units ``0 .. group-1``, e.g. one MuKV segment, ``interval`` seconds apart), each ``group`` units
+    later than the one before:
+    frame indices and times shifted, each copy given its own random representative (so retrieval
+    ranks distinct blocks), its K/V, positions and kept indices **shared** with the template's
+    (views, no copy). ``stats()`` counts every copy's bytes as stored; the process holds one. What a
+    question costs is what it would cost on that many distinct blocks: ranking sees distinct
+    representatives and assembly copies the chosen blocks' K/V out of the store either way."""
+    memory = session.memory
+    if memory.frames % group:
+        raise ValueError(f"clone_groups: the store holds {memory.frames} units, not whole groups of {group}")
+    g = torch.Generator().manual_seed(seed + memory.frames)
+    for _ in range(groups):
+        shift = memory.frames
+        dt = shift * interval
+        blocks = [
+            EncodedBlock(
+                granularity=b.granularity,
+                first_frame=b.first_frame + shift,
+                last_frame=b.last_frame + shift,
+                part=b.part,
+                start_time=b.start_time + dt,
+                end_time=b.end_time + dt,
+                payload=b.payload,
+                representative=torch.randn(b.representative.shape, generator=g).to(b.representative.dtype),
+            )
+            for b in template
+        ]
+        memory.restore(blocks, [memory.timestamp(i) + dt for i in range(group)])
+
+
+def stored_blocks(session: mukv.StreamSession) -> list[EncodedBlock]:
+    """The stored (not provisional) blocks of a block-based method, as :class:`EncodedBlock` s
+    (payloads and representatives are the store's own tensors)."""
+    store = session.memory.store
+    provisional = set(session.memory.provisional_ids)
+    return [
+        EncodedBlock(
+            granularity=r.granularity,
+            first_frame=r.first_frame,
+            last_frame=r.last_frame,
+            part=r.part,
+            start_time=r.start_time,
+            end_time=r.end_time,
+            payload=store.payload(r.block_id),
+            representative=store.representative(r.block_id),
+        )
+        for r in store.records()
+        if r.block_id not in provisional
+    ]
 
 
 def full_cache_need(backend: Any, frames: int) -> int:
