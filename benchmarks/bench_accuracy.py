@@ -28,6 +28,15 @@ number of tokens; ``full`` keeps everything (the reference, and at long T far be
 the model was trained on). ReKV's sliding window spans the same number of frames as the release's
 15,000 tokens at P = 196 (76 frames).
 
+The ``oracle`` line is the ceiling at that budget (:class:`mukv.eval.oracle.OracleMemory`): B frames,
+the question's evidence frames (the stream's ground truth) plus fillers spread evenly over the rest,
+each encoded on its own and re-positioned one after another, as retrieval-based methods assemble
+their caches. Its retrieval recall is 1.0 by construction; its accuracy separates "found the
+evidence" from "could read what it found". It needs the ground truth, so it is not a method the
+harness can name: :func:`run_oracle` streams the same benchmark files through a
+:class:`mukv.engine.StreamSession` in this process (same frames, questions, question times, decoding
+and record format as ``mukv eval generic``) and writes a run directory ``mukv report`` reads.
+
 Run: ``.venv/bin/python benchmarks/bench_accuracy.py`` (defaults: lengths 16, 64, 256, 1024 with
 60/40/24/12 streams, hours on 2 CPU cores). Benchmark files, harness runs and reports go to
 ``--work`` (default ``benchmarks/work/NAME``, not tracked); one record per question, plus one record per
@@ -55,6 +64,7 @@ import mukv
 from common import RESULTS, LoadMonitor, load_line, machine_info, read_records, render_results, write_results
 from mukv.config import apply_overrides
 from mukv.eval.metrics import exact_match, retrieval_recall
+from mukv.eval.oracle import OracleConfig, OracleMemory
 from mukv.eval.report import load_predictions, sampled_spans
 from mukv.memory.mukv_config import GRANULARITIES, MukvConfig
 from mukv.video.streams import KINDS, eval_kinds, make_stream
@@ -64,6 +74,7 @@ MAX_NEW_TOKENS = 6
 # ReKV's window: 15,000 tokens at 196 tokens per frame in the release, about 76 frames.
 REKV_WINDOW_FRAMES = 76
 WORK = Path(__file__).resolve().parent / "work"
+ORACLE = "oracle"
 
 
 def configurations(
@@ -74,6 +85,8 @@ def configurations(
     window = REKV_WINDOW_FRAMES * tokens_per_frame
     mukv = {f"top_k.{g}": k for g, k in (mukv_top_k or {}).items()}
     return {
+        # The ceiling at the budget; not a registered method: run in this process by ``run_oracle``.
+        ORACLE: (ORACLE, {"budget_frames": budget_frames}),
         "full": ("full", {}),
         "uniform": ("uniform", {"num_frames": budget_frames}),
         "recent": ("recent", {"num_frames": budget_frames}),
@@ -227,6 +240,86 @@ def run_config(args: argparse.Namespace, anno: Path, run_dir: Path, method: str,
     )
 
 
+def oracle_streams(anno: Path, length: int) -> dict[str, Any]:
+    """The synthetic stream of every video of ``anno`` (written by :func:`write_dataset`), regenerated
+    from its seed for its ground truth, checked against the frames the harness reads."""
+    streams = {}
+    for video in json.loads(anno.read_text()):
+        seed = int(video["video_id"].rsplit("_", 1)[1])
+        stream = make_stream(length, seed=seed, fps=FPS, kinds=eval_kinds(seed))
+        if not np.array_equal(np.load(anno.parent / video["video"]), stream.frames):
+            raise RuntimeError(f"{anno}: {video['video_id']} is not make_stream({length}, seed={seed})")
+        streams[video["video_id"]] = stream
+    return streams
+
+
+def run_oracle(args: argparse.Namespace, anno: Path, run_dir: Path, length: int, overrides: dict[str, Any]) -> None:
+    """The oracle over the benchmark ``anno`` as a run directory of ``mukv eval generic``'s format
+    (``run.json``, ``predictions.jsonl``), resumable: answered questions are skipped.
+
+    Each video is streamed as the harness streams it (frames from its ``.npy`` at ``FPS``, every
+    frame up to a question's time ingested before it is asked, greedy decoding of
+    ``MAX_NEW_TOKENS``) into a session whose memory is an :class:`OracleMemory` holding that
+    stream's ground truth."""
+    from mukv.engine import StreamSession
+    from mukv.eval.datasets import load_benchmark
+    from mukv.eval.runner import (
+        MERGED_FILE,
+        PredictionWriter,
+        RunConfig,
+        RunLock,
+        prediction_record,
+        read_predictions,
+        write_run_file,
+    )
+    from mukv.video import open_source
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = OracleConfig(**overrides)
+    run = RunConfig(
+        benchmark="generic",
+        annotation=str(anno),
+        videos=str(anno.parent / "videos"),
+        model=args.model,
+        method=ORACLE,
+        overrides={k: str(v) for k, v in overrides.items()},
+        sample_fps=FPS,
+        npy_fps=FPS,
+        device="cpu",
+        dtype="float32",
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    write_run_file(run_dir, run, config)
+    path = run_dir / MERGED_FILE
+    streams = oracle_streams(anno, length)
+    backend = mukv.load_backend(args.model, device="cpu", dtype="float32")
+    period = 1 / FPS
+    # One writer per predictions file, as in the harness.
+    with RunLock(path):
+        done = {r["qid"] for r in read_predictions(path, repair=True)}
+        writer = PredictionWriter(path)
+        try:
+            for video in load_benchmark("generic", anno):
+                pending = [q for q in video.questions if q.qid not in done]
+                if not pending:
+                    continue
+                memory = OracleMemory.for_stream(backend, streams[video.video_id], config, fps=FPS)
+                session = StreamSession(backend, memory, fps=FPS)
+                source = open_source(anno.parent / video.path, sample_fps=FPS, npy_fps=FPS)
+                try:
+                    for q in sorted(video.questions, key=lambda q: q.time):
+                        session.ingest_source(source, until=q.time)
+                        if q.qid in done:
+                            continue
+                        answer = session.ask(q.question, max_new_tokens=MAX_NEW_TOKENS, at=q.time)
+                        writer.write(prediction_record(q, answer, backend, period))
+                finally:
+                    source.close()
+        finally:
+            writer.close()
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -333,7 +426,8 @@ def summarise(records: list[dict], settings: dict) -> tuple[str, dict]:
     )
     lines += section(
         "Evidence recall: hit rate (evidence coverage) [random baseline k/T, k = distinct frames the method put "
-        "in the answering cache, any granularity; for rekv the union over layers]:",
+        "in the answering cache, any granularity; for rekv the union over layers; the oracle's recall is 1.0 by "
+        "construction]:",
         lambda r: f"{r['hit']:.2f} ({r['coverage']:.2f}) [{r['chance']:.2f}]",
         ["| random, k = B | " + " | ".join(f"{min(1.0, budget / t):.2f}" for t in lengths) + " |"],
     )
@@ -444,7 +538,10 @@ def main(argv: list[str] | None = None) -> int:
             method, overrides = configs[name]
             run_dir = args.work / "runs" / f"T{length}-S{streams}" / slug(name)
             print(f"T={length} ({streams} streams): {name}", flush=True)
-            run_config(args, anno, run_dir, method, overrides)
+            if method == ORACLE:
+                run_oracle(args, anno, run_dir, length, overrides)
+            else:
+                run_config(args, anno, run_dir, method, overrides)
             run_dirs.append(run_dir)
             new = [
                 r

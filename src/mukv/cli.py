@@ -768,17 +768,33 @@ def train_tiny_command(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     resume: Annotated[
         Path | None,
-        typer.Option(help="A saved checkpoint (OUT/stages/stage1, or a finished run): run stage 2 only from it."),
+        typer.Option(
+            help="OUT itself when it holds an unfinished run: continue it at the same step with the same data "
+            "order (its own settings; other options are not used). Otherwise a saved checkpoint (OUT/stages/stage1, "
+            "or a finished run): run stages 2 and 3 from its weights."
+        ),
     ] = None,
     isolated_order: Annotated[
         bool, typer.Option(help="Also ask order questions in frame-isolated batches (unanswerable there).")
     ] = False,
     clip_targets: Annotated[int, typer.Option(help="Rare targets per stage-2 clip (1-3, one per kind).")] = 3,
+    isolated_share: Annotated[float, typer.Option(help="Share of stage-2/3 batches laid out frame-isolated.")] = 0.5,
+    placed_share: Annotated[
+        float, typer.Option(help="Share of stage-2/3 batches of independently encoded, re-positioned frames.")
+    ] = 0.0,
+    stage3_steps: Annotated[int, typer.Option(help="Long/sparse/re-positioned context steps (0: no stage 3).")] = 0,
+    long_frames: Annotated[int, typer.Option(help="Longest dense stage-3 clip (frames).")] = 256,
+    sparse_frames: Annotated[int, typer.Option(help="Largest sparse stage-3 subset (frames).")] = 48,
+    stage3_tokens: Annotated[int, typer.Option(help="Visual tokens per stage-3 batch.")] = 4096,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between saved training states (OUT/progress).")] = 100,
 ) -> None:
-    """Train a tiny LLaVA-OneVision on synthetic streams (CPU: about an hour with the defaults)."""
+    """Train a tiny LLaVA-OneVision on synthetic streams (CPU: about an hour with the defaults).
+
+    Resumable: the state is saved every --checkpoint-every steps and on Ctrl-C / SIGTERM; continue
+    with `mukv train-tiny OUT --resume OUT`."""
     import torch
 
-    from mukv.training.trainer import TrainConfig, train_tiny
+    from mukv.training.trainer import TrainConfig, TrainingInterrupted, load_progress, train_tiny
 
     if threads:
         torch.set_num_threads(threads)
@@ -790,14 +806,29 @@ def train_tiny_command(
         max_frames=max_frames,
         isolated_order=isolated_order,
         clip_targets=clip_targets,
+        isolated_share=isolated_share,
+        placed_share=placed_share,
+        stage3_steps=stage3_steps,
+        long_frames=long_frames,
+        sparse_frames=sparse_frames,
+        stage3_tokens=stage3_tokens,
+        checkpoint_every=checkpoint_every,
     )
+    saved = load_progress(resume) if resume is not None else None
+    if saved is not None:
+        typer.echo(f"continuing the unfinished run in {resume} at {saved['stage']} step {saved['step']}, its settings")
+        config = None
     started = time.time()
 
     def report(stage: str, step: int, stats: dict) -> None:
         values = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
         typer.echo(f"[{time.time() - started:7.0f}s] {stage} step {step}: {values}")
 
-    record = train_tiny(out, config, report, resume=resume)
+    try:
+        record = train_tiny(out, config, report, resume=resume)
+    except TrainingInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(130) from None
     typer.echo(json.dumps({k: record[k] for k in ("stage0_accuracy", "stage1_accuracy", "accuracy")}, indent=2))
 
 

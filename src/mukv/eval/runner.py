@@ -470,7 +470,9 @@ def _peak_accelerator_bytes(backend) -> int | None:
     return None
 
 
-def _record(question: Question, answer, backend, sample_period: float, **flags: Any) -> dict[str, Any]:
+def prediction_record(question: Question, answer, backend, sample_period: float, **flags: Any) -> dict[str, Any]:
+    """The predictions-file record of ``answer`` to ``question`` (``flags``: ``past_end``/``video_end``
+    where they apply), as every run of the harness writes it."""
     t = answer.timings
     prediction = Prediction(
         qid=question.qid,
@@ -851,7 +853,7 @@ def stream_video(
                 question.question, question.choices, max_new_tokens=config.max_new_tokens, at=question.time
             )
             answered.add(question.qid)
-            yield Answered(question.qid, _record(question, answer, backend, period, **flags))
+            yield Answered(question.qid, prediction_record(question, answer, backend, period, **flags))
         if decode_error is not None and len(questions) < len(pending):
             yield failed("decode", str(decode_error), frames_decoded=session.frames_seen, stream_time=session.time)
         else:
