@@ -22,6 +22,7 @@ SMALL = {
     "mukv": {"top_k.patch": 3, "top_k.frame": 2, "top_k.segment": 1},
     "rekv": {"retrieve_blocks": 3, "n_local": 64},
     "recent": {"num_frames": 4},
+    "infinipot": {"max_units": 7, "keep_units": 2, "recent_ratio": 0.15},
 }
 
 

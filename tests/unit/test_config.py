@@ -77,7 +77,7 @@ def test_parse_assignments():
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(ValueError, match="available: full, mukv, recent, rekv, uniform"):
+    with pytest.raises(ValueError, match="available: full, infinipot, mukv, recent, rekv, uniform"):
         method_config("nope")
 
 
