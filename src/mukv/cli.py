@@ -167,24 +167,46 @@ def _print_answer(answer, as_json: bool) -> None:
 @app.command()
 @_user_errors
 def ask(
-    video: Annotated[Path, typer.Argument(help="Video file or .npy frame array.")],
     question: Annotated[list[str], typer.Option("--question", "-q", help="Question (repeatable).")],
+    video: Annotated[Path | None, typer.Argument(help="Video file or .npy frame array.")] = None,
+    memory: Annotated[
+        Path | None,
+        typer.Option("--memory", help="Answer from a memory saved by `mukv encode` instead of a video."),
+    ] = None,
     at: Annotated[float | None, typer.Option("--at", help="Ask at this time in seconds (default: the end).")] = None,
     choice: Annotated[
         list[str] | None, typer.Option("--choice", "-c", help="Multiple-choice option (repeatable).")
     ] = None,
-    model: ModelOption = DEFAULT_MODEL_ID,
-    method: MethodOption = "full",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Hugging Face hub id, local checkpoint directory, or mukv-tiny (shipped). "
+            f"Default: {DEFAULT_MODEL_ID}; "
+            "with --memory, the one it was encoded with.",
+        ),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method", help="Memory method (see `mukv methods`). Default: full; with --memory, the saved one."
+        ),
+    ] = None,
     fps: FpsOption = 0.5,
     npy_fps: NpyFpsOption = None,
     device: DeviceOption = "cpu",
-    dtype: DtypeOption = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto with --memory: the saved one).")
+    ] = "auto",
     preset: PresetOption = None,
     set_: SetOption = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Answer length limit in tokens.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON record per answer.")] = False,
 ) -> None:
-    """Answer questions about VIDEO at time --at, from frames up to then only."""
+    """Answer questions about VIDEO at time --at, from frames up to then only; or, with --memory MEM,
+    from a memory saved by `mukv encode` (the video is not needed; the saved method, config and rate
+    are used, and --method/--preset/--set, when given, must be the saved ones)."""
     from mukv.backends.prompts import PromptTemplate, validate_question
     from mukv.video import open_source
 
@@ -194,16 +216,224 @@ def ask(
         PromptTemplate().render_question(text, choice)  # choices: count, empty options
     _check_time(at, "--at")
     _check_max_new_tokens(max_new_tokens)
-    source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
-    if at is not None and source.duration is not None and at > source.duration + 1.0 / fps:
-        source.close()
-        raise ValueError(f"--at: {at:g} s is after the end of {video.name} ({source.duration:.1f} s)")
-    session = _open_session(model, method, device, dtype, set_, preset, fps=source.sample_fps or fps)
+    if (video is None) == (memory is None):
+        raise ValueError("give a VIDEO or --memory MEM (one of them)")
+    if memory is not None:
+        session = _open_memory(memory, model, method, device, dtype, set_, preset)
+        if at is not None and session.time is not None and at < session.time:
+            raise ValueError(
+                f"--at: {at:g} s is before the end of the saved memory ({session.time:.1f} s): a saved memory "
+                "answers at its end or later"
+            )
+    else:
+        assert video is not None
+        source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
+        if at is not None and source.duration is not None and at > source.duration + 1.0 / fps:
+            source.close()
+            raise ValueError(f"--at: {at:g} s is after the end of {video.name} ({source.duration:.1f} s)")
+        session = _open_session(
+            model or DEFAULT_MODEL_ID, method or "full", device, dtype, set_, preset, fps=source.sample_fps or fps
+        )
     for text in questions:
         session.check_question(text, choice, max_new_tokens=max_new_tokens)
-    _ingest_with_progress(session, source, at, fps)
+    if memory is None:
+        _ingest_with_progress(session, source, at, fps)
+    # From a video, frames up to --at were ingested and the question is at the last of them; a saved
+    # memory ends where it ends, and --at (not before that) is the question's time.
+    when = at if memory is not None else None
     for text in questions:
-        _print_answer(session.ask(text, choice, max_new_tokens=max_new_tokens), as_json)
+        _print_answer(session.ask(text, choice, max_new_tokens=max_new_tokens, at=when), as_json)
+
+
+def _open_memory(
+    memory: Path,
+    model: str | None,
+    method: str | None,
+    device: str,
+    dtype: str,
+    assignments: list[str] | None,
+    preset: str | None,
+):
+    """The session saved in ``memory`` on ``model`` (default: the one it was saved with) in the saved
+    dtype (``auto``); ``method``, ``--set`` and ``--preset``, when given, must be the saved ones."""
+    from mukv.backends import load_backend
+    from mukv.config import parse_assignments
+    from mukv.engine import StreamSession
+    from mukv.memory import method_config
+    from mukv.memory.persist import read_manifest
+
+    manifest = read_manifest(memory)  # before the model loads: a wrong path fails at once
+    saved_method = manifest["method"]["name"]
+    config = None
+    if assignments or preset:
+        config = method_config(method or saved_method, parse_assignments(assignments), preset)
+    encoded = manifest.get("extra", {}).get("encode")
+    if encoded is not None and not encoded.get("complete", False):
+        typer.secho(
+            f"warning: {memory} holds an interrupted encode ({manifest['stream']['frames']} frames, up to "
+            f"{manifest['stream']['time']:.1f} s); run the same `mukv encode` again to finish it",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    model = model or manifest["model"]["model_id"]
+    if dtype == "auto":
+        dtype = manifest["model"]["fingerprint"]["dtype"]
+    typer.secho(f"loading {model} on {device} ...", err=True, dim=True)
+    backend = load_backend(model, device=device, dtype=dtype)
+    return StreamSession.load(backend, memory, method=method, method_config=config)
+
+
+def _video_identity(video: Path) -> dict[str, Any]:
+    """What tells one video file from another without reading it whole: its size and the sha256 of
+    its first and last MiB (the path and modification time are kept for the messages)."""
+    import hashlib
+
+    stat = video.stat()
+    digest = hashlib.sha256()
+    with video.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if stat.st_size > 2 << 20:
+            handle.seek(-(1 << 20), os.SEEK_END)
+        digest.update(handle.read(1 << 20))
+    return {
+        "path": str(video.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sha256": digest.hexdigest(),
+    }
+
+
+@app.command()
+@_user_errors
+def encode(
+    video: Annotated[Path, typer.Argument(help="Video file or .npy frame array.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Memory directory to write (an interrupted encode resumes there).")
+    ],
+    model: ModelOption = DEFAULT_MODEL_ID,
+    method: Annotated[str, typer.Option("--method", help="Memory method: mukv or rekv.")] = "mukv",
+    fps: FpsOption = 0.5,
+    npy_fps: NpyFpsOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "auto",
+    preset: PresetOption = None,
+    set_: SetOption = None,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Save progress to OUT every N frames (an interruption loses at most these).")
+    ] = 64,
+) -> None:
+    """Encode VIDEO into a memory directory OUT that `mukv ask --memory OUT` answers from.
+
+    Resumable: progress is saved every --checkpoint-every frames and on Ctrl-C / SIGTERM; running the
+    same command again continues where it stopped (OUT must hold an encode of the same video with
+    the same method, config and rate), and the result is the one an uninterrupted encode gives.
+    """
+    import signal
+
+    from tqdm import tqdm
+
+    from mukv.backends import load_backend
+    from mukv.config import config_to_dict, parse_assignments
+    from mukv.engine import StreamSession
+    from mukv.errors import MemoryMismatchError, VideoError
+    from mukv.memory import method_config
+    from mukv.memory.persist import MANIFEST, read_manifest
+    from mukv.video import open_source
+
+    if checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every: must be >= 1, got {checkpoint_every}")
+    config = method_config(method, parse_assignments(set_), preset)
+    if not video.is_file():
+        raise FileNotFoundError(f"{video}: no such video file")
+    identity = _video_identity(video)
+    settings = json.loads(
+        json.dumps({"method": method, "config": config_to_dict(config), "fps": fps, "npy_fps": npy_fps})
+    )
+    resume = out.is_dir() and (out / MANIFEST).exists()
+    if resume:
+        done = read_manifest(out).get("extra", {}).get("encode")
+        if done is None:
+            raise MemoryMismatchError(
+                f"{out}: holds a saved memory that is not an encode of a video; choose another -o"
+            )
+        if {k: done["video"].get(k) for k in ("size", "sha256")} != {k: identity[k] for k in ("size", "sha256")}:
+            raise MemoryMismatchError(
+                f"{out}: holds an encode of another video ({done['video'].get('path')}); choose another -o or delete it"
+            )
+        changed = [k for k in settings if done["settings"].get(k) != settings[k]]
+        if changed:
+            raise MemoryMismatchError(
+                f"{out}: was encoded with other settings ({', '.join(changed)} differ); run the same command as then, "
+                "or choose another -o"
+            )
+        if done.get("complete"):
+            typer.echo(f"{out} already holds all of {video.name} ({done['frames']} frames)")
+            return
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not a saved memory; choose another -o")
+    source = open_source(video, sample_fps=fps, npy_fps=npy_fps)
+    rate = source.sample_fps or fps
+    typer.secho(f"loading {model} on {device} ...", err=True, dim=True)
+    backend = load_backend(model, device=device, dtype=dtype)
+    if resume:
+        session = StreamSession.load(backend, out, method=method, method_config=config, fps=rate)
+    else:
+        session = StreamSession(backend, method, method_config=config, fps=rate)
+    batch_frames = session.config.encode_batch_frames
+    done_frames = session.frames_seen
+    if done_frames:
+        # The encoded frames are read again (not encoded) in the batches they were encoded in, so
+        # that the frames after them are batched as in an uninterrupted encode.
+        skipped = 0
+        while skipped < done_frames and (batch := source.next_batch(batch_frames, until=session.time)) is not None:
+            skipped += len(batch)
+        if skipped != done_frames:
+            raise VideoError(f"{video}: {done_frames} frames were encoded, but the video now has {skipped} up to then")
+        typer.secho(f"resuming after {done_frames} frames ({session.time:.1f} s)", err=True, dim=True)
+
+    def save(complete: bool) -> None:
+        frames = session.frames_seen
+        record = {"video": identity, "settings": settings, "complete": complete, "frames": frames}
+        session.save(out, extra={"encode": record})
+
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopped.append(signum)  # acted on between batches: a checkpoint is never cut in half
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        since = 0
+        with tqdm(
+            total=source.expected_frames, initial=done_frames, unit="frame", desc="encoding", file=sys.stderr
+        ) as bar:
+            while not stopped and (batch := source.next_batch(batch_frames)) is not None:
+                session.ingest(batch.frames, batch.timestamps)
+                bar.update(len(batch))
+                since += len(batch)
+                if since >= checkpoint_every and not stopped:
+                    save(complete=False)
+                    since = 0
+            if not stopped:
+                bar.total = bar.n
+        if stopped:
+            save(complete=False)
+            typer.secho(
+                f"interrupted after {session.frames_seen} frames; saved to {out}: run the same command to resume",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
+            raise typer.Exit(code=128 + stopped[0])
+        save(complete=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        source.close()
+    stats = session.stats()
+    typer.echo(
+        f"encoded {session.frames_seen} frames ({session.time or 0:.1f} s) of {video.name} into {out}: "
+        f"{session.memory.name}, {stats.total_bytes / 2**20:.1f} MiB"
+    )
 
 
 @app.command()

@@ -22,3 +22,16 @@ class VideoError(MukvError):
 
 class StreamError(MukvError):
     """A stream was driven inconsistently (time going backwards, question before any frame)."""
+
+
+class SavedMemoryError(MukvError):
+    """A saved memory (:mod:`mukv.memory.persist`) cannot be used; the message names the problem."""
+
+
+class MemoryFileError(SavedMemoryError):
+    """A saved memory is missing, damaged, truncated, or in a format version this package cannot read."""
+
+
+class MemoryMismatchError(SavedMemoryError):
+    """A saved memory was made with another model, method, method config or stream than the one asked
+    for: loading it would answer from key/values the model in use never computed."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,48 @@ class StreamSession:
         # Those frames completed into a unit and encoded, for questions until the next frame.
         self._pending_unit: PendingUnit | None = None
         self._frames = 0
+        # Directory -> id of the save this session last wrote there or was loaded from: saving there
+        # again writes only what is new (see mukv.memory.persist).
+        self._saved_as: dict[Path, str] = {}
+
+    def save(self, path: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
+        """Save the stream's memory to directory ``path``: everything needed to answer, and to go on
+        ingesting, exactly as this session would (blocks, the method's open groups or window, the
+        clock, the stream's rate, frames of an incomplete group), with the method's config and the
+        model's identity, written atomically and checksummed. Saving again to the same directory
+        writes only what is new. ``extra``: JSON-ready facts kept in the manifest. Block-based methods
+        (``mukv``, ``rekv``) can be saved. See :mod:`mukv.memory.persist` for the format.
+
+        Example::
+
+            session.save("walk.mem")
+            later = StreamSession.load(backend, "walk.mem")
+            print(later.ask("What did I pick up?").text)  # the answer the saved session gives
+        """
+        from mukv.memory.persist import save_session
+
+        return save_session(self, path, extra=extra)
+
+    @classmethod
+    def load(
+        cls,
+        backend: Backend,
+        path: str | Path,
+        *,
+        method: str | None = None,
+        method_config: Any = None,
+        fps: float | None = None,
+        config: SessionConfig | None = None,
+    ) -> StreamSession:
+        """The session saved in ``path`` (by :meth:`save`) on ``backend``: it answers with the same
+        tokens and logits as the saved one, and ingesting more frames continues the stream as if it
+        had never been saved. ``method``, ``method_config`` and ``fps``, when given, must match the
+        saved ones. Raises :class:`mukv.errors.MemoryFileError` (missing, damaged, truncated, or a
+        newer format version) or :class:`mukv.errors.MemoryMismatchError` (another model, method,
+        config or rate), each naming the problem."""
+        from mukv.memory.persist import load_session
+
+        return load_session(backend, path, method=method, method_config=method_config, fps=fps, config=config)
 
     @property
     def fps(self) -> float | None:

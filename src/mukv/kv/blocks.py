@@ -153,6 +153,38 @@ class BlockStore:
         self._index[granularity].append(block_id, end_time, representative.detach().float().cpu())
         return record
 
+    def adopt(self, record: BlockRecord, payload: BlockPayload, representative: torch.Tensor) -> BlockRecord:
+        """Store a block under ``record``'s id (a saved memory being loaded): ids are kept, so that
+        a loaded store reports and orders blocks exactly as the one that was saved. Blocks must be
+        adopted in increasing id order (the order they were stored in: retrieval reads the index
+        in storage order); the next :meth:`add` continues after the largest id."""
+        if record.block_id < self._next_id:
+            raise ValueError(f"adopt: block {record.block_id} is not after the stored ids (next id {self._next_id})")
+        self._next_id = record.block_id
+        stored = self.add(
+            granularity=record.granularity,
+            first_frame=record.first_frame,
+            last_frame=record.last_frame,
+            part=record.part,
+            start_time=record.start_time,
+            end_time=record.end_time,
+            payload=payload,
+            representative=representative,
+            provisional=record.provisional,
+        )
+        return stored
+
+    @property
+    def next_id(self) -> int:
+        """The id the next stored block gets (ids are never reused, provisional blocks consume them)."""
+        return self._next_id
+
+    @next_id.setter
+    def next_id(self, value: int) -> None:
+        if value < self._next_id:
+            raise ValueError(f"next_id: {value} is below the ids already given (next id {self._next_id})")
+        self._next_id = value
+
     def remove(self, block_id: int) -> None:
         record = self._records.pop(block_id)
         del self._payloads[block_id]

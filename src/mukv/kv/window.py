@@ -150,6 +150,55 @@ class SlidingWindow:
         other.units = list(self.units)
         return other
 
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+        """The window beyond the system prompt, to save it: per layer its keys and values ``[1, Hkv,
+        n, D]`` and the keys as computed; the positions they were computed at and sit at ``[R, n]``;
+        and the cursors (JSON-ready metadata). :meth:`import_state` on a fresh window of the same
+        backend and size puts it back exactly."""
+        n, init = self.length, self.init_len
+        tensors: dict[str, torch.Tensor] = {}
+        for i, (layer, computed) in enumerate(zip(self.cache.layers, self._computed_keys, strict=True)):
+            tensors[f"keys.{i}"] = layer.keys[:, :, init:].contiguous()
+            tensors[f"values.{i}"] = layer.values[:, :, init:].contiguous()
+            tensors[f"computed_keys.{i}"] = computed[:, :, :n].contiguous()
+        tensors["computed_at"] = self._computed_at[:, :n].contiguous()
+        tensors["live_at"] = self._live_at[:, :n].contiguous()
+        meta = {
+            "init_len": init,
+            "n_local": self.n_local,
+            "max_units": self.max_units,
+            "cursor": self.cursor,
+            "run_start": self.run_start,
+            "run_units": self.run_units,
+            "units": [list(unit) for unit in self.units],
+        }
+        return tensors, meta
+
+    @torch.inference_mode()
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
+        """Adopt what :meth:`export_state` returned (``ValueError`` if it is of another window size or
+        system prompt)."""
+        for name in ("init_len", "n_local", "max_units"):
+            if meta[name] != getattr(self, name):
+                raise ValueError(f"window: saved with {name}={meta[name]}, this window has {getattr(self, name)}")
+        device, init = self.backend.device, self.init_len
+        limit = init + self.n_local
+        layers = []
+        for i, layer in enumerate(self.cache.layers):
+            keys = torch.cat((layer.keys[:, :, :init], tensors[f"keys.{i}"].to(device, layer.keys.dtype)), dim=2)
+            values = torch.cat(
+                (layer.values[:, :, :init], tensors[f"values.{i}"].to(device, layer.values.dtype)), dim=2
+            )
+            layers.append(GrowingLayer(keys, values, keys.shape[2], limit))
+            self._computed_keys[i] = tensors[f"computed_keys.{i}"].to(device, layer.keys.dtype).clone()
+        self.cache.layers = layers
+        self._computed_at = tensors["computed_at"].to(device).clone()
+        self._live_at = tensors["live_at"].to(device).clone()
+        self.cursor = int(meta["cursor"])  # type: ignore[arg-type]
+        self.run_start = int(meta["run_start"])  # type: ignore[arg-type]
+        self.run_units = int(meta["run_units"])  # type: ignore[arg-type]
+        self.units = [(int(length), int(cursor)) for length, cursor in meta["units"]]  # type: ignore[union-attr]
+
     def _piece_tokens(self) -> int:
         """Tokens re-positioned at a time: all of them on an accelerator; on CPU as many as fit
         in ``_PIECE_BYTES`` of float32 keys of one layer."""

@@ -22,6 +22,7 @@ whole units, through ``ingest``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import time
 from abc import ABC, abstractmethod
@@ -409,6 +410,35 @@ class MemoryMethod(ABC):
         self._pending_unit = None
         self._timestamps.extend(times)
         self._stamps.extend(times)
+
+    # ------------------------------------------------------------------ saving (mukv.memory.persist)
+
+    def import_clock(self, timestamps: Sequence[float], stamps: Sequence[float]) -> None:
+        """Adopt a saved stream clock (every unit's timestamp and stamp, see :meth:`ingest`) into a
+        memory that holds no frame yet; the method's own state comes with :meth:`import_state`."""
+        if self._timestamps:
+            raise ValueError(f"import_clock: the memory already holds {self.frames} frames")
+        if len(stamps) != len(timestamps):
+            raise ValueError(f"stamps: {len(stamps)} values for {len(timestamps)} units")
+        times = [float(t) for t in timestamps]
+        if any(not math.isfinite(t) for t in times) or any(b <= a for a, b in itertools.pairwise(times)):
+            raise ValueError("timestamps: must be finite and strictly increasing")
+        self._timestamps = times
+        self._stamps = [float(t) for t in stamps]
+        self._pending_unit = None
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What the method holds beyond the clock, to save it (:mod:`mukv.memory.persist`): tensors
+        by name and JSON-ready metadata, such that :meth:`import_state` on a fresh memory with the same
+        backend and config makes it answer, and go on ingesting, exactly as this one. Question-time
+        state (provisional blocks, the provisional unit) is not part of it. A method that cannot be
+        saved raises ``NotImplementedError`` (the default)."""
+        raise NotImplementedError(f"method {self.name!r} cannot be saved")
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Adopt what :meth:`export_state` returned (after :meth:`import_clock`); tensors may be on
+        any device (moved where the method keeps them)."""
+        raise NotImplementedError(f"method {self.name!r} cannot be loaded")
 
     @abstractmethod
     def _ingest(self, features: torch.Tensor, timestamps: np.ndarray) -> None:

@@ -140,6 +140,40 @@ class BlockMemory(MemoryMethod):
                 representative=block.representative,
             )
 
+    # ------------------------------------------------------------------ saving
+
+    def saved_blocks(self) -> list[BlockRecord]:
+        """Records of the stored blocks a saved memory keeps, in storage order (provisional blocks
+        describe open groups at one question and are left out: the open groups are saved instead)."""
+        return [r for r in self.store.records() if not r.provisional]
+
+    def adopt_block(self, record: BlockRecord, payload: BlockPayload, representative: torch.Tensor) -> None:
+        """Store a saved block under its saved id (in increasing id order, before :meth:`import_state`)."""
+        if record.provisional:
+            raise ValueError(f"adopt_block: block {record.block_id} is provisional; provisional blocks are not saved")
+        self.store.adopt(record, payload, representative)
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The id counter and the method's open groups (:meth:`_export_open`); stored blocks are saved
+        from :meth:`saved_blocks`."""
+        tensors, meta = self._export_open()
+        return tensors, {"next_block_id": self.store.next_id, "open": meta}
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._import_open(tensors, meta["open"])
+        # Provisional blocks consumed ids: later blocks get the ids they would have had.
+        self.store.next_id = int(meta["next_block_id"])
+        self._provisional = []
+        self._materialized = None
+
+    def _export_open(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The encoding state of frames not yet in whole stored blocks (open groups, windows):
+        tensors and JSON-ready metadata (see :meth:`MemoryMethod.export_state`)."""
+        raise NotImplementedError(f"method {self.name!r} cannot be saved")
+
+    def _import_open(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        raise NotImplementedError(f"method {self.name!r} cannot be loaded")
+
     def drop_provisional(self) -> None:
         """Remove the provisional blocks (they describe open groups as they were)."""
         for block_id in self._provisional:

@@ -410,6 +410,75 @@ class MukvMemory(BlockMemory):
             provisional=provisional,
         )
 
+    # ------------------------------------------------------------------ saving
+
+    def _export_open(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every granularity's open group (its frames' features ``[P, w]``, attention sums per part
+        and what each frame added to them) and the shared encoding's run: its cache ``[1, Hkv, n, D]``
+        per layer, its tokens' positions ``[R, n]`` and where each unit lies."""
+        tensors: dict[str, torch.Tensor] = {}
+        groups = {}
+        for name, group in self._open.items():
+            for i, feature in enumerate(group.features):
+                tensors[f"open.{name}.features.{i}"] = feature.contiguous()
+            for part, colsum in enumerate(group.colsums):
+                tensors[f"open.{name}.colsums.{part}"] = colsum.contiguous()
+                for i, added in enumerate(group.history[part]):
+                    tensors[f"open.{name}.history.{part}.{i}"] = added.contiguous()
+            groups[name] = {
+                "frames": list(group.frames),
+                "times": list(group.times),
+                "features": len(group.features),
+                "parts": len(group.colsums),
+                "history": [len(h) for h in group.history],
+            }
+        shared = None
+        if self._shared_cache is not None:
+            for i, layer in enumerate(self._shared_cache.layers):
+                tensors[f"shared.keys.{i}"] = layer.keys.contiguous()
+                tensors[f"shared.values.{i}"] = layer.values.contiguous()
+            if self._shared_positions is not None:
+                tensors["shared.positions"] = self._shared_positions.contiguous()
+            shared = {
+                "first": self._shared_first,
+                "cursor": self._shared_cursor,
+                "units": [[u.offset, u.prefix, u.suffix, u.cursor] for u in self._shared_units],
+                "layers": len(self._shared_cache.layers),
+            }
+        return tensors, {"groups": groups, "shared": shared}
+
+    def _import_open(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        device = self.backend.device
+        if set(meta["groups"]) != set(self._open):
+            raise ValueError(f"open groups: saved {sorted(meta['groups'])}, this config has {sorted(self._open)}")
+        for name, saved in meta["groups"].items():
+            self._open[name] = _Group(
+                self._open[name].spec,
+                [int(f) for f in saved["frames"]],
+                [float(t) for t in saved["times"]],
+                [tensors[f"open.{name}.features.{i}"].to(device) for i in range(saved["features"])],
+                [tensors[f"open.{name}.colsums.{part}"].to(device) for part in range(saved["parts"])],
+                [
+                    [tensors[f"open.{name}.history.{part}.{i}"].to(device) for i in range(count)]
+                    for part, count in enumerate(saved["history"])
+                ],
+            )
+        shared = meta["shared"]
+        if shared is None:
+            self._shared_cache, self._shared_positions = None, None
+            self._shared_first, self._shared_cursor, self._shared_units = 0, self.init_len, []
+            return
+        layers = [
+            (tensors[f"shared.keys.{i}"].to(device), tensors[f"shared.values.{i}"].to(device))
+            for i in range(shared["layers"])
+        ]
+        self._shared_cache = DynamicCache(ddp_cache_data=layers)
+        positions = tensors.get("shared.positions")
+        self._shared_positions = None if positions is None else positions.to(device)
+        self._shared_first = int(shared["first"])
+        self._shared_cursor = int(shared["cursor"])
+        self._shared_units = [UnitTokens(*(int(v) for v in unit)) for unit in shared["units"]]
+
     # ------------------------------------------------------------------ answering
 
     def query_vector(self, ids: torch.Tensor) -> torch.Tensor:

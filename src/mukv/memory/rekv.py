@@ -216,6 +216,32 @@ class RekvMemory(BlockMemory):
             provisional=provisional,
         )
 
+    # ------------------------------------------------------------------ saving
+
+    def _export_open(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The sliding window (what later frames attend to) and the open block's frames with their
+        ``kv [L, 2, Hkv, P, D]`` and ``positions [R, P]``."""
+        window, meta = self.window.export_state()
+        tensors = {f"window.{name}": t for name, t in window.items()}
+        for i, (kv, positions) in enumerate(self._open_kv):
+            tensors[f"open.kv.{i}"] = kv.contiguous()
+            tensors[f"open.positions.{i}"] = positions.contiguous()
+        return tensors, {"window": meta, "frames": list(self._open_frames), "times": list(self._open_times)}
+
+    def _import_open(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        prefix = "window."
+        self.window.import_state(
+            {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}, meta["window"]
+        )
+        self._open_frames = [int(f) for f in meta["frames"]]
+        self._open_times = [float(t) for t in meta["times"]]
+        device = self.backend.device
+        self._open_kv = [
+            (tensors[f"open.kv.{i}"].to(device), tensors[f"open.positions.{i}"].to(device))
+            for i in range(len(self._open_frames))
+        ]
+        self._whole_provisional = set()
+
     # ------------------------------------------------------------------ answering
 
     def select(self, ids: torch.Tensor, scores: torch.Tensor, forced: list[int]) -> list[int]:

@@ -1,0 +1,235 @@
+"""Saving a stream's memory and loading it back (``StreamSession.save`` / ``StreamSession.load``).
+
+A loaded memory must be the saved one exactly: the same answer tokens and first-token logits, and
+ingesting more frames afterwards must give the state (blocks, open groups, windows, clock) that
+never saving gives. Streams are saved mid-group (an open segment, ReKV's open block and a sliding
+window that has evicted, Qwen-VL's incomplete temporal group) on the tiny checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mukv import StreamSession
+from mukv.errors import MemoryFileError, MemoryMismatchError
+from mukv.memory import method_config
+from mukv.memory.persist import FORMAT_VERSION, MANIFEST, read_manifest
+from tests.conftest import make_frames
+from tests.integration.qwen_helpers import load_tiny
+
+QUESTION = "What colour was the triangle?"
+FPS = 0.5
+MUKV = {"top_k.patch": 3, "top_k.frame": 2, "top_k.segment": 1, "segment_frames": 4}
+REKV = {"retrieve_blocks": 2, "block_frames": 2}
+
+
+def feed(session: StreamSession, frames: np.ndarray, start: int, stop: int, chunk: int = 3) -> None:
+    """Ingest frames ``start..stop-1`` (frame ``i`` at ``i / FPS`` s) in chunks of ``chunk``."""
+    for a in range(start, stop, chunk):
+        b = min(a + chunk, stop)
+        session.ingest(frames[a:b], np.arange(a, b, dtype=float) / FPS)
+
+
+def assert_same_answer(saved: StreamSession, loaded: StreamSession) -> None:
+    a = saved.ask(QUESTION, max_new_tokens=4, output_logits=True)
+    b = loaded.ask(QUESTION, max_new_tokens=4, output_logits=True)
+    assert a.token_ids == b.token_ids
+    assert torch.equal(a.first_logits, b.first_logits)
+    assert a.retrieved == b.retrieved
+    assert (a.frames_seen, a.time, a.context_tokens) == (b.frames_seen, b.time, b.context_tokens)
+
+
+def assert_same_state(one: StreamSession, two: StreamSession) -> None:
+    """Stored blocks (records, payloads, representatives), clock, open state and pending frames equal."""
+    m1, m2 = one.memory, two.memory
+    assert m1._timestamps == m2._timestamps and m1._stamps == m2._stamps
+    r1, r2 = m1.saved_blocks(), m2.saved_blocks()
+    assert r1 == r2 and len(r1) > 0
+    for record in r1:
+        p1, p2 = m1.store.payload(record.block_id), m2.store.payload(record.block_id)
+        for name in ("kv", "positions", "kept", "scores"):
+            assert torch.equal(getattr(p1, name), getattr(p2, name)), name
+        assert torch.equal(m1.store.representative(record.block_id), m2.store.representative(record.block_id))
+    t1, meta1 = m1.export_state()
+    t2, meta2 = m2.export_state()
+    assert meta1 == meta2
+    assert t1.keys() == t2.keys()
+    for name in t1:
+        assert torch.equal(t1[name], t2[name]), name
+    assert one.frames_seen == two.frames_seen and one.time == two.time
+    assert one._pending_times == two._pending_times
+    assert (one._pending is None) == (two._pending is None)
+    if one._pending is not None:
+        assert torch.equal(one._pending, two._pending)
+
+
+def round_trip(backend, method: str, overrides: dict, tmp_path: Path, first: int, total: int, **kw) -> None:
+    """Ingest ``first`` frames, save, load; answers equal; ingest up to ``total`` in both; states and
+    answers equal again, and equal to a session that never saved."""
+    frames = make_frames(total, seed=3)
+    saved = StreamSession(backend, method, overrides=overrides, fps=FPS)
+    feed(saved, frames, 0, first, **kw)
+    saved.save(tmp_path / "mem")
+    loaded = StreamSession.load(backend, tmp_path / "mem")
+    assert_same_state(saved, loaded)
+    assert_same_answer(saved, loaded)
+    never = StreamSession(backend, method, overrides=overrides, fps=FPS)
+    feed(never, frames, 0, first, **kw)
+    # Asked like the others: a question's provisional blocks take ids (a stored block's id is kept).
+    never.ask(QUESTION, max_new_tokens=4)
+    for session in (saved, loaded, never):
+        feed(session, frames, first, total, **kw)
+    assert_same_state(never, loaded)
+    assert_same_answer(never, loaded)
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides"),
+    [
+        ("mukv", MUKV),
+        ("mukv", {**MUKV, "encode": "shared"}),
+        # A window of two frames' tokens: frames have been evicted and re-positioned when saved.
+        ("rekv", {**REKV, "n_local": 32}),
+    ],
+    ids=["mukv", "mukv-shared", "rekv-evicting"],
+)
+def test_llava_memory_saved_mid_group_answers_and_continues_exactly(backend, tmp_path, method, overrides):
+    # 7 frames: segment 4-6 open (MuKV), frame 6 in ReKV's open block.
+    round_trip(backend, method, overrides, tmp_path, first=7, total=11)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen(request, tmp_path_factory):
+    from mukv.backends.tiny_qwen import build_tiny_qwen
+
+    # Frames the families' own tests use: 2 x 3 merged patches per unit.
+    shape = {"qwen2_5_vl": (56, 84), "qwen3_vl": (64, 96)}[request.param]
+    return load_tiny(build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param), shape)
+
+
+@pytest.mark.parametrize(("method", "overrides"), [("mukv", MUKV), ("rekv", {**REKV, "n_local": 12})])
+def test_qwen_memory_saved_with_an_incomplete_group_answers_and_continues_exactly(qwen, tmp_path, method, overrides):
+    # 7 frames: three units of two frames stored, frame 6 waiting for its pair in the session (the
+    # answer pads it); Qwen2.5-VL places units by the stream's rate, Qwen3-VL writes a stamp per unit.
+    round_trip(qwen, method, overrides, tmp_path, first=7, total=12, chunk=3)
+
+
+def test_saving_again_writes_only_new_blocks_and_forks_never_mix(backend, tmp_path):
+    frames = make_frames(12, seed=4)
+    path = tmp_path / "mem"
+    session = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(session, frames, 0, 6)
+    session.save(path)
+    first = read_manifest(path)
+    old_chunks = {c["file"] for c in first["chunks"]}
+    stamps = {name: (path / name).stat().st_mtime_ns for name in old_chunks}
+    feed(session, frames, 6, 9)
+    session.save(path)
+    second = read_manifest(path)
+    # The earlier chunk is kept as written; the new blocks are in a new chunk; old state is gone.
+    assert old_chunks < {c["file"] for c in second["chunks"]}
+    assert all((path / name).stat().st_mtime_ns == stamps[name] for name in old_chunks)
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, *second["files"]])
+    assert_same_state(session, StreamSession.load(backend, path))
+    # Two sessions loaded from one save go on differently; each save holds its own stream only.
+    fork_a, fork_b = StreamSession.load(backend, path), StreamSession.load(backend, path)
+    feed(fork_a, frames, 9, 12)
+    other = make_frames(12, seed=5)
+    feed(fork_b, other, 9, 11)
+    fork_a.save(path)
+    fork_b.save(path)
+    assert_same_state(fork_b, StreamSession.load(backend, path))
+
+
+@pytest.fixture(scope="module")
+def saved(backend, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("saved") / "mem"
+    session = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(session, make_frames(6, seed=6), 0, 6)
+    session.save(path, extra={"note": "kept"})
+    assert read_manifest(path)["extra"] == {"note": "kept"}
+    return path
+
+
+def copy_of(saved: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(saved, tmp_path / "copy"))
+
+
+def test_loading_into_another_model_names_the_difference(saved, tmp_path):
+    from mukv.backends import load_backend
+    from mukv.backends.tiny import build_tiny_model
+
+    other = load_backend(build_tiny_model(tmp_path / "other", seed=1))
+    with pytest.raises(MemoryMismatchError, match=r"another model .*weights_sha256"):
+        StreamSession.load(other, saved)
+
+
+def test_loading_with_another_config_method_or_rate_names_it(backend, saved):
+    with pytest.raises(MemoryMismatchError, match=r"top_k\.frame: saved 2, now 5"):
+        StreamSession.load(backend, saved, method_config=method_config("mukv", {**MUKV, "top_k.frame": 5}))
+    with pytest.raises(MemoryMismatchError, match="method 'mukv', not 'rekv'"):
+        StreamSession.load(backend, saved, method="rekv")
+    with pytest.raises(MemoryMismatchError, match=r"sampled at 0\.5 frames per second, not 1"):
+        StreamSession.load(backend, saved, fps=1.0)
+    # The saved config, given explicitly, loads.
+    StreamSession.load(backend, saved, method="mukv", method_config=method_config("mukv", MUKV), fps=FPS)
+
+
+def test_a_newer_format_version_is_refused(backend, saved, tmp_path):
+    path = copy_of(saved, tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match=f"format version {FORMAT_VERSION + 1}.*upgrade mukv"):
+        StreamSession.load(backend, path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
+def test_damaged_memories_are_refused_with_the_file_named(backend, saved, tmp_path, damage):
+    path = copy_of(saved, tmp_path)
+    manifest = read_manifest(path)
+    chunk = path / manifest["chunks"][0]["file"]
+    state = path / manifest["state"]["file"]
+    if damage == "flip":
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        chunk.write_bytes(bytes(data))
+        expected = f"{chunk.name}: damaged"
+    elif damage == "truncate":
+        with state.open("r+b") as handle:
+            handle.truncate(state.stat().st_size - 10)
+        expected = f"{state.name}: truncated"
+    elif damage == "delete":
+        os.remove(chunk)
+        expected = f"{chunk.name} is missing"
+    else:
+        (path / MANIFEST).write_text((path / MANIFEST).read_text()[:100])
+        expected = "manifest.json: damaged or truncated"
+    with pytest.raises(MemoryFileError, match=expected):
+        StreamSession.load(backend, path)
+
+
+def test_what_cannot_be_saved_or_overwritten_is_refused(backend, tmp_path):
+    frames = make_frames(2, seed=7)
+    full = StreamSession(backend, "full", fps=FPS)
+    feed(full, frames, 0, 2)
+    with pytest.raises(MemoryFileError, match="method 'full' cannot be saved"):
+        full.save(tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+    session = StreamSession(backend, "rekv", fps=FPS)
+    feed(session, frames, 0, 2)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(MemoryFileError, match="not a saved memory; refusing to overwrite"):
+        session.save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    with pytest.raises(MemoryFileError, match=r"manifest.json is missing"):
+        StreamSession.load(backend, tmp_path / "notes")
