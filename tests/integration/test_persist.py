@@ -172,6 +172,24 @@ def test_loading_into_another_model_names_the_difference(saved, tmp_path):
         StreamSession.load(other, saved)
 
 
+def test_a_checkpoint_with_one_other_tensor_is_another_model(saved, tiny_model_dir, tmp_path):
+    # A fine-tune or a merged adapter touches some matrices only: one scaled attention matrix deep
+    # in the model must be caught, wherever it is.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mukv.backends import load_backend
+
+    other = Path(shutil.copytree(tiny_model_dir, tmp_path / "tuned"))
+    weights = load_file(other / "model.safetensors")
+    name = next(k for k in sorted(weights) if "layers.1." in k and "k_proj.weight" in k)
+    weights[name] = weights[name] * 1.5
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MemoryMismatchError, match="weights_sha256"):
+        StreamSession.load(load_backend(other), saved)
+
+
 def test_loading_with_another_config_method_or_rate_names_it(backend, saved):
     with pytest.raises(MemoryMismatchError, match=r"top_k\.frame: saved 2, now 5"):
         StreamSession.load(backend, saved, method_config=method_config("mukv", {**MUKV, "top_k.frame": 5}))
@@ -217,6 +235,29 @@ def test_damaged_memories_are_refused_with_the_file_named(backend, saved, tmp_pa
         StreamSession.load(backend, path)
 
 
+def test_a_block_file_contradicting_its_metadata_is_a_clear_error(backend, saved, tmp_path):
+    # Checksums recomputed after an edit pass the checks: the shapes must still be refused clearly.
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = copy_of(saved, tmp_path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    name = manifest["chunks"][0]["file"]
+    with safe_open(str(path / name), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    entries = json.loads(metadata["blocks"])
+    entries[0]["shapes"]["representatives"] = [3]
+    save_file(tensors, path / name, metadata={**metadata, "blocks": json.dumps(entries)})
+    data = (path / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MemoryFileError, match=r"copy: damaged (block file|saved state)"):
+        StreamSession.load(backend, path)
+
+
 def test_what_cannot_be_saved_or_overwritten_is_refused(backend, tmp_path):
     frames = make_frames(2, seed=7)
     full = StreamSession(backend, "full", fps=FPS)
@@ -233,3 +274,17 @@ def test_what_cannot_be_saved_or_overwritten_is_refused(backend, tmp_path):
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     with pytest.raises(MemoryFileError, match=r"manifest.json is missing"):
         StreamSession.load(backend, tmp_path / "notes")
+    # A directory that only holds a file named like a manifest, or a memory of a newer format, is
+    # not a memory this version may replace.
+    (tmp_path / "project" / "src").mkdir(parents=True)
+    (tmp_path / "project" / MANIFEST).write_text('{"name": "app"}')
+    (tmp_path / "project" / "src" / "app.py").write_text("keep me")
+    with pytest.raises(MemoryFileError, match="refusing to overwrite"):
+        session.save(tmp_path / "project")
+    assert (tmp_path / "project" / "src" / "app.py").read_text() == "keep me"
+    session.save(tmp_path / "newer")
+    manifest = json.loads((tmp_path / "newer" / MANIFEST).read_text())
+    (tmp_path / "newer" / MANIFEST).write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(MemoryFileError, match=r"upgrade mukv.*refusing to overwrite"):
+        session.save(tmp_path / "newer")
+    assert json.loads((tmp_path / "newer" / MANIFEST).read_text())["format_version"] == FORMAT_VERSION + 1

@@ -114,3 +114,13 @@ def test_fillers_are_distinct_and_spread_over_the_candidates():
         for count in range(0, n + 1):
             picked = filler_frames(list(range(n)), count)
             assert len(picked) == len(set(picked)) == count
+
+
+def test_a_model_that_merges_frames_is_refused(tmp_path):
+    # The streams' evidence counts frames; a Qwen-VL memory counts pairs of them.
+    from mukv.backends import load_backend
+    from mukv.backends.tiny_qwen import build_tiny_qwen
+
+    qwen = load_backend(build_tiny_qwen(tmp_path / "qwen"))
+    with pytest.raises(ValueError, match="merges 2 frames per unit"):
+        OracleMemory.for_stream(qwen, make_stream(8, seed=1), fps=1.0)

@@ -37,6 +37,17 @@ def test_questions_have_unique_targets_and_correct_evidence(frames, seed):
             assert stream.main[q.last_frame].colour == q.answer
 
 
+def test_order_answers_are_the_colour_finally_rendered_after_the_target():
+    # Short streams with every kind: a ``frame`` target placed after an ``order`` target often
+    # takes the slot right after it and recolours it; the answer must be what is shown there.
+    for frames in range(3, 9):
+        for seed in range(40):
+            stream = make_stream(frames, seed=seed, kinds=("order", "frame", "patch"))
+            for q in stream.questions:
+                if q.kind == "order":
+                    assert stream.main[q.last_frame].colour == q.answer, (frames, seed)
+
+
 def test_rendered_colours_are_in_the_frames():
     stream = make_stream(12, seed=2)
     for q in stream.questions:

@@ -74,6 +74,13 @@ class OracleMemory(BlockMemory):
         fps: float | None = None,
         evidence: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
+        if backend.layout.frames_per_unit != 1:
+            # Evidence is counted in video frames, the memory in units: on a model that merges frames
+            # (Qwen-VL pairs) the two would disagree, and the budget would count pairs.
+            raise ValueError(
+                f"oracle: the synthetic streams' evidence is per frame; {backend.model_id} merges "
+                f"{backend.layout.frames_per_unit} frames per unit"
+            )
         super().__init__(backend, config, fps=fps)
         self.evidence: dict[str, tuple[int, int]] = dict(evidence or {})
         # Block id of every stored frame, by frame index.

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mukv.config import config_to_dict
@@ -82,9 +82,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # Largest block chunk written at once: saving copies a chunk's payloads into flat tensors first.
 _CHUNK_BYTES = 256 << 20
-# Elements of each fingerprinted weight tensor that are hashed (weights are the same on any device).
-_HASHED_ELEMENTS = 1 << 16
-_HASHED_TENSORS = 8
+# Elements of each weight tensor that the fingerprint hashes, spread over the tensor (weights are
+# the same on any device).
+_HASHED_ELEMENTS = 4096
 
 
 # ---------------------------------------------------------------------------- model identity
@@ -96,18 +96,18 @@ def _json_ready(value: Any) -> Any:
 
 
 def _weights_hash(model: torch.nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and first elements of a few parameters spread over the
-    model (embeddings, some layers, the head; vision tower included): different weights, or the same
-    weights in another dtype, give another hash, and computing it costs milliseconds."""
-    params = sorted(model.named_parameters(), key=lambda item: item[0])
-    count = len(params)
-    picks = sorted({round(i * (count - 1) / (_HASHED_TENSORS - 1)) for i in range(_HASHED_TENSORS)}) if count else []
+    """sha256 over the name, shape and dtype of every parameter and ``_HASHED_ELEMENTS`` of its
+    elements spread evenly over the whole tensor: a fine-tune or a merged adapter changes every
+    element of the matrices it touches, so any touched tensor changes the hash (a hash of a few
+    tensors' first elements let a checkpoint with other attention weights through); the same
+    weights in another dtype give another hash; it costs a strided read per tensor."""
     digest = hashlib.sha256()
-    for index in picks:
-        name, param = params[index]
-        head = param.detach().reshape(-1)[:_HASHED_ELEMENTS].cpu().contiguous()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // _HASHED_ELEMENTS)
+        sample = flat[::step][:_HASHED_ELEMENTS].cpu().contiguous()
         digest.update(f"{name}:{list(param.shape)}:{param.dtype}".encode())
-        digest.update(head.view(torch.uint8).numpy().tobytes())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -327,8 +327,8 @@ def _read_chunk(path: Path, wanted: set[int]) -> list[tuple[BlockRecord, BlockPa
                     continue
                 payload = BlockPayload(*(read(name, entry) for name in ("kv", "positions", "kept", "scores")))
                 out.append((record, payload, read("representatives", entry)))
-    except (KeyError, TypeError, ValueError, OSError, json.JSONDecodeError) as exc:
-        raise MemoryFileError(f"{path}: damaged block file ({exc})") from None
+    except (KeyError, TypeError, ValueError, OSError, RuntimeError, SafetensorError) as exc:
+        raise MemoryFileError(f"{path}: damaged block file ({type(exc).__name__}: {exc})") from None
     return out
 
 
@@ -366,8 +366,12 @@ def save_session(session: StreamSession, path: str | Path, *, extra: Mapping[str
         if not path.is_dir():
             raise MemoryFileError(f"{path}: exists and is not a directory; refusing to overwrite it")
         if (path / MANIFEST).is_file():
-            with contextlib.suppress(MemoryFileError):
+            # Only a memory this mukv can read is replaced: a directory that merely holds a file of
+            # that name, or a memory saved by a newer mukv, is left as it is.
+            try:
                 previous = read_manifest(path)
+            except MemoryFileError as exc:
+                raise MemoryFileError(f"{exc}; refusing to overwrite {path}") from None
         elif any(path.iterdir()):
             raise MemoryFileError(f"{path}: exists and is not a saved memory; refusing to overwrite it")
     with session._lock:
@@ -589,7 +593,7 @@ def load_session(
     try:
         with safe_open(str(path / state["file"]), framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise MemoryFileError(f"{path}: damaged state file ({exc})") from None
     try:
         memory.import_clock(tensors["clock.timestamps"].tolist(), tensors["clock.stamps"].tolist())
@@ -604,12 +608,15 @@ def load_session(
         prefix = "method."
         own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
         memory.import_state(own, state["method"])
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        pending_times = [float(t) for t in state["session"]["pending_times"]]
+        frames = int(state["session"]["frames"])
+    # RuntimeError: tensors of shapes the metadata contradicts (a file whose checksum was recomputed
+    # after an edit passes the checksums); SafetensorError: a block file that is not safetensors.
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
         raise MemoryFileError(f"{path}: damaged saved state ({type(exc).__name__}: {exc})") from None
     session = StreamSession(backend, memory, config=config)
-    pending = tensors.get("session.pending_frames")
-    session._pending = pending
-    session._pending_times = [float(t) for t in state["session"]["pending_times"]]
-    session._frames = int(state["session"]["frames"])
+    session._pending = tensors.get("session.pending_frames")
+    session._pending_times = pending_times
+    session._frames = frames
     session._saved_as[path.resolve()] = manifest["save_id"]
     return session

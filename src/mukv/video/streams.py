@@ -16,7 +16,7 @@ Answers are one word. Everything is numpy and deterministic by seed; a 1024-fram
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -162,12 +162,12 @@ def make_stream(
             questions.append(StreamQuestion(kind, f"What colour was the small {shape}?", colour, frame, frame, ask))
         else:
             main[frame] = Thing(shape, colour, main[frame].x, main[frame].y, main[frame].size)
-            after = main[frame + 1].colour
+            # The answer is read once every target is placed (below): a later ``frame`` target may
+            # take the slot right after this one and recolour it.
             questions.append(
-                StreamQuestion(
-                    kind, f"What colour was the shape right after the {shape}?", after, frame, frame + 1, ask
-                )
+                StreamQuestion(kind, f"What colour was the shape right after the {shape}?", "", frame, frame + 1, ask)
             )
+    questions = [replace(q, answer=main[q.last_frame].colour) if q.kind == "order" else q for q in questions]
     frames = np.stack([render(m, s, size, rng) for m, s in zip(main, small, strict=True)])
     timestamps = np.arange(num_frames, dtype=np.float64) / fps
     return SyntheticStream(frames, timestamps, main, small, questions)
