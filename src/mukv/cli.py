@@ -923,6 +923,13 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="Model id listed by /v1/models (default: the checkpoint's).")
     ] = None,
+    memory_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--memory-dir",
+            help="Directory where POST /v1/streams/{id}/save saves streams; those saved there are reopened at start.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the model over HTTP: streams, pushed frames, questions as Server-Sent Events, an
     OpenAI-compatible /v1/chat/completions, health checks and Prometheus metrics."""
@@ -947,6 +954,7 @@ def serve(
         default_method=method,
         default_preset=preset,
         default_fps=fps,
+        memory_dir=memory_dir,
     )
     try:
         import fastapi  # noqa: F401

@@ -4,6 +4,7 @@ Routes (``/v1`` and ``/metrics`` need ``Authorization: Bearer <token>`` when a t
 
 - ``GET /health/live``, ``GET /health/ready`` (503 until the model is loaded), ``GET /metrics``;
 - ``POST /v1/streams`` (create), ``GET /v1/streams``, ``GET|DELETE /v1/streams/{id}``;
+- ``POST /v1/streams/{id}/save``: the stream's memory to ``--memory-dir`` (:mod:`mukv.serve.saved`);
 - ``POST /v1/streams/{id}/frames``: one PNG/JPEG body (``?t=`` seconds) or ``multipart/form-data``
   with ``frame`` images and one ``t`` per frame; answered 202 once queued;
 - ``POST /v1/streams/{id}/questions``: the answer as Server-Sent Events (``token``, then ``done``);
@@ -90,6 +91,7 @@ class ServerState:
         backend = load_backend(self.config.model, device=self.config.device, dtype=self.config.dtype)
         assert self.manager is not None
         self.manager.backend = backend
+        self.manager.restore_saved()  # streams saved in --memory-dir, before the server is ready
         return self.config.model_name or backend.model_id
 
     def _loaded(self, future: Any) -> None:
@@ -520,6 +522,12 @@ def _api_router(state: ServerState) -> APIRouter:
         """Stop the stream's source, cancel its answers, free its memory."""
         await state.streams.delete(stream_id)
         return {"id": stream_id, "object": "stream", "deleted": True}
+
+    @router.post("/streams/{stream_id}/save")
+    async def save_stream(stream_id: str) -> dict[str, Any]:
+        """Save the stream's memory to ``--memory-dir``/<id> (reopened when a server starts there):
+        the frames and stream time saved and the bytes written."""
+        return await state.streams.save(stream_id)
 
     @router.post("/streams/{stream_id}/frames", status_code=202)
     async def push_frames(

@@ -66,6 +66,8 @@ class ServeConfig:
       ``allowed_schemes``: URL schemes a live source may use.
     - ``default_method``, ``default_preset``, ``default_fps``: what a stream gets when its request
       names none.
+    - ``memory_dir``: where ``POST /v1/streams/{id}/save`` saves a stream's memory (``DIR/<id>``) and
+      whence saved streams are reopened at startup (``None``: saving is off). Created if missing.
     """
 
     model: str = DEFAULT_MODEL_ID
@@ -88,6 +90,7 @@ class ServeConfig:
     default_method: str = "mukv"
     default_preset: str | None = None
     default_fps: float = 0.5
+    memory_dir: Path | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.model.strip()), "model", "must be a hub id, a local directory or mukv-tiny")
@@ -128,6 +131,8 @@ class ServeConfig:
         )
         object.__setattr__(self, "allow_dirs", self._directories(self.allow_dirs))
         object.__setattr__(self, "allowed_schemes", self._schemes(self.allowed_schemes))
+        if self.memory_dir is not None:
+            object.__setattr__(self, "memory_dir", self._memory_dir(self.memory_dir))
         from mukv.memory import method_config
 
         method_config(self.default_method, None, self.default_preset)  # raises naming method / preset
@@ -141,6 +146,16 @@ class ServeConfig:
             _require(path.is_dir(), "allow_dirs", f"{value} is not a directory")
             directories.append(path)
         return tuple(directories)
+
+    @staticmethod
+    def _memory_dir(value: str | os.PathLike) -> Path:
+        path = Path(value).expanduser().resolve()
+        _require(not path.exists() or path.is_dir(), "memory_dir", f"{value} is not a directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"memory_dir: cannot create {value} ({exc.strerror})") from None
+        return path
 
     @staticmethod
     def _schemes(values: Sequence[str]) -> tuple[str, ...]:

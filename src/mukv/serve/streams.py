@@ -25,17 +25,28 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mukv.backends.base import Backend
 from mukv.engine import DoneEvent, Event, StreamSession
+from mukv.errors import SavedMemoryError
 from mukv.memory import MemoryStats
 from mukv.serve.answers import AnswerRun
 from mukv.serve.config import ServeConfig
 from mukv.serve.errors import ApiError
 from mukv.serve.metrics import ServeMetrics
+from mukv.serve.saved import (
+    EXTRA_KEY,
+    directory_bytes,
+    memory_path,
+    remove_saved,
+    saved_dirs,
+    saved_facts,
+    source_of,
+)
 from mukv.serve.sources import SourcePlayer, SourceSpec, open_frames
 from mukv.serve.worker import DeviceWorker, Priority
 
@@ -385,6 +396,20 @@ class ServedStream:
         elif self.state == "playing":
             self.state = "ended"
 
+    def resume(self, clock: float, created_at: float) -> None:
+        """Take up a reopened saved memory's counts and clock: its frames are received and encoded,
+        its stream time is the saved one, and the clock of pushed frames goes on from the saved
+        clock. A file or live stream is ``ended``: its source is not played again."""
+        newest = self.session.time
+        frames = self.session.frames_seen
+        with self._lock:
+            self._received = self._encoded = frames
+            self._last_received = self._encoded_time = newest
+            self.created_at = created_at
+            self._started = time.monotonic() - max(clock, newest if newest is not None else 0.0)
+            if self.options.source.kind != "push":
+                self.state = "ended"
+
     def close(self) -> None:
         """Stop the source, cancel answers in progress and drop the waiting frames."""
         with self._lock:
@@ -579,6 +604,136 @@ class StreamManager:
         stream.close()
         if stream.player is not None:
             await asyncio.to_thread(stream.player.stop, 2.0)
+        if self.config.memory_dir is not None:
+            # Its saved memory goes too (else it would come back at the next start); on the worker,
+            # after any save of it still in progress.
+            try:
+                await asyncio.wrap_future(
+                    self.worker.submit(Priority.QUESTION, lambda: remove_saved(self.config, stream_id))
+                )
+            except RuntimeError:  # the worker has stopped (shutting down)
+                await asyncio.to_thread(remove_saved, self.config, stream_id)
+
+    # -- saved streams (memory_dir) ----------------------------------------------------------------
+    async def save(self, stream_id: str) -> dict[str, Any]:
+        """Save a stream's memory to ``memory_dir/<id>`` on the device worker, after encoding the
+        frames it had received (so the save holds every frame received before the request)."""
+        from mukv.memory.blocks import BlockMemory
+
+        stream = self.get(stream_id)
+        path = memory_path(self.config, stream.id)
+        if not isinstance(stream.session.memory, BlockMemory):
+            raise ApiError(
+                409,
+                "method_not_saveable",
+                f"stream {stream.id} uses method {stream.options.method!r}, whose memory cannot be saved "
+                "(saving covers the block-based methods: mukv, rekv)",
+                field="method",
+            )
+        until = stream.last_received
+
+        def job() -> dict[str, Any]:
+            if stream.closed:
+                raise ApiError(404, "stream_not_found", f"stream {stream.id} was deleted", field="stream_id")
+            if until is not None:
+                while stream.encode(self._batch_frames(stream), until=until):
+                    pass
+            facts = saved_facts(stream.id, stream.options, stream.clock(), stream.created_at)
+            stream.session.save(path, extra=facts)
+            session = stream.session
+            return {
+                "id": stream.id,
+                "object": "stream.saved",
+                "frames": session.frames_seen,
+                "time": session.time,
+                "bytes": directory_bytes(path),
+            }
+
+        try:
+            return await asyncio.wrap_future(self.worker.submit(Priority.QUESTION, job))
+        except SavedMemoryError as exc:
+            raise ApiError(409, "save_failed", str(exc)) from None
+        except OSError as exc:
+            logger.exception("saving stream %s failed", stream.id)
+            raise ApiError(500, "save_failed", f"cannot write the stream's memory: {exc.strerror or exc}") from None
+        except RuntimeError:
+            raise ApiError(503, "shutting_down", "the server is shutting down") from None
+
+    def restore_saved(self) -> None:
+        """Reopen every stream saved in ``memory_dir`` (device worker, once the model is loaded). A
+        memory that cannot be reopened is logged and skipped."""
+        directory = self.config.memory_dir
+        if directory is None:
+            return
+        try:
+            paths = saved_dirs(directory)
+        except OSError as exc:
+            logger.error("memory dir %s: cannot list it (%s): no stream reopened", directory, exc)
+            return
+        for path in paths:
+            with self._lock:
+                if len(self._streams) >= self.config.max_streams:
+                    logger.warning(
+                        "memory dir: %s not reopened: the server holds %d streams, its limit",
+                        path.name,
+                        self.config.max_streams,
+                    )
+                    continue
+            try:
+                stream = self._reopen(path)
+            except Exception as exc:  # a damaged or foreign memory never stops the server
+                logger.error("memory dir: skipping %s: %s", path.name, exc)
+                continue
+            with self._lock:
+                self._streams[stream.id] = stream
+            logger.info(
+                "reopened stream %s (%s, %d frames, stream time %s s)",
+                stream.id,
+                stream.options.method,
+                stream.session.frames_seen,
+                f"{stream.session.time:.6g}" if stream.session.time is not None else "-",
+            )
+
+    def _reopen(self, path: Path) -> ServedStream:
+        from mukv.memory import method_config
+        from mukv.memory.persist import read_manifest
+
+        assert self.backend is not None
+        manifest = read_manifest(path)
+        extra = manifest.get("extra")
+        facts = extra.get(EXTRA_KEY) if isinstance(extra, dict) else None
+        if not isinstance(facts, dict) or facts.get("id") != path.name:
+            raise SavedMemoryError("not saved by the server (its manifest holds no stream of that id)")
+        try:
+            method = str(facts["method"])
+            preset = facts.get("preset")
+            overrides = {str(key): str(value) for key, value in dict(facts.get("overrides") or {}).items()}
+            resolved = method_config(method, overrides, preset)
+            options = StreamOptions(
+                source=source_of(facts["source"]),
+                method=method,
+                preset=preset,
+                overrides=overrides,
+                method_config=resolved,
+                fps=float(facts["fps"]),
+                speed=float(facts.get("speed") or 1.0),
+                npy_fps=facts.get("npy_fps"),
+            )
+            clock, created_at = float(facts.get("clock") or 0.0), float(facts.get("created_at") or time.time())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SavedMemoryError(f"damaged stream facts in its manifest ({type(exc).__name__}: {exc})") from None
+        session = StreamSession.load(self.backend, path, method=method, method_config=resolved)
+        stream = ServedStream(
+            path.name,
+            options,
+            session,
+            session.stats(),
+            max_queued=self.config.max_queued_frames,
+            memory_budget=self.config.stream_memory_bytes,
+            metrics=self.metrics,
+        )
+        stream.resume(clock, created_at)
+        return stream
 
     def close(self) -> None:
         """Close every stream (server shutdown)."""
