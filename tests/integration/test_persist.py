@@ -288,3 +288,153 @@ def test_what_cannot_be_saved_or_overwritten_is_refused(backend, tmp_path):
     with pytest.raises(MemoryFileError, match=r"upgrade mukv.*refusing to overwrite"):
         session.save(tmp_path / "newer")
     assert json.loads((tmp_path / "newer" / MANIFEST).read_text())["format_version"] == FORMAT_VERSION + 1
+
+
+def siblings(path: Path) -> list[str]:
+    """Temporary and aside directories a save leaves next to memory ``path`` when it is cut short."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.") and p.is_dir())
+
+
+def test_a_save_cut_after_moving_the_memory_aside_is_recovered(backend, tmp_path):
+    # A crash between moving the old directory aside and renaming the new one into place leaves no
+    # memory at the path: the aside copy (and a half-written temporary directory) are all there is.
+    frames = make_frames(9, seed=8)
+    path = tmp_path / "mem"
+    session = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(session, frames, 0, 6)
+    session.save(path)
+    os.replace(path, tmp_path / ".mem.0123abcd.old")
+    (tmp_path / ".mem.k2j4h5g6.tmp").mkdir()
+    (tmp_path / ".mem.k2j4h5g6.tmp" / "blocks-0123abcd-0.safetensors").write_bytes(b"half")
+    # A memory named like a sibling of another one is not touched.
+    (tmp_path / ".mem.x.abcdef12.tmp").mkdir()
+    assert read_manifest(path)["save_id"] == session._saved_as[path.resolve()]
+    assert siblings(path) == [".mem.x.abcdef12.tmp"]
+    assert_same_state(session, StreamSession.load(backend, path))
+    # Loading recovers too, and the session's next save is still incremental (the same save).
+    os.replace(path, tmp_path / ".mem.4567cdef.old")
+    assert_same_state(session, StreamSession.load(backend, path))
+    first_chunks = {c["file"] for c in read_manifest(path)["chunks"]}
+    os.replace(path, tmp_path / ".mem.89abcdef.old")
+    feed(session, frames, 6, 9)
+    session.save(path)
+    assert first_chunks < {c["file"] for c in read_manifest(path)["chunks"]}
+    assert siblings(path) == [".mem.x.abcdef12.tmp"]
+    assert_same_state(session, StreamSession.load(backend, path))
+
+
+def test_a_full_save_cut_before_its_manifest_leaves_the_previous_save(backend, tmp_path, monkeypatch):
+    from mukv.memory import persist
+
+    path = tmp_path / "mem"
+    one = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(one, make_frames(6, seed=9), 0, 6)
+    one.save(path)
+    two = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(two, make_frames(6, seed=10), 0, 6)
+
+    def crash(target: Path, data: dict) -> None:
+        raise KeyboardInterrupt  # the process dies before the new manifest is committed
+
+    monkeypatch.setattr(persist, "_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        two.save(path)
+    monkeypatch.undo()
+    assert_same_state(one, StreamSession.load(backend, path))
+    # The next save removes what the cut one wrote.
+    two.save(path)
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, *read_manifest(path)["files"]])
+    assert_same_state(two, StreamSession.load(backend, path))
+
+
+def test_concurrent_saves_into_one_directory_leave_one_of_them_whole(backend, tmp_path):
+    import threading
+
+    path = tmp_path / "mem"
+    base = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(base, make_frames(6, seed=11), 0, 6)
+    base.save(path)
+    for round_ in range(4):
+        # Two streams loaded from one save: each would save incrementally into the same directory.
+        forks = [StreamSession.load(backend, path) for _ in range(2)]
+        seen = forks[0].frames_seen
+        for i, fork in enumerate(forks):
+            feed(fork, make_frames(seen + 4, seed=20 + 2 * round_ + i), seen, seen + 3 + i)
+        start = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def save(session: StreamSession, start: threading.Barrier = start, errors: list = errors) -> None:
+            start.wait()
+            try:
+                session.save(path)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=save, args=(fork,)) for fork in forks]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        save_id = read_manifest(path)["save_id"]
+        winner = next(f for f in forks if f._saved_as[path.resolve()] == save_id)
+        loaded = StreamSession.load(backend, path)
+        assert_same_state(winner, loaded)
+        assert_same_answer(winner, loaded)
+        assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, *read_manifest(path)["files"]])
+
+
+def test_files_of_others_in_a_memory_directory_survive_saves(backend, tmp_path):
+    frames = make_frames(9, seed=12)
+    path = tmp_path / "mem"
+    session = StreamSession(backend, "rekv", overrides=REKV, fps=FPS)
+    feed(session, frames, 0, 4)
+    session.save(path)
+    (path / "notes.txt").write_text("keep me")
+    (path / "blocks-by-hand.json").write_text("keep me too")
+    feed(session, frames, 4, 6)
+    session.save(path)  # incremental
+    other = StreamSession(backend, "rekv", overrides=REKV, fps=FPS)
+    feed(other, frames, 0, 9)
+    other.save(path)  # the whole memory replaced
+    assert (path / "notes.txt").read_text() == "keep me"
+    assert (path / "blocks-by-hand.json").read_text() == "keep me too"
+    files = read_manifest(path)["files"]
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, "notes.txt", "blocks-by-hand.json", *files])
+    assert_same_state(other, StreamSession.load(backend, path))
+
+
+def test_ingest_goes_on_while_a_save_writes(backend, tmp_path, monkeypatch):
+    import threading
+
+    from mukv.memory import persist
+
+    frames = make_frames(9, seed=13)
+    path = tmp_path / "mem"
+    session = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(session, frames, 0, 6)
+    writing, ingested = threading.Event(), threading.Event()
+    write_chunk = persist._write_chunk
+
+    def observed_write_chunk(*args, **kwargs):
+        writing.set()
+        # Hold the write open until the other thread's ingest is done (or clearly blocked).
+        ingested.wait(timeout=20)
+        return write_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(persist, "_write_chunk", observed_write_chunk)
+    saver = threading.Thread(target=session.save, args=(path,))
+    saver.start()
+    assert writing.wait(timeout=60)
+    ingester = threading.Thread(target=lambda: (feed(session, frames, 6, 9), ingested.set()))
+    ingester.start()
+    ingester.join(timeout=10)
+    finished_while_writing = ingested.is_set() and saver.is_alive()
+    ingested.set()
+    saver.join()
+    ingester.join()
+    assert finished_while_writing
+    # The save holds the stream as it was when the save began, not the frames ingested meanwhile.
+    before = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(before, frames, 0, 6)
+    assert_same_state(before, StreamSession.load(backend, path))

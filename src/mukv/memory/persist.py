@@ -25,11 +25,22 @@ A block chunk holds, block after block, flat tensors ``kv`` (the model's dtype),
 ``kept`` (int64), ``scores`` and ``representatives`` (float32); each block's record, shapes and
 offsets are in the chunk's safetensors metadata.
 
-**Atomicity.** A new directory is written under a temporary name, fsynced and renamed into place.
-Saving again to a directory this session last saved to (or was loaded from) writes only the
-blocks stored since, as new chunks, then a new state file, then the manifest (temporary file,
-fsync, rename): a crash at any point leaves the previous save readable; files the new manifest no
-longer names are removed afterwards. Loading checks the format version, every file's checksum,
+**Atomicity.** A new directory is written under a temporary sibling name (``.MEM.<id>.tmp``),
+fsynced and renamed into place. Saving to a directory that already holds a memory writes new files
+next to the previous save's (only the blocks stored since, when this session last saved there or
+was loaded from there; all of them otherwise), then a new state file, then the manifest (temporary
+file, fsync, rename): the manifest is the commit point, so a crash at any point leaves the previous
+save or the new one readable, and files of this module's naming (``blocks-*``, ``state-*``, its
+temporary files) that the new manifest no longer names are removed afterwards; other files in the
+directory are left alone. Memories whose directory was moved aside (``.MEM.<id>.old``) by a save
+that did not finish, as earlier versions did, are moved back on the next load or save, and stale
+temporary or aside siblings are removed once ``MEM`` holds a valid memory.
+
+**Concurrency.** A save holds an exclusive ``flock`` on ``.MEM.lock`` (next to ``MEM``, so that it
+survives the directory's rename) while it writes; loading holds it shared. Two saves into one
+directory, from threads or processes, therefore run one after the other.
+
+Loading checks the format version, every file's checksum,
 the model fingerprint and (when given) the method and config, and raises
 :class:`~mukv.errors.MemoryFileError` or :class:`~mukv.errors.MemoryMismatchError` naming the problem.
 """
@@ -38,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import fnmatch
 import hashlib
 import json
 import math
@@ -80,6 +93,9 @@ FORMAT = "mukv-memory"
 #: with a clear error, newer ones are refused (they may hold state this version would drop).
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# Names of the files a save writes inside a memory directory: only these are ever removed there (a
+# file someone else put in the directory is left alone). Temporary files are ``.<name>.<id>.tmp``.
+_OWN_FILES = ("blocks-*.safetensors", "state-*.safetensors", ".*.tmp")
 # Largest block chunk written at once: saving copies a chunk's payloads into flat tensors first.
 _CHUNK_BYTES = 256 << 20
 # Elements of each weight tensor that the fingerprint hashes, spread over the tensor (weights are
@@ -190,15 +206,20 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
     """Write ``tensors`` (moved to CPU, contiguous) to ``path`` through a temporary file, fsynced;
     returns the file's sha256 and size."""
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = _temporary_name(path)
     save_file(cpu, str(temporary), metadata=metadata)
     _fsync_file(temporary)
     os.replace(temporary, path)
     return {"sha256": _sha256(path), "bytes": path.stat().st_size}
 
 
+def _temporary_name(path: Path) -> Path:
+    """A temporary name next to ``path``, unique to this write (two writers never share one)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = _temporary_name(path)
     with temporary.open("w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1, allow_nan=False)
         handle.flush()
@@ -209,8 +230,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the memory saved in ``path``, its format and version checked (files are
     verified by :func:`load_session`). Raises :class:`MemoryFileError` for a missing directory or
-    manifest, a damaged manifest, another format, or an unknown (newer) format version."""
+    manifest, a damaged manifest, another format, or an unknown (newer) format version. A memory
+    left aside by a save that did not finish is moved back first (see the module docstring)."""
     path = Path(path)
+    _recover_if_needed(path)
+    return _read_manifest(path)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """:func:`read_manifest` without recovery (the checks alone)."""
     if not path.is_dir():
         raise MemoryFileError(f"{path}: no saved memory there (not a directory)")
     manifest_path = path / MANIFEST
@@ -236,6 +264,78 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+@contextlib.contextmanager
+def _locked(path: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold ``flock`` on ``.NAME.lock`` next to memory ``path`` (exclusive for writers, shared for
+    readers). The lock file sits outside the directory because a new memory's directory is renamed
+    into place. Where no lock file can be created (a read-only parent), readers go on unlocked:
+    nothing can save there either."""
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if exclusive:
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _siblings(path: Path) -> list[Path]:
+    """Temporary (``.NAME.<id>.tmp``) and aside (``.NAME.<id>.old``) directories of memory ``path``.
+    The id has no dot, so that memory ``a``'s siblings never include those of a memory ``a.b``."""
+    prefix = f".{path.name}."
+    out = []
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            name = entry.name
+            if name.startswith(prefix) and name.endswith((".tmp", ".old")):
+                middle = name[len(prefix) : -len(".tmp")]
+                if middle and "." not in middle and entry.is_dir():
+                    out.append(entry)
+    return out
+
+
+def _recover_if_needed(path: Path) -> None:
+    """:func:`_recover` when a save left siblings (checked first without the lock: loading a memory
+    in good order takes no exclusive lock, and a missing path leaves no lock file behind)."""
+    if _siblings(path):
+        with contextlib.suppress(OSError), _locked(path, exclusive=True):
+            _recover(path)
+
+
+def _recover(path: Path) -> None:
+    """Undo what a save that did not finish left (the caller holds the exclusive lock): when
+    ``path`` is missing, move back the newest complete memory among its aside or temporary
+    siblings (a crash between moving the old directory aside and renaming the new one into place
+    leaves both, each complete); once ``path`` holds a valid memory, remove the stale siblings."""
+    siblings = _siblings(path)
+    if not path.exists():
+        complete = []
+        for candidate in siblings:
+            try:
+                _verify_files(candidate, _read_manifest(candidate))
+            except (MemoryFileError, OSError, KeyError, TypeError):
+                continue
+            complete.append(candidate)
+        if not complete:
+            return
+        best = max(complete, key=lambda c: (c / MANIFEST).stat().st_mtime_ns)
+        os.replace(best, path)
+        _fsync_dir(path.parent)
+        siblings.remove(best)
+    try:
+        _read_manifest(path)
+    except MemoryFileError:
+        return  # not a memory (or a newer one): nothing here is ours to remove
+    for sibling in siblings:
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
 def _verify_files(path: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest names exists with the recorded size and sha256."""
     names = {manifest["state"]["file"], *(chunk["file"] for chunk in manifest["chunks"])}
@@ -256,7 +356,7 @@ def _verify_files(path: Path, manifest: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- blocks
 
 
-def _block_chunks(memory: BlockMemory, records: list[BlockRecord]) -> Iterator[list[BlockRecord]]:
+def _block_chunks(records: list[BlockRecord]) -> Iterator[list[BlockRecord]]:
     """``records`` in runs of at most :data:`_CHUNK_BYTES` of payload."""
     run: list[BlockRecord] = []
     size = 0
@@ -277,15 +377,13 @@ def _flat(parts: list[torch.Tensor], what: str) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts])
 
 
-def _write_chunk(memory: BlockMemory, records: list[BlockRecord], path: Path) -> dict[str, Any]:
-    store = memory.store
+def _write_chunk(snapshot: _Snapshot, records: list[BlockRecord], path: Path) -> dict[str, Any]:
     fields: dict[str, list[torch.Tensor]] = {name: [] for name in ("kv", "positions", "kept", "scores")}
     reps: list[torch.Tensor] = []
     entries = []
     offsets = dict.fromkeys([*fields, "representatives"], 0)
     for record in records:
-        payload = store.payload(record.block_id)
-        rep = store.representative(record.block_id)
+        payload, rep = snapshot.blocks[record.block_id]
         entry = {
             "record": dataclasses.asdict(record),
             "shapes": {},
@@ -335,17 +433,41 @@ def _read_chunk(path: Path, wanted: set[int]) -> list[tuple[BlockRecord, BlockPa
 # ---------------------------------------------------------------------------- saving
 
 
-def _session_tensors(session: StreamSession) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+@dataclasses.dataclass
+class _Snapshot:
+    """What a save writes, taken under the session's lock so that the files are written outside it
+    (ingest and questions go on meanwhile). Stored payloads are never modified once stored, so
+    references to them suffice; representatives (rows of a matrix that removals shift in place),
+    the clock, the open state and pending frames (all changed by ingest) are copies."""
+
+    records: list[BlockRecord]
+    blocks: dict[int, tuple[BlockPayload, torch.Tensor]]
+    state_tensors: dict[str, torch.Tensor]
+    method_meta: dict[str, Any]
+    session_meta: dict[str, Any]
+
+
+def _snapshot(session: StreamSession) -> _Snapshot:
+    """The session's saved state now (the caller holds ``session._lock``)."""
     memory = session.memory
-    tensors = {
+    assert isinstance(memory, BlockMemory)
+    try:
+        method_tensors, method_meta = memory.export_state()
+    except NotImplementedError as exc:
+        raise MemoryFileError(str(exc)) from None
+    records = memory.saved_blocks()
+    store = memory.store
+    blocks = {r.block_id: (store.payload(r.block_id), store.representative(r.block_id).clone()) for r in records}
+    state = {
         "clock.timestamps": torch.tensor(memory._timestamps, dtype=torch.float64),
         "clock.stamps": torch.tensor(memory._stamps, dtype=torch.float64),
     }
-    pending = session._pending
-    if pending is not None:
-        tensors["session.pending_frames"] = pending
-    meta = {"frames": session._frames, "pending_times": list(session._pending_times)}
-    return tensors, meta
+    if session._pending is not None:
+        state["session.pending_frames"] = session._pending.to("cpu", copy=True)
+    # Copied to CPU memory (where they are written from) rather than next to the live state.
+    state.update({f"method.{k}": t.detach().to("cpu", copy=True) for k, t in method_tensors.items()})
+    session_meta = {"frames": session._frames, "pending_times": list(session._pending_times)}
+    return _Snapshot(records, blocks, state, _json_ready(method_meta), session_meta)
 
 
 def save_session(session: StreamSession, path: str | Path, *, extra: Mapping[str, Any] | None = None) -> Path:
@@ -353,7 +475,8 @@ def save_session(session: StreamSession, path: str | Path, *, extra: Mapping[str
 
     ``extra``: JSON-ready facts of the caller's kept in the manifest (``read_manifest(path)["extra"]``).
     A directory that exists and is not a saved memory (and is not empty) is refused with
-    :class:`MemoryFileError`, never overwritten. The session is locked while it is written.
+    :class:`MemoryFileError`, never overwritten. The session is locked only while its state is
+    copied (see :class:`_Snapshot`); the directory is locked against other saves while it is written.
     """
     path = Path(path)
     memory = session.memory
@@ -361,26 +484,37 @@ def save_session(session: StreamSession, path: str | Path, *, extra: Mapping[str
         raise MemoryFileError(
             f"method {memory.name!r} cannot be saved (saving covers the block-based methods: mukv, rekv)"
         )
-    previous: dict[str, Any] | None = None
-    if path.exists():
-        if not path.is_dir():
-            raise MemoryFileError(f"{path}: exists and is not a directory; refusing to overwrite it")
-        if (path / MANIFEST).is_file():
-            # Only a memory this mukv can read is replaced: a directory that merely holds a file of
-            # that name, or a memory saved by a newer mukv, is left as it is.
-            try:
-                previous = read_manifest(path)
-            except MemoryFileError as exc:
-                raise MemoryFileError(f"{exc}; refusing to overwrite {path}") from None
-        elif any(path.iterdir()):
-            raise MemoryFileError(f"{path}: exists and is not a saved memory; refusing to overwrite it")
-    with session._lock:
-        try:
-            method_tensors, method_meta = memory.export_state()
-        except NotImplementedError as exc:
-            raise MemoryFileError(str(exc)) from None
-        # An incremental save needs the directory to be the one this session last wrote or read.
-        incremental = previous is not None and previous.get("save_id") == session._saved_as.get(path.resolve())
+    if path.exists() and not path.is_dir():
+        raise MemoryFileError(f"{path}: exists and is not a directory; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path, exclusive=True):
+        _recover(path)
+        previous: dict[str, Any] | None = None
+        if path.exists():
+            if not path.is_dir():
+                raise MemoryFileError(f"{path}: exists and is not a directory; refusing to overwrite it")
+            if (path / MANIFEST).is_file():
+                # Only a memory this mukv can read is replaced: a directory that merely holds a file
+                # of that name, or a memory saved by a newer mukv, is left as it is.
+                try:
+                    previous = _read_manifest(path)
+                except MemoryFileError as exc:
+                    raise MemoryFileError(f"{exc}; refusing to overwrite {path}") from None
+            elif any(path.iterdir()):
+                raise MemoryFileError(f"{path}: exists and is not a saved memory; refusing to overwrite it")
+        with session._lock:
+            snapshot = _snapshot(session)
+            # Only blocks not in the previous save are written when the directory is the one this
+            # session last wrote or read (the same stream: its stored blocks never change).
+            incremental = previous is not None and previous.get("save_id") == session._saved_as.get(path.resolve())
+            stream = {
+                "fps": memory.fps,
+                "units": memory.frames,
+                "frames": session.frames_seen,
+                "time": session.time,
+                "frames_per_unit": session.backend.layout.frames_per_unit,
+            }
+            config = _json_ready(config_to_dict(memory.config))
         save_id = uuid.uuid4().hex
         manifest = {
             "format": FORMAT,
@@ -388,24 +522,17 @@ def save_session(session: StreamSession, path: str | Path, *, extra: Mapping[str
             "mukv_version": _version(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "save_id": save_id,
-            "method": {"name": memory.name, "config": _json_ready(config_to_dict(memory.config))},
+            "method": {"name": memory.name, "config": config},
             "model": _model_identity(session.backend),
-            "stream": {
-                "fps": memory.fps,
-                "units": memory.frames,
-                "frames": session.frames_seen,
-                "time": session.time,
-                "frames_per_unit": session.backend.layout.frames_per_unit,
-            },
+            "stream": stream,
             "extra": _json_ready(dict(extra or {})),
         }
-        records = memory.saved_blocks()
-        if incremental:
-            assert previous is not None
-            _save_incremental(session, path, previous, manifest, records, method_tensors, method_meta)
+        if path.exists():
+            _save_into(snapshot, path, previous if incremental else None, manifest)
         else:
-            _save_new(session, path, manifest, records, method_tensors, method_meta)
-        session._saved_as[path.resolve()] = save_id
+            _save_new(snapshot, path, manifest)
+        with session._lock:
+            session._saved_as[path.resolve()] = save_id
     return path
 
 
@@ -415,95 +542,76 @@ def _version() -> str:
     return __version__
 
 
-def _state_entry(
-    directory: Path,
-    name: str,
-    method_tensors: dict[str, torch.Tensor],
-    method_meta: dict[str, Any],
-    session: StreamSession,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    session_tensors, session_meta = _session_tensors(session)
-    tensors = {**session_tensors, **{f"method.{k}": t for k, t in method_tensors.items()}}
-    info = _write_tensors(directory / name, tensors, {"format": FORMAT})
-    return {"file": name, "method": _json_ready(method_meta), "session": session_meta}, info
+def _write_blocks(
+    snapshot: _Snapshot, directory: Path, records: list[BlockRecord], save: str
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``records`` as new chunks in ``directory``: the chunks' entries and their files' checksums."""
+    files: dict[str, Any] = {}
+    chunks = []
+    for i, run in enumerate(_block_chunks(records)):
+        name = f"blocks-{save}-{i}.safetensors"
+        files[name] = _write_chunk(snapshot, run, directory / name)
+        chunks.append({"file": name, "blocks": [r.block_id for r in run]})
+    return chunks, files
 
 
-def _save_new(
-    session: StreamSession,
-    path: Path,
-    manifest: dict[str, Any],
-    records: list[BlockRecord],
-    method_tensors: dict[str, torch.Tensor],
-    method_meta: dict[str, Any],
-) -> None:
-    """The whole memory into a temporary sibling directory, fsynced, then renamed to ``path`` (a
-    saved memory already there is moved aside first and removed once the new one is in place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_state(snapshot: _Snapshot, directory: Path, save: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state file: the manifest's ``state`` entry and the file's checksum."""
+    name = f"state-{save}.safetensors"
+    info = _write_tensors(directory / name, snapshot.state_tensors, {"format": FORMAT})
+    return {"file": name, "method": snapshot.method_meta, "session": snapshot.session_meta}, {name: info}
+
+
+def _save_new(snapshot: _Snapshot, path: Path, manifest: dict[str, Any]) -> None:
+    """The whole memory into a temporary sibling directory, fsynced, then renamed to ``path`` (which
+    does not exist: the caller holds the directory's lock)."""
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         save = manifest["save_id"][:8]
-        files: dict[str, Any] = {}
-        chunks = []
-        for i, run in enumerate(_block_chunks(session.memory, records)):  # type: ignore[arg-type]
-            name = f"blocks-{save}-{i}.safetensors"
-            files[name] = _write_chunk(session.memory, run, temporary / name)  # type: ignore[arg-type]
-            chunks.append({"file": name, "blocks": [r.block_id for r in run]})
-        state_name = f"state-{save}.safetensors"
-        manifest["state"], files[state_name] = _state_entry(temporary, state_name, method_tensors, method_meta, session)
-        manifest["chunks"], manifest["files"] = chunks, files
+        chunks, files = _write_blocks(snapshot, temporary, snapshot.records, save)
+        manifest["state"], state_file = _write_state(snapshot, temporary, save)
+        manifest["chunks"], manifest["files"] = chunks, {**files, **state_file}
         _write_json(temporary / MANIFEST, manifest)
         _fsync_dir(temporary)
-        if path.exists():
-            aside = path.with_name(f".{path.name}.{manifest['save_id'][:8]}.old")
-            os.replace(path, aside)
-            os.replace(temporary, path)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
+        os.replace(temporary, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
 
 
-def _save_incremental(
-    session: StreamSession,
-    path: Path,
-    previous: dict[str, Any],
-    manifest: dict[str, Any],
-    records: list[BlockRecord],
-    method_tensors: dict[str, torch.Tensor],
-    method_meta: dict[str, Any],
-) -> None:
-    """New blocks as new chunks and a new state file next to the previous save's files, then the
-    manifest (the commit point), then the files no longer named are removed."""
-    live = {r.block_id for r in records}
+def _save_into(snapshot: _Snapshot, path: Path, previous: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+    """Save into existing directory ``path``: new chunks (of the blocks not in ``previous``, the
+    previous save of this stream, when given; of all blocks otherwise) and a new state file next
+    to the files there, then the manifest (the commit point: until it is renamed, the previous save
+    is the one that loads), then this module's files the new manifest does not name are removed."""
+    live = {r.block_id for r in snapshot.records}
     files: dict[str, Any] = {}
     chunks = []
     covered: set[int] = set()
-    for chunk in previous["chunks"]:
+    for chunk in previous["chunks"] if previous is not None else []:
         # Stored blocks never change; a block removed since is dropped from its chunk's list.
         kept = [i for i in chunk["blocks"] if i in live]
         if kept:
             chunks.append({"file": chunk["file"], "blocks": kept})
-            files[chunk["file"]] = previous["files"][chunk["file"]]
+            files[chunk["file"]] = previous["files"][chunk["file"]]  # type: ignore[index]
             covered.update(kept)
     save = manifest["save_id"][:8]
-    fresh = [r for r in records if r.block_id not in covered]
-    for i, run in enumerate(_block_chunks(session.memory, fresh)):  # type: ignore[arg-type]
-        name = f"blocks-{save}-{i}.safetensors"
-        files[name] = _write_chunk(session.memory, run, path / name)  # type: ignore[arg-type]
-        chunks.append({"file": name, "blocks": [r.block_id for r in run]})
+    fresh = [r for r in snapshot.records if r.block_id not in covered]
+    new_chunks, new_files = _write_blocks(snapshot, path, fresh, save)
+    chunks += new_chunks
+    files.update(new_files)
     # Chunks in storage order: loading adopts blocks in increasing id order.
     chunks.sort(key=lambda chunk: min(chunk["blocks"]))
-    state_name = f"state-{save}.safetensors"
-    manifest["state"], files[state_name] = _state_entry(path, state_name, method_tensors, method_meta, session)
+    manifest["state"], state_file = _write_state(snapshot, path, save)
+    files.update(state_file)
     manifest["chunks"], manifest["files"] = chunks, files
     _fsync_dir(path)
     _write_json(path / MANIFEST, manifest)
     _fsync_dir(path)
     for file in path.iterdir():
-        if file.name != MANIFEST and file.name not in files:
+        name = file.name
+        if name not in files and any(fnmatch.fnmatchcase(name, pattern) for pattern in _OWN_FILES):
             with contextlib.suppress(OSError):
                 file.unlink()
 
@@ -547,11 +655,25 @@ def load_session(
     :class:`MemoryMismatchError` for another model (dimensions, dtype, frame layout or
     resolution, system prompt, weights) than the one the memory was built with.
     """
+    path = Path(path)
+    _recover_if_needed(path)
+    with _locked(path, exclusive=False):
+        return _load_session(backend, path, method, method_config, fps, config)
+
+
+def _load_session(
+    backend: Backend,
+    path: Path,
+    method: str | None,
+    method_config: Any,
+    fps: float | None,
+    config: SessionConfig | None,
+) -> StreamSession:
+    """:func:`load_session` once the directory is locked against saves."""
     from mukv.engine.session import StreamSession
     from mukv.memory.registry import create_memory
 
-    path = Path(path)
-    manifest = read_manifest(path)
+    manifest = _read_manifest(path)
     saved_method = manifest["method"]["name"]
     if method is not None and method != saved_method:
         raise MemoryMismatchError(f"{path}: saved with method {saved_method!r}, not {method!r}")
