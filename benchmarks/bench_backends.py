@@ -91,10 +91,13 @@ from synthetic import (
     disable_eos,
     fill_full,
     frame_shape,
+    free_memory_bytes,
     full_cache_need,
     generic_warmup,
+    ingest_features,
     parameter_counts,
     random_features,
+    stats_dict,
     stored_blocks,
     synchronize,
     timed_ask,
@@ -166,22 +169,6 @@ def unit_times(backend: Any, first: int, count: int, fps: float) -> np.ndarray:
     return (np.arange(first, first + count, dtype=np.float64) * per_unit + per_unit - 1) / fps
 
 
-def ingest(session: mukv.StreamSession, features: torch.Tensor, times: np.ndarray) -> None:
-    """``memory.ingest`` in batches of ``SessionConfig.encode_batch_frames`` units, as a stream feeds it."""
-    batch = session.config.encode_batch_frames
-    for start in range(0, features.shape[0], batch):
-        session.memory.ingest(features[start : start + batch], times[start : start + batch])
-
-
-def stats_dict(stats: Any) -> dict[str, Any]:
-    return {
-        "frames": stats.frames,
-        "blocks": dict(stats.blocks),
-        "tokens": dict(stats.tokens),
-        "bytes": dict(stats.bytes),
-    }
-
-
 def child_vision(backend: Any, args: argparse.Namespace) -> dict[str, Any]:
     per_unit = backend.layout.frames_per_unit
     frames = max(per_unit, args.vision_frames - args.vision_frames % per_unit)
@@ -206,7 +193,7 @@ def child_ingest(backend: Any, args: argparse.Namespace, method: str) -> tuple[m
     times = unit_times(backend, 0, units, args.fps)
     synchronize(backend.device)
     start = time.perf_counter()
-    ingest(session, features, times)
+    ingest_features(session, features, times)
     synchronize(backend.device)
     seconds = time.perf_counter() - start
     frames = units * backend.layout.frames_per_unit
@@ -224,18 +211,6 @@ def units_for_minutes(minutes: float, fps: float, per_unit: int, group: int) -> 
     """Units in ``minutes`` of video at ``fps``, rounded to whole groups of ``group`` units."""
     units = minutes * 60 * fps / per_unit
     return max(group, group * round(units / group))
-
-
-def available_memory_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def child_lengths(backend: Any, args: argparse.Namespace, mukv_session: mukv.StreamSession, emit) -> None:
@@ -256,7 +231,7 @@ def child_lengths(backend: Any, args: argparse.Namespace, mukv_session: mukv.Str
             skipped["full"] = f"longer than --full-max-minutes {args.full_max_minutes:g}"
         elif not args.skip_full_lengths:
             need = full_cache_need(backend, units)
-            free = available_memory_bytes(backend.device)
+            free = free_memory_bytes(backend)
             if free is not None and need > args.memory_headroom * free:
                 skipped["full"] = (
                     f"needs {need / 1e9:.1f} GB while answering (its cache three times over), "

@@ -112,11 +112,13 @@ from synthetic import (
     fill_full,
     fill_ingest,
     fill_mukv,
+    free_memory_bytes,
     full_cache_need,
     generic_warmup,
     ingest_features,
     parameter_counts,
     random_features,
+    stats_dict,
     summarize_asks,
     synchronize,
     timed_ask,
@@ -258,16 +260,6 @@ def malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def available_memory_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class PeakMemory:
     """Peak and retained memory of one region: RSS high-water mark (reset via ``clear_refs``, else
     ``ru_maxrss``, which may then be a lower bound) and, on CUDA, allocated device memory."""
@@ -309,16 +301,6 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.result["cuda_peak_increase_bytes"] = torch.cuda.max_memory_allocated(self.device) - self.cuda_before
             self.result["cuda_retained_increase_bytes"] = torch.cuda.memory_allocated(self.device) - self.cuda_before
-
-
-def stats_dict(stats: Any) -> dict[str, Any]:
-    return {
-        "frames": stats.frames,
-        "blocks": dict(stats.blocks),
-        "tokens": dict(stats.tokens),
-        "bytes": dict(stats.bytes),
-        "total_bytes": stats.total_bytes,
-    }
 
 
 # --------------------------------------------------------------------------- child tasks
@@ -471,12 +453,6 @@ def child_lengths(backend: Any, args: argparse.Namespace, task: dict[str, Any], 
         del sessions
         gc.collect()
         malloc_trim()
-
-
-def free_memory_bytes(backend: Any) -> int | None:
-    if backend.device.type == "cuda":
-        return torch.cuda.mem_get_info(backend.device)[0]
-    return available_memory_bytes()
 
 
 def child_main(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -550,6 +551,35 @@ def stored_blocks(session: mukv.StreamSession) -> list[EncodedBlock]:
         for r in store.records()
         if r.block_id not in provisional
     ]
+
+
+# --------------------------------------------------------------------------- memory and stats
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def free_memory_bytes(backend: Any) -> int | None:
+    if backend.device.type == "cuda":
+        return torch.cuda.mem_get_info(backend.device)[0]
+    return available_memory_bytes()
+
+
+def stats_dict(stats: Any) -> dict[str, Any]:
+    return {
+        "frames": stats.frames,
+        "blocks": dict(stats.blocks),
+        "tokens": dict(stats.tokens),
+        "bytes": dict(stats.bytes),
+        "total_bytes": stats.total_bytes,
+    }
 
 
 def full_cache_need(backend: Any, frames: int) -> int:
