@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mukv.kv.options import ByteSize, parse_bytes
+
 DEFAULT_MODEL_ID = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -84,7 +86,7 @@ class SessionConfig:
 
 
 def _convert(value: str, annotation: Any, field: str) -> Any:
-    """Convert a command-line string to ``annotation`` (bool, int, float, str, optionals)."""
+    """Convert a command-line string to ``annotation`` (bool, int, float, str, byte sizes, optionals)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -93,6 +95,8 @@ def _convert(value: str, annotation: Any, field: str) -> Any:
         if len(args) == 1:
             return _convert(value, args[0], field)
         raise ValueError(f"{field}: cannot set a field of type {annotation} from the command line")
+    if annotation is ByteSize:
+        return parse_bytes(value, field)
     if annotation is bool:
         lowered = value.lower()
         if lowered in ("1", "true", "yes", "on"):

@@ -9,6 +9,7 @@ each allocation up to a power of two (up to +74% for a 196-token ReKV frame).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -51,6 +52,16 @@ class BlockPayload:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.kv, self.positions, self.kept, self.scores))
+
+    @property
+    def tokens(self) -> int:
+        """Kept tokens ``n``."""
+        return int(self.kv.shape[3])
+
+    def dense(self, layer: int | None = None) -> torch.Tensor:
+        """The kept K/V as a plain tensor: ``[L, 2, Hkv, n, D]``, or ``[2, Hkv, n, D]`` of one
+        ``layer``. Every reader of stored K/V goes through here, whatever form the store keeps."""
+        return self.kv if layer is None else self.kv[layer]
 
 
 def to_device(parts: list[torch.Tensor], *, dim: int, device: torch.device) -> torch.Tensor:
@@ -184,6 +195,21 @@ class BlockStore:
         if value < self._next_id:
             raise ValueError(f"next_id: {value} is below the ids already given (next id {self._next_id})")
         self._next_id = value
+
+    def replace(self, block_id: int, payload: BlockPayload, *, location: str | None = None) -> BlockRecord:
+        """Give block ``block_id`` another payload (fewer kept tokens, another storage form or
+        place); its representative, span and place in the index stay. Returns the new record."""
+        record = self._records[block_id]
+        representative_bytes = record.nbytes - self._payloads[block_id].nbytes
+        record = dataclasses.replace(
+            record,
+            tokens=payload.tokens,
+            nbytes=payload.nbytes + representative_bytes,
+            location=location or record.location,
+        )
+        self._records[block_id] = record
+        self._payloads[block_id] = payload
+        return record
 
     def remove(self, block_id: int) -> None:
         record = self._records.pop(block_id)

@@ -90,6 +90,7 @@ class BlockMemory(MemoryMethod):
     ) -> BlockRecord:
         """Store a block of frames ``first_frame..last_frame`` taken at ``start_time..end_time``;
         ``representative`` is what retrieval scores it by (``[C]`` or ``[L, C]``)."""
+        payload = self._stored_payload(payload)
         record = self.store.add(
             granularity=granularity,
             first_frame=first_frame,
@@ -104,6 +105,11 @@ class BlockMemory(MemoryMethod):
         if provisional:
             self._provisional.append(record.block_id)
         return record
+
+    def _stored_payload(self, payload: BlockPayload) -> BlockPayload:
+        """The form a block's payload is stored in (the storage options: ``kv_dtype``); every
+        payload the store receives goes through here, re-pruned ones included."""
+        return payload
 
     def ingest(self, features: torch.Tensor, timestamps: np.ndarray, stamps: Sequence[float] | None = None) -> None:
         """Add frames (see :meth:`MemoryMethod.ingest`); provisional blocks are dropped first."""

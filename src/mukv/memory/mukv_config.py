@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mukv.compress.scorers import keep_count
+from mukv.kv.options import StorageOptions
 from mukv.memory.granularity import mukv_specs
 
 GRANULARITIES = ("patch", "frame", "segment")
@@ -54,7 +55,7 @@ class PerGranularityBool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MukvConfig:
+class MukvConfig(StorageOptions):
     """Every MuKV option; the defaults are the ``paper`` preset.
 
     ``granularities`` switches block kinds on or off (all on in both presets); ``order`` is the
@@ -92,6 +93,7 @@ class MukvConfig:
     encode_batch_blocks: int = 16
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _one_of(self.preset, PRESET_NAMES, "preset")
         if self.segment_frames < 1:
             raise ValueError(f"segment_frames: must be >= 1, got {self.segment_frames}")

@@ -28,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mukv.errors import StreamError
 from mukv.kv.blocks import BlockPayload, BlockRecord, to_device
+from mukv.kv.options import StorageOptions
 from mukv.kv.window import SlidingWindow
 from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, PendingUnit, Query
 from mukv.memory.blocks import BlockMemory
@@ -35,7 +36,7 @@ from mukv.memory.registry import register_method
 
 
 @dataclass(frozen=True, kw_only=True)
-class RekvConfig:
+class RekvConfig(StorageOptions):
     """ReKV options: ``n_local`` window tokens, ``retrieve_blocks`` (``r``) per layer,
     ``block_frames`` frames per block, and ``layer_shared`` (one decision for all layers, from
     the sum of every layer's scores, computed without retrieved context)."""
@@ -46,6 +47,7 @@ class RekvConfig:
     layer_shared: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("n_local", "retrieve_blocks", "block_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
