@@ -67,6 +67,7 @@ from mukv.eval.metrics import exact_match, retrieval_recall
 from mukv.eval.oracle import OracleConfig, OracleMemory
 from mukv.eval.report import load_predictions, sampled_spans
 from mukv.memory.mukv_config import GRANULARITIES, MukvConfig
+from mukv.memory.persist import model_fingerprint
 from mukv.video.streams import KINDS, eval_kinds, make_stream
 
 FPS = 0.5
@@ -75,6 +76,9 @@ MAX_NEW_TOKENS = 6
 REKV_WINDOW_FRAMES = 76
 WORK = Path(__file__).resolve().parent / "work"
 ORACLE = "oracle"
+# Byte budgets of the study's MuKV runs: the tiny model stores about 77 KB per frame in float32
+# (19 tokens of 4 KB), so 16 MB holds about 210 frames unconsolidated and 4 MB about 50.
+STUDY_BUDGETS = ("16MB", "4MB")
 
 
 def configurations(
@@ -99,6 +103,14 @@ def configurations(
         "mukv encode=shared": ("mukv", {**mukv, "encode": "shared"}),
         "mukv order=temporal": ("mukv", {**mukv, "order": "temporal"}),
         "mukv query=mean_query": ("mukv", {**mukv, "query": "mean_query"}),
+        # Bounded by construction: at most B frames' tokens, compressed to three quarters of them
+        # each time the cap is reached (the release's 24 of 32).
+        "infinipot": ("infinipot", {"max_units": budget_frames, "keep_units": round(0.75 * budget_frames)}),
+        # Storage options: what quantized payloads and a byte budget cost in accuracy.
+        "mukv kv_dtype=int8": ("mukv", {**mukv, "kv_dtype": "int8"}),
+        "mukv kv_dtype=int4": ("mukv", {**mukv, "kv_dtype": "int4"}),
+        "rekv kv_dtype=int4": ("rekv", {"retrieve_blocks": budget_frames, "n_local": window, "kv_dtype": "int4"}),
+        **{f"mukv memory_budget={size}": ("mukv", {**mukv, "memory_budget": size}) for size in STUDY_BUDGETS},
     }
 
 
@@ -368,9 +380,15 @@ def study_records(predictions: list[dict[str, Any]], model: str, config: str, me
     return out
 
 
-def question_records(records: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
-    """The question records of ``model`` (records of earlier versions of this script carry no ``record`` key)."""
-    return [r for r in records if r.get("record", "question") == "question" and r.get("model") == model]
+def question_records(records: list[dict[str, Any]], model: str, weights: str | None) -> list[dict[str, Any]]:
+    """The question records of ``model`` with the checkpoint whose weights hash is ``weights``
+    (records of earlier versions of this script carry no ``record`` key, and no ``weights`` key:
+    they were made with the checkpoint before the one that introduced it, ``None``)."""
+    return [
+        r
+        for r in records
+        if r.get("record", "question") == "question" and r.get("model") == model and r.get("weights") == weights
+    ]
 
 
 def _mean(values) -> float:
@@ -485,8 +503,11 @@ def renderer(model: str, out: Path, name: str):
         runs = [r for r in records if r.get("record") == "run" and r["settings"]["model"] == model]
         if not runs:
             return f"# Accuracy study: {model} on synthetic streams\n\nNo runs recorded.\n"
+        # The latest run's checkpoint: a retrained model starts a new study in the same file.
         settings = runs[-1]["settings"]
-        questions = [r for r in question_records(records, model) if r["config"] in settings["configs"]]
+        weights = settings.get("weights")
+        runs = [r for r in runs if r["settings"].get("weights") == weights]
+        questions = [r for r in question_records(records, model, weights) if r["config"] in settings["configs"]]
         text, table = summarise(questions, settings)
         header = [f"# Accuracy study: {model} on synthetic streams", ""]
         header.append(f"Rendered by `benchmarks/bench_accuracy.py` from every record of `{name}.jsonl`. Runs:")
@@ -515,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         print(render_results(args.out, args.name, render).read_text())
         return 0
     backend = mukv.load_backend(args.model)
+    # Records are kept per checkpoint: a retrained model of the same name does not reuse answers.
+    weights = model_fingerprint(backend)["weights_sha256"]
     p = backend.tokens_per_frame
     mukv_config, mukv_top_k = scaled_mukv(args.budget_scale)
     budget_tokens = mukv_config.answer_tokens(p)
@@ -527,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     monitor = LoadMonitor()
     done = {
         (r["config"], r["length"], r["seed"], r["kind"])
-        for r in question_records(read_records(records_path), args.model)
+        for r in question_records(read_records(records_path), args.model, weights)
     }
     reports = []
     for length, streams in args.plan:
@@ -536,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs = []
         for name in chosen:
             method, overrides = configs[name]
-            run_dir = args.work / "runs" / f"T{length}-S{streams}" / slug(name)
+            # Per checkpoint: the harness resumes a run directory, and must not resume another model's.
+            run_dir = args.work / "runs" / weights[:12] / f"T{length}-S{streams}" / slug(name)
             print(f"T={length} ({streams} streams): {name}", flush=True)
             if method == ORACLE:
                 run_oracle(args, anno, run_dir, length, overrides)
@@ -544,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_config(args, anno, run_dir, method, overrides)
             run_dirs.append(run_dir)
             new = [
-                r
+                {**r, "weights": weights}
                 for r in study_records(load_predictions(run_dir), args.model, name, method, overrides, length)
                 if (r["config"], r["length"], r["seed"], r["kind"]) not in done
             ]
@@ -552,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             write_results(args.out, args.name, new)  # recorded at once; the tables are rendered at the end
             right = sum(r["correct"] for r in new)
             print(f"  {right:.0f}/{len(new)} new answers right", flush=True)
-        report_dir = args.work / "report" / f"T{length}-S{streams}"
+        report_dir = args.work / "report" / weights[:12] / f"T{length}-S{streams}"
         harness(args, "report", *map(str, run_dirs), "--out", str(report_dir))
         reports.append(str(report_dir / "report.md"))
     machine = machine_info("cpu", torch.float32)  # the harness runs: --device cpu --dtype float32
@@ -564,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         "reports": reports,
         "settings": {
             "model": args.model,
+            "weights": weights,
             "tokens_per_frame": p,
             "budget_tokens": budget_tokens,
             "budget_frames": budget_frames,

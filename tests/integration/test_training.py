@@ -171,6 +171,26 @@ def test_model_card_names_the_commands_that_reproduce_a_resumed_run():
     assert "| order | - | 0.50 |" in card and "| frame | 1.00 | 0.95 |" in card
 
 
+def test_model_card_of_a_stage3_run_shows_its_long_and_placed_accuracy():
+    from mukv.training.trainer import model_card
+
+    first = asdict_config(TrainConfig(spec=SMALL))
+    cfg = TrainConfig(spec=SMALL, seed=3, stage2_steps=0, stage3_steps=9, placed_share=0.25, isolated_share=0.25)
+    record = {
+        "config": asdict_config(cfg),
+        "resumed_from": {"path": "/x", "stage": "final", "config": first},
+        "accuracy": {"frame": {"1": 1.0}},
+        "accuracy_long": {"frame": {"64": 0.75, "256": 0.5}},
+        "accuracy_placed": {"patch": {"64": 1.0, "256": 0.25}},
+        "seconds": 60.0,
+    }
+    card = model_card(record)
+    assert "--stage3-steps 9" in card and "(stage 3 only, from run 1's final weights)" in card
+    long_part, placed_part = card.split("Long causal clips (seed 6)")[1].split("The oracle's shape (seed 7)")
+    assert "| frame | 0.75 | 0.50 |" in long_part and "| kind | 64 frames | 256 frames |" in long_part
+    assert "| patch | 1.00 | 0.25 |" in placed_part
+
+
 def asdict_config(cfg: TrainConfig) -> dict:
     import json
     from dataclasses import asdict

@@ -1070,8 +1070,9 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
             # runs[k - 2] describes run k - 1, including which of its checkpoints run k loaded.
             final = runs[k - 2].get("stage", "final") == "final"
             source = f"RUN{k - 1}" if final else f"RUN{k - 1}/stages/stage1"
-            how = f"again, from run {k - 1}'s final weights" if final else f"from run {k - 1}'s stage-1 weights"
-            commands.append(f"{k}. `{_train_command(run['config'], out, resume=source)}` (stage 2 {how})")
+            how = f"from run {k - 1}'s final weights" if final else f"from run {k - 1}'s stage-1 weights"
+            which = "stage 3 only" if not run["config"]["stage2_steps"] else "stage 2 again" if final else "stage 2"
+            commands.append(f"{k}. `{_train_command(run['config'], out, resume=source)}` ({which}, {how})")
         stage2.append(f"- run {k} {_stage2_line(run['config'])}")
         if run["config"].get("stage3_steps"):
             stage2.append(f"- run {k} {_stage3_line(run['config'])}")
@@ -1126,6 +1127,24 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
     for kind, by_length in accuracy.items():
         cells = [f"{by_length[str(t)]:.2f}" if str(t) in by_length else "-" for t in lengths]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    for key, what in (
+        ("accuracy_long", "Long causal clips (seed {seed}), the whole clip in context:"),
+        (
+            "accuracy_placed",
+            "The oracle's shape (seed {seed}): 42 frames of each clip, the evidence among them, each "
+            "encoded on its own after the system prompt and re-positioned one after another:",
+        ),
+    ):
+        table = record.get(key)
+        if not table:
+            continue
+        seed = cfg["seed"] + (3 if key == "accuracy_long" else 4)
+        lengths = sorted({int(t) for by_length in table.values() for t in by_length})
+        lines += ["", what.format(seed=seed), ""]
+        lines += ["| kind | " + " | ".join(f"{t} frames" for t in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+        for kind, by_length in table.items():
+            cells = [f"{by_length[str(t)]:.2f}" if str(t) in by_length else "-" for t in lengths]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     stage0 = record.get("stage0_accuracy") or {}
     if stage0:
         lines += ["", "Vision heads after stage 0: " + ", ".join(f"{k} {v:.2f}" for k, v in stage0.items()) + "."]
