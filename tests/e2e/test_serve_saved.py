@@ -157,8 +157,10 @@ def test_saved_streams_are_reopened_by_the_next_server(tmp_path):
         encoded(http, kept, 9)
         # Deleting a stream removes its saved memory: it does not come back at the next start.
         assert http.delete(f"/v1/streams/{other}").status_code == 200
-        wait_for(lambda: not (memory_dir / other).exists(), "the saved memory to be removed")
-        assert (memory_dir / kept).is_dir()
+        # Nothing of it is left behind, its lock file included (removed last).
+        wait_for(lambda: not (memory_dir / f".{other}.lock").exists(), "the saved memory to be removed")
+        assert not (memory_dir / other).exists()
+        assert (memory_dir / kept).is_dir() and (memory_dir / f".{kept}.lock").exists()
     assert (memory_dir / "copied-stream").is_dir()  # never touched
 
 

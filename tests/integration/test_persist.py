@@ -438,3 +438,25 @@ def test_ingest_goes_on_while_a_save_writes(backend, tmp_path, monkeypatch):
     before = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
     feed(before, frames, 0, 6)
     assert_same_state(before, StreamSession.load(backend, path))
+
+
+def test_deleting_a_memory_removes_its_leftovers_and_lock_but_nothing_else(backend, tmp_path):
+    from mukv.memory.persist import delete_memory
+
+    session = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(session, make_frames(5, seed=2), 0, 5)
+    path = tmp_path / "mem"
+    session.save(path)
+    (tmp_path / ".mem.0123abcd.old").mkdir()  # a cut save's leftovers
+    (tmp_path / ".mem.x.abcdef12.tmp").mkdir()  # memory "mem.x"'s, not this one's
+    (tmp_path / "other").write_text("kept")
+    assert (tmp_path / ".mem.lock").exists()
+    assert delete_memory(path) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mem.x.abcdef12.tmp", "other"]
+    assert delete_memory(path) is False
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(MemoryFileError, match="is a link"):
+        delete_memory(tmp_path / "link")
+    assert target.is_dir()

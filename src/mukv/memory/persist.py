@@ -285,6 +285,26 @@ def _locked(path: Path, *, exclusive: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def delete_memory(path: str | Path) -> bool:
+    """Remove the saved memory at ``path`` with everything this module keeps beside it (a cut
+    save's temporary and set-aside directories, the lock file), under the exclusive lock, so a save
+    in progress finishes first. ``False`` if there was nothing to remove. A link at ``path`` is
+    refused (its target is not this module's to delete)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise MemoryFileError(f"{path}: is a link; not deleting its target")
+    lock = path.with_name(f".{path.name}.lock")
+    if not path.exists() and not lock.exists() and not _siblings(path):
+        return False
+    with _locked(path, exclusive=True):
+        for leftover in [*_siblings(path), *([path] if path.is_dir() else [])]:
+            shutil.rmtree(leftover)
+        # Unlinked while held: a save that opened it before waits on this inode and then finds no
+        # memory; one that opens it later creates a fresh lock file.
+        lock.unlink(missing_ok=True)
+    return True
+
+
 def _siblings(path: Path) -> list[Path]:
     """Temporary (``.NAME.<id>.tmp``) and aside (``.NAME.<id>.old``) directories of memory ``path``.
     The id has no dot, so that memory ``a``'s siblings never include those of a memory ``a.b``."""

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
-from mukv.errors import SavedMemoryError
+from mukv.errors import MemoryFileError, SavedMemoryError
+from mukv.memory.persist import delete_memory
 from mukv.serve.config import ServeConfig
 from mukv.serve.errors import ApiError
 from mukv.serve.sources import SourceSpec
@@ -105,9 +105,11 @@ def remove_saved(config: ServeConfig, stream_id: str) -> None:
     """Remove a deleted stream's saved memory (none saved: nothing happens)."""
     if config.memory_dir is None or not STREAM_ID.fullmatch(stream_id):
         return
-    path = config.memory_dir / stream_id
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+    try:
+        delete_memory(config.memory_dir / stream_id)
+    except (OSError, MemoryFileError) as exc:
+        # The stream is gone either way; what could not be removed is left for the operator.
+        logger.warning("could not remove the saved memory of %s: %s", stream_id, exc)
 
 
 def directory_bytes(path: Path) -> int:
