@@ -328,6 +328,7 @@ def encode(
     same command again continues where it stopped (OUT must hold an encode of the same video with
     the same method, config and rate), and the result is the one an uninterrupted encode gives.
     """
+    import contextlib
     import signal
 
     from tqdm import tqdm
@@ -335,7 +336,7 @@ def encode(
     from mukv.backends import load_backend
     from mukv.config import config_to_dict, parse_assignments
     from mukv.engine import StreamSession
-    from mukv.errors import MemoryMismatchError, VideoError
+    from mukv.errors import MemoryFileError, MemoryMismatchError, VideoError
     from mukv.memory import method_config
     from mukv.memory.persist import MANIFEST, read_manifest
     from mukv.video import open_source
@@ -349,6 +350,10 @@ def encode(
     settings = json.loads(
         json.dumps({"method": method, "config": config_to_dict(config), "fps": fps, "npy_fps": npy_fps})
     )
+    # Reading the manifest first moves back a memory that a save cut by a crash left aside; a
+    # damaged one is reported below, when it is read for the checks.
+    with contextlib.suppress(MemoryFileError):
+        read_manifest(out)
     resume = out.is_dir() and (out / MANIFEST).exists()
     if resume:
         done = read_manifest(out).get("extra", {}).get("encode")

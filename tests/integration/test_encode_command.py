@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -68,6 +69,17 @@ def test_sigterm_saves_and_the_same_command_resumes_to_the_uninterrupted_memory(
     assert_same_state(one, two)
     assert_same_answer(one, two)
     assert f"already holds all of shapes.mp4 ({FRAMES} frames)" in mukv(*args).stdout
+
+
+def test_an_encode_whose_save_was_cut_after_moving_the_memory_aside_resumes(video, tiny_model_dir, whole, tmp_path):
+    # A crash between moving the memory aside and renaming the new one into place leaves no OUT,
+    # only the aside copy: the same command finds it instead of encoding from the start.
+    shutil.copytree(whole, tmp_path / ".mem.0123abcd.old")
+    out = tmp_path / "mem"
+    result = mukv("encode", str(video), "-o", str(out), "--model", str(tiny_model_dir), *ENCODE)
+    assert result.returncode == 0, result.stderr
+    assert f"already holds all of shapes.mp4 ({FRAMES} frames)" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mem.lock", "mem"]
 
 
 def test_ask_from_a_memory_answers_like_the_video(video, tiny_model_dir, whole):
