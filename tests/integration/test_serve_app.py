@@ -283,6 +283,9 @@ def test_unknown_routes_and_methods_are_json_errors(client):
         ({"method": "uniform", "overrides": {"num_frames": 1.5}}, 422, "invalid_override", "overrides.num_frames"),
         ({"method": "mukv", "overrides": {"keep_ratio": 0.2}}, 422, "invalid_override", "overrides.keep_ratio"),
         ({"overrides": {"preset": "paper"}}, 422, "invalid_override", "overrides"),
+        ({"method": "mukv", "overrides": {"disk_dir": "/etc"}}, 422, "invalid_override", "overrides.disk_dir"),
+        ({"method": "rekv", "overrides": {"kv_dtype": "int3"}}, 422, "invalid_override", "overrides.kv_dtype"),
+        ({"method": "mukv", "overrides": {"memory_budget": "1XB"}}, 422, "invalid_override", "overrides.memory_budget"),
         ({"fps": 2}, 422, "invalid_request", "fps"),
         ({"colour": "red"}, 422, "invalid_request", "colour"),
         ({"source": ""}, 422, "invalid_request", "source"),
@@ -307,6 +310,10 @@ def test_overrides_reach_the_method(client, streams):
     assert created["method"] == "uniform" and created["overrides"] == {"num_frames": "3"}
     stream = client.app.state.mukv.streams.get(created["id"])
     assert stream.session.memory.config.num_frames == 3
+    # Storage options are method options like the others; byte sizes are typed with their unit.
+    created = create(client, streams, method="rekv", overrides={"kv_dtype": "int4", "memory_budget": "2GB"})
+    config = client.app.state.mukv.streams.get(created["id"]).session.memory.config
+    assert (config.kv_dtype, config.memory_budget) == ("int4", 2 * 10**9)
 
 
 def test_live_urls_wait_for_the_live_module(client, streams, monkeypatch):

@@ -381,6 +381,15 @@ def stream_options(body: StreamRequest, config: ServeConfig) -> StreamOptions:
         raise ApiError(
             422, "invalid_override", "preset: give it as the request's preset, not as an override", field="overrides"
         )
+    if "disk_dir" in overrides:
+        # A client must not choose where the server writes: a stream's disk tier (``ram_budget``)
+        # lives in a private temporary directory of the server, removed with the stream.
+        raise ApiError(
+            422,
+            "invalid_override",
+            "disk_dir: chosen by the server (a stream's disk tier lives in its own temporary directory)",
+            field="overrides.disk_dir",
+        )
     try:
         resolved = method_config(method, overrides, preset)
     except ValueError as exc:
