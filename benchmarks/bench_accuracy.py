@@ -495,6 +495,38 @@ def plot(table: dict, settings: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_bytes(table: dict, settings: dict, path: Path) -> None:
+    """Accuracy against the memory each configuration holds after T frames (one panel per T of
+    256 frames or more), the cost-and-keep view of the storage options."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = [c for c in settings["configs"] if c in table]
+    lengths = sorted({t for c in configs for t in table[c] if t >= 256}) or sorted(
+        {t for c in configs for t in table[c]}
+    )
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.6), squeeze=False)
+    markers = "os^vD<>pPX*h"
+    for ax, t in zip(axes[0], lengths, strict=True):
+        for i, c in enumerate(configs):
+            if t in table[c]:
+                row = table[c][t]
+                ax.scatter(row["stored_mib"], row["accuracy"], marker=markers[i % len(markers)], s=46, label=c)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel(f"memory held after {t} frames (MiB, fp32)")
+        ax.set_title(f"T = {t} frames")
+    axes[0][0].set_ylabel("answer accuracy")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
+    fig.suptitle(f"{settings['model']}: accuracy against stored memory (budget {settings['budget_frames']} frames)")
+    fig.tight_layout(rect=(0, 0.2, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def renderer(model: str, out: Path, name: str):
     """``render(records)`` for :func:`common.write_results`: the run lines, the tables (and, as a
     side effect, the plot ``out/name.png``) from every record."""
@@ -520,6 +552,7 @@ def renderer(model: str, out: Path, name: str):
                 f"threads), torch {m['torch']}, transformers {m['transformers']}; {load_line(run['load'])}{via}"
             )
         plot(table, settings, out / f"{name}.png")
+        plot_bytes(table, settings, out / f"{name}_bytes.png")
         return "\n".join(header) + "\n\n" + text
 
     return render
