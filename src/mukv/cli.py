@@ -148,6 +148,13 @@ def _check_max_new_tokens(value: int | None) -> None:
         raise ValueError(f"--max-new-tokens: must be >= 1, got {value}")
 
 
+def _memory_size(stats) -> str:
+    """``stats``' stored bytes in MiB, and how many of them are on disk (``ram_budget``)."""
+    text = f"{stats.total_bytes / 2**20:.1f} MiB"
+    disk = getattr(stats, "disk_bytes", 0)
+    return f"{text} ({disk / 2**20:.1f} MiB on disk)" if disk else text
+
+
 def _print_answer(answer, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(answer.to_dict()))
@@ -159,7 +166,7 @@ def _print_answer(answer, as_json: bool) -> None:
     t = answer.timings
     typer.secho(
         f"   {answer.method}: {answer.context_tokens} cache tokens, first token {t.first_token:.2f}s, "
-        f"total {t.total:.2f}s, memory {answer.memory.total_bytes / 2**20:.1f} MiB; used {spans}{more}",
+        f"total {t.total:.2f}s, memory {_memory_size(answer.memory)}; used {spans}{more}",
         dim=True,
     )
 
@@ -437,7 +444,7 @@ def encode(
     stats = session.stats()
     typer.echo(
         f"encoded {session.frames_seen} frames ({session.time or 0:.1f} s) of {video.name} into {out}: "
-        f"{session.memory.name}, {stats.total_bytes / 2**20:.1f} MiB"
+        f"{session.memory.name}, {_memory_size(stats)}"
     )
 
 

@@ -114,3 +114,22 @@ def test_mismatches_are_refused_before_encoding(video, tiny_model_dir, whole, tm
     assert result.returncode == 2 and "method 'mukv', not 'rekv'" in result.stderr
     result = mukv("ask", str(video), "--memory", str(whole), "-q", "Which?")
     assert result.returncode == 2 and "one of them" in result.stderr
+
+
+def test_storage_options_from_the_command_line(video, tiny_model_dir, whole, tmp_path):
+    out = tmp_path / "small.mem"
+    unbounded = json.loads((whole / "manifest.json").read_text())
+    options = ("--set", "kv_dtype=int4", "--set", "memory_budget=200KiB", "--set", "ram_budget=64KiB")
+    result = mukv("encode", str(video), "-o", str(out), "--model", str(tiny_model_dir), *ENCODE, *options)
+    assert result.returncode == 0, result.stderr
+    assert "MiB on disk)" in result.stdout
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["method"]["config"]["kv_dtype"] == "int4"
+    assert saved["method"]["config"]["memory_budget"] == 200 * 1024
+    assert saved["stream"]["frames"] == unbounded["stream"]["frames"] == FRAMES  # no frame lost from the clock
+    answer = mukv("ask", "--memory", str(out), "-q", "What colour?", "--max-new-tokens", "2", "--json")
+    assert answer.returncode == 0, answer.stderr
+    memory = json.loads(answer.stdout)["memory"]
+    assert memory["consolidated"]["evicted.patch"] > 0
+    bad = mukv("encode", str(video), "-o", str(tmp_path / "x"), "--set", "kv_dtype=int3")
+    assert bad.returncode == 2 and "kv_dtype: must be one of native, int8, int4" in bad.stderr

@@ -460,3 +460,20 @@ def test_deleting_a_memory_removes_its_leftovers_and_lock_but_nothing_else(backe
     with pytest.raises(MemoryFileError, match="is a link"):
         delete_memory(tmp_path / "link")
     assert target.is_dir()
+
+
+def test_a_memory_loads_under_another_budget_or_ram_budget_but_not_another_storage_form(backend, tmp_path):
+    session = StreamSession(backend, "mukv", overrides=MUKV, fps=FPS)
+    feed(session, make_frames(12, seed=4), 0, 12)
+    session.save(tmp_path / "mem")
+    stored = session.memory.stored_bytes()
+    kept = {"memory_budget": stored // 2, "ram_budget": 4096, "disk_dir": str(tmp_path / "tier")}
+    loaded = StreamSession.load(backend, tmp_path / "mem", method_config=method_config("mukv", {**MUKV, **kept}))
+    config = loaded.memory.config
+    assert (config.memory_budget, config.ram_budget, config.disk_dir) == tuple(kept.values())
+    assert loaded.memory.stored_bytes() <= stored // 2 < stored  # consolidated at once
+    assert loaded.memory.stats().disk_bytes > 0  # and spilled beyond the RAM budget
+    assert loaded.ask(QUESTION, max_new_tokens=2).text is not None
+    loaded.memory.close()
+    with pytest.raises(MemoryMismatchError, match="kv_dtype"):
+        StreamSession.load(backend, tmp_path / "mem", method_config=method_config("mukv", {**MUKV, "kv_dtype": "int8"}))

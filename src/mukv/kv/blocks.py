@@ -4,16 +4,23 @@ A :class:`BlockRecord` is small, immutable bookkeeping (ids, frame span, times, 
 Payloads (the kept K/V of every layer) live in a :class:`BlockStore` addressed by id, in CPU
 memory. Assembling a cache gathers the chosen payloads into one pinned staging buffer and copies
 it to the accelerator asynchronously (:func:`to_device`): pinning every block instead would round
-each allocation up to a power of two (up to +74% for a 196-token ReKV frame).
+each allocation up to a power of two (up to +74% for a 196-token ReKV frame). Quantized payloads
+(:mod:`mukv.kv.quant`) cross to the accelerator as codes and are dequantized there
+(:func:`layer_to_device`, :meth:`mukv.memory.blocks.BlockMemory.assemble`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from mukv.kv.disk import DiskTier
+from mukv.kv.quant import QuantizedKV, move_quantized
 
 
 @dataclass(frozen=True)
@@ -38,19 +45,27 @@ class BlockRecord:
 class BlockPayload:
     """Tensors of one block.
 
-    ``kv``: ``[L, 2, Hkv, n, D]`` kept keys (index 0) and values (index 1) of every layer;
+    ``kv``: ``[L, 2, Hkv, n, D]`` kept keys (index 0) and values (index 1) of every layer, as
+    computed (a tensor) or quantized (:class:`mukv.kv.quant.QuantizedKV`, which has the dense
+    ``shape``; read it through :meth:`dense`);
     ``positions``: ``[R, n]`` positions the keys carry, in the backend's position scheme's shape;
     ``kept``: ``[n]`` indices of the kept tokens within the block; ``scores``: ``[n_block]`` fused
     importance of every block token.
     """
 
-    kv: torch.Tensor
+    kv: torch.Tensor | QuantizedKV
     positions: torch.Tensor
     kept: torch.Tensor
     scores: torch.Tensor
 
     @property
+    def form(self) -> str:
+        """How ``kv`` is held: ``"native"`` (as computed), ``"int8"`` or ``"int4"``."""
+        return self.kv.form if isinstance(self.kv, QuantizedKV) else "native"
+
+    @property
     def nbytes(self) -> int:
+        """Bytes held (a quantized ``kv`` counts its codes, scales and minimums)."""
         return sum(t.nbytes for t in (self.kv, self.positions, self.kept, self.scores))
 
     @property
@@ -58,10 +73,25 @@ class BlockPayload:
         """Kept tokens ``n``."""
         return int(self.kv.shape[3])
 
-    def dense(self, layer: int | None = None) -> torch.Tensor:
+    def dense(self, layer: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """The kept K/V as a plain tensor: ``[L, 2, Hkv, n, D]``, or ``[2, Hkv, n, D]`` of one
-        ``layer``. Every reader of stored K/V goes through here, whatever form the store keeps."""
-        return self.kv if layer is None else self.kv[layer]
+        ``layer``, on ``device`` (default: where the payload is). Every reader of stored K/V goes
+        through here, whatever form the store keeps: a quantized payload is dequantized on
+        ``device`` (its codes moved there first), a native one is returned as it is (a view, no
+        copy, when already on ``device``)."""
+        if isinstance(self.kv, QuantizedKV):
+            return self.kv.dequantize(layer, device)
+        kv = self.kv if layer is None else self.kv[layer]
+        return kv if device is None else kv.to(device)
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BlockPayload:
+        """A copy whose every tensor is ``fn(tensor)``: K/V (each tensor of a quantized form, through
+        its own ``map_tensors``), then ``positions``, ``kept``, ``scores``, always in that order.
+        What moves a payload whole (the disk tier) goes through here, whatever form ``kv`` has."""
+        kv = self.kv.map_tensors(fn) if isinstance(self.kv, QuantizedKV) else fn(self.kv)
+        return dataclasses.replace(
+            self, kv=kv, positions=fn(self.positions), kept=fn(self.kept), scores=fn(self.scores)
+        )
 
 
 def to_device(parts: list[torch.Tensor], *, dim: int, device: torch.device) -> torch.Tensor:
@@ -77,6 +107,24 @@ def to_device(parts: list[torch.Tensor], *, dim: int, device: torch.device) -> t
     staging = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
     torch.cat(parts, dim=dim, out=staging)
     return staging.to(device, non_blocking=True)
+
+
+def layer_to_device(payloads: list[BlockPayload], layer: int, device: torch.device) -> torch.Tensor:
+    """Layer ``layer`` of ``payloads`` one after another on ``device``: ``[2, Hkv, R, D]``.
+
+    Native payloads go through :func:`to_device` (one copy); quantized ones cross as codes, scales
+    and minimums (one copy to CUDA, :func:`mukv.kv.quant.move_quantized`) and are dequantized on
+    ``device``.
+    """
+    if not any(isinstance(p.kv, QuantizedKV) for p in payloads):
+        return to_device([p.kv[layer] for p in payloads], dim=2, device=device)
+    quantized = [p.kv for p in payloads if isinstance(p.kv, QuantizedKV)]
+    moved = iter(move_quantized(quantized, device, layer=layer))
+    parts = []
+    for payload in payloads:
+        quantized = isinstance(payload.kv, QuantizedKV)
+        parts.append(next(moved).dequantize(0, device) if quantized else payload.kv[layer].to(device))
+    return torch.cat(parts, dim=2)
 
 
 class _Index:
@@ -116,9 +164,26 @@ class BlockStore:
 
     Representatives (float32, one ``[C]`` or ``[L, C]`` tensor per block) are kept as one matrix
     per granularity so that retrieval is a single matrix product.
+
+    ``ram_budget``: the most payload bytes held in RAM (``None``: all of them). When an :meth:`add`
+    or :meth:`replace` leaves more, the oldest stored (non-provisional) payloads move to ``disk``
+    (:class:`mukv.kv.disk.DiskTier`; a private temporary one, made at the first move, when not
+    given) until RAM payload bytes are within it again; their records say ``location="disk"``
+    and readers get them through the mapping. Provisional blocks (replaced at the next ingest),
+    representatives and the index always stay in RAM.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, ram_budget: int | None = None, disk: DiskTier | None = None) -> None:
+        if ram_budget is not None and ram_budget < 0:
+            raise ValueError(f"ram_budget: must be a byte count >= 0, got {ram_budget}")
+        self.ram_budget = ram_budget
+        self._disk = disk
+        # Payload bytes by place (provisional blocks included in RAM), kept as blocks come and go.
+        self._ram_bytes = 0
+        self._disk_bytes = 0
+        # Ids of stored payloads in RAM, smallest (oldest) first; removed or moved ids are skipped
+        # when popped. Only kept when there is a budget.
+        self._in_ram: list[int] = []
         self._records: dict[int, BlockRecord] = {}
         self._payloads: dict[int, BlockPayload] = {}
         self._by_granularity: dict[str, list[int]] = defaultdict(list)
@@ -139,10 +204,7 @@ class BlockStore:
         provisional: bool = False,
     ) -> BlockRecord:
         """Store a block (payload moved to CPU memory) and return its record."""
-        kv = payload.kv.to("cpu")
-        payload = BlockPayload(
-            kv=kv, positions=payload.positions.cpu(), kept=payload.kept.cpu(), scores=payload.scores.cpu()
-        )
+        payload = payload.map_tensors(lambda t: t.to("cpu"))
         block_id = self._next_id
         self._next_id += 1
         record = BlockRecord(
@@ -162,7 +224,11 @@ class BlockStore:
         self._payloads[block_id] = payload
         self._by_granularity[granularity].append(block_id)
         self._index[granularity].append(block_id, end_time, representative.detach().float().cpu())
-        return record
+        self._ram_bytes += payload.nbytes
+        if self.ram_budget is not None and not provisional:
+            heapq.heappush(self._in_ram, block_id)
+        self._spill()
+        return self._records[block_id]
 
     def adopt(self, record: BlockRecord, payload: BlockPayload, representative: torch.Tensor) -> BlockRecord:
         """Store a block under ``record``'s id (a saved memory being loaded): ids are kept, so that
@@ -198,9 +264,29 @@ class BlockStore:
 
     def replace(self, block_id: int, payload: BlockPayload, *, location: str | None = None) -> BlockRecord:
         """Give block ``block_id`` another payload (fewer kept tokens, another storage form or
-        place); its representative, span and place in the index stay. Returns the new record."""
+        place); its representative, span and place in the index stay. Returns the new record.
+
+        ``location="disk"`` is for a payload this store's disk tier wrote (:meth:`_spill`); any
+        other payload is held in RAM (a block that was on disk leaves it), and the RAM budget
+        applies again."""
         record = self._records[block_id]
-        representative_bytes = record.nbytes - self._payloads[block_id].nbytes
+        old = self._payloads[block_id]
+        representative_bytes = record.nbytes - old.nbytes
+        to_disk = location == "disk"
+        if record.location == "disk":
+            assert self._disk is not None
+            self._disk.release(block_id)
+            self._disk_bytes -= old.nbytes
+            if not to_disk and self.ram_budget is not None and not record.provisional:
+                heapq.heappush(self._in_ram, block_id)
+            # Back in RAM unless the caller names another place.
+            location = location or "cpu"
+        else:
+            self._ram_bytes -= old.nbytes
+        if to_disk:
+            self._disk_bytes += payload.nbytes
+        else:
+            self._ram_bytes += payload.nbytes
         record = dataclasses.replace(
             record,
             tokens=payload.tokens,
@@ -209,11 +295,58 @@ class BlockStore:
         )
         self._records[block_id] = record
         self._payloads[block_id] = payload
-        return record
+        if not to_disk:
+            self._spill()
+        return self._records[block_id]
+
+    def _spill(self) -> None:
+        """Move the oldest stored RAM payloads to the disk tier until RAM payload bytes are within
+        :attr:`ram_budget` (or only provisional ones are left in RAM)."""
+        if self.ram_budget is None:
+            return
+        while self._ram_bytes > self.ram_budget and self._in_ram:
+            block_id = heapq.heappop(self._in_ram)
+            record = self._records.get(block_id)
+            if record is None or record.location == "disk" or record.provisional:
+                continue  # removed or moved since it was queued
+            if self._disk is None:
+                self._disk = DiskTier()
+            try:
+                mapped = self._disk.write(block_id, self._payloads[block_id])
+            except BaseException:
+                heapq.heappush(self._in_ram, block_id)  # still in RAM: a later add tries again
+                raise
+            self.replace(block_id, mapped, location="disk")
+
+    @property
+    def ram_nbytes(self) -> int:
+        """Payload bytes held in RAM (provisional blocks included; representatives not)."""
+        return self._ram_bytes
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Payload bytes held in the disk tier's memory-mapped files."""
+        return self._disk_bytes
+
+    @property
+    def disk(self) -> DiskTier | None:
+        """The disk tier (``None`` until a payload first moved there, unless one was given)."""
+        return self._disk
+
+    def close(self) -> None:
+        """Remove the disk tier's files and directory (payloads already read stay readable)."""
+        if self._disk is not None:
+            self._disk.close()
 
     def remove(self, block_id: int) -> None:
         record = self._records.pop(block_id)
-        del self._payloads[block_id]
+        payload = self._payloads.pop(block_id)
+        if record.location == "disk":
+            assert self._disk is not None
+            self._disk.release(block_id)
+            self._disk_bytes -= payload.nbytes
+        else:
+            self._ram_bytes -= payload.nbytes
         self._by_granularity[record.granularity].remove(block_id)
         self._index[record.granularity].remove(block_id)
 

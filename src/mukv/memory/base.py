@@ -71,12 +71,21 @@ class RetrievedBlock:
 
 @dataclass(frozen=True)
 class MemoryStats:
-    """What a method holds, by granularity (``init`` is the system prompt's KV)."""
+    """What a method holds, by granularity (``init`` is the system prompt's KV).
+
+    ``consolidated``: what a byte budget (``memory_budget``) re-pruned and evicted so far, as
+    ``"repruned.<granularity>"``, ``"evicted.<granularity>"`` and ``"freed_bytes.<granularity>"``
+    counts; ``None`` (and absent from :meth:`to_dict`) for methods without a budget.
+
+    ``disk_bytes``: how many of the stored bytes (counted in ``bytes`` and ``total_bytes`` like the
+    rest) are payloads in memory-mapped files (``ram_budget``'s disk tier) rather than in RAM."""
 
     frames: int
     blocks: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    consolidated: dict[str, int] | None = None
+    disk_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -88,6 +97,8 @@ class MemoryStats:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if data["consolidated"] is None:
+            del data["consolidated"]
         data.update(total_bytes=self.total_bytes, total_tokens=self.total_tokens)
         return data
 
@@ -458,3 +469,8 @@ class MemoryMethod(ABC):
     @abstractmethod
     def stats(self) -> MemoryStats:
         """Exact accounting of what is held."""
+
+    def close(self) -> None:
+        """Release what outlives the object otherwise (files of a disk tier); also done when the
+        memory is garbage-collected. The memory should not be used afterwards."""
+        return None  # nothing to release by default

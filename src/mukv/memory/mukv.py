@@ -11,6 +11,7 @@ prompt, and the question is answered from that cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from mukv.compress.scorers import (
 )
 from mukv.kv.blocks import BlockPayload, BlockRecord
 from mukv.memory.base import AnswerContext, MemoryStats, PendingUnit, Query, StageClock, UnitTokens, unit_sequence
-from mukv.memory.blocks import BlockMemory
+from mukv.memory.blocks import BlockMemory, can_reprune
 from mukv.memory.granularity import GranularitySpec, mukv_specs, part_indices, patch_token_indices
 from mukv.memory.mukv_config import GRANULARITIES, PRESETS, MukvConfig
 from mukv.memory.registry import register_method
@@ -100,7 +101,25 @@ class MukvMemory(BlockMemory):
     open group, and a group's blocks are encoded, scored, pruned and stored when it completes.
     A group still open at question time (a partial segment) is stored as provisional blocks,
     replaced once more frames arrive: no frame is ever missing from any granularity.
+
+    Byte budget (``memory_budget``; :meth:`_consolidate`, docs/memory.md): when stored blocks
+    exceed it, granularities are consolidated finest first, :data:`CONSOLIDATION_ORDER` = patch,
+    frame, segment, and a granularity only once every finer one is empty. Within one, sweeps run
+    over its blocks oldest first: a block with more than one kept token is re-pruned to the top
+    half of them by its stored fused scores, a block at one token is evicted; a sweep stops as
+    soon as enough is freed, and the next one starts again from the oldest (a granularity whose
+    every block must go is evicted outright, oldest first). The far past is so thinned repeatedly
+    (e.g. 4, 2, 1 tokens, then gone) while the recent past keeps its tokens.
+    Why this order: a frame's patch blocks are its finest, most local detail, and its frame block
+    covers the same tokens; a segment covers its frames, holds most of the retrieved context
+    (paper preset: 627 of 664 tokens per segment block), and ``hierarchical`` retrieval reaches
+    frame and patch blocks only through their segment, so segments are kept longest. A re-pruned
+    block keeps its representative: it summarises the block as encoded (the mean key of its
+    kept tokens), which is still what the block is about, and retrieval's index stays as it is.
     """
+
+    #: Granularities in the order the byte budget consolidates them (finest first).
+    CONSOLIDATION_ORDER: ClassVar[tuple[str, ...]] = ("patch", "frame", "segment")
 
     name = "mukv"
     config_class = MukvConfig
@@ -410,6 +429,33 @@ class MukvMemory(BlockMemory):
             provisional=provisional,
         )
 
+    # ------------------------------------------------------------------ byte budget
+
+    def _consolidate(self, excess_bytes: int) -> None:
+        """Free at least ``excess_bytes``: finest granularity first, sweeps oldest first, halving
+        a block's kept tokens by score, evicting it at one token (see the class docstring)."""
+        freed = 0
+        for granularity in self.CONSOLIDATION_ORDER:
+            records = [r for r in self.store.records(granularity) if not r.provisional]  # time order
+            if excess_bytes - freed >= sum(r.nbytes for r in records):
+                # Every block of it must go: evicted outright, oldest first (halving them down to one
+                # token first would free the same bytes in many more steps).
+                for record in records:
+                    freed += self._evict(record.block_id)
+                continue
+            while freed < excess_bytes:
+                records = [r for r in self.store.records(granularity) if not r.provisional]
+                if not records:
+                    break
+                for record in records:
+                    payload = self.store.payload(record.block_id)
+                    if can_reprune(payload):
+                        freed += self._reprune(record.block_id)
+                    else:
+                        freed += self._evict(record.block_id)
+                    if freed >= excess_bytes:
+                        return
+
     # ------------------------------------------------------------------ saving
 
     def _export_open(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -572,4 +618,4 @@ class MukvMemory(BlockMemory):
             pending += sum(layer.keys.nbytes + layer.values.nbytes for layer in self._shared_cache.layers)
         if pending:
             nbytes["pending"] = pending
-        return MemoryStats(frames=self.frames, blocks=blocks, tokens=tokens, bytes=nbytes)
+        return self._block_stats(blocks, tokens, nbytes)

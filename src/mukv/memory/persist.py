@@ -23,7 +23,12 @@ size of every file, verified on load) and ``extra`` (the caller's, e.g. what the
 
 A block chunk holds, block after block, flat tensors ``kv`` (the model's dtype), ``positions`` and
 ``kept`` (int64), ``scores`` and ``representatives`` (float32); each block's record, shapes and
-offsets are in the chunk's safetensors metadata.
+offsets are in the chunk's safetensors metadata. A quantized payload (``kv_dtype`` ``int8`` /
+``int4``, :mod:`mukv.kv.quant`) is saved as it is held, exactly: its tensors ``kv.codes`` (uint8),
+``kv.k_scale``, ``kv.k_min``, ``kv.v_scale``, ``kv.v_min`` take the place of ``kv``, and its entry's
+``kv_form`` holds the bits, group, dense shape and dtype; an entry without ``kv_form`` is native
+(as every memory saved before quantized payloads existed). The manifest's ``payloads`` counts the
+saved blocks by form (``{"forms": {"int4": 120}}``).
 
 **Atomicity.** A new directory is written under a temporary sibling name (``.MEM.<id>.tmp``),
 fsynced and renamed into place. Saving to a directory that already holds a memory writes new files
@@ -70,6 +75,8 @@ from safetensors.torch import save_file
 from mukv.config import config_to_dict
 from mukv.errors import MemoryFileError, MemoryMismatchError
 from mukv.kv.blocks import BlockPayload, BlockRecord
+from mukv.kv.options import StorageOptions
+from mukv.kv.quant import TENSOR_NAMES, QuantizedKV
 from mukv.memory.blocks import BlockMemory
 from mukv.memory.registry import method_class
 
@@ -397,31 +404,42 @@ def _flat(parts: list[torch.Tensor], what: str) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts])
 
 
+def _payload_tensors(payload: BlockPayload) -> dict[str, torch.Tensor]:
+    """A payload's tensors by the names a chunk stores them under (a quantized ``kv`` as its own
+    tensors, ``kv.<name>``)."""
+    kv = payload.kv
+    tensors = {f"kv.{n}": t for n, t in kv.tensors().items()} if isinstance(kv, QuantizedKV) else {"kv": kv}
+    return {**tensors, "positions": payload.positions, "kept": payload.kept, "scores": payload.scores}
+
+
+def _payload_forms(snapshot: _Snapshot) -> dict[str, Any]:
+    """The manifest's ``payloads`` entry: saved blocks counted by form (``native``, ``int8``, ``int4``)."""
+    forms: dict[str, int] = {}
+    for payload, _ in snapshot.blocks.values():
+        forms[payload.form] = forms.get(payload.form, 0) + 1
+    return {"forms": dict(sorted(forms.items()))}
+
+
 def _write_chunk(snapshot: _Snapshot, records: list[BlockRecord], path: Path) -> dict[str, Any]:
-    fields: dict[str, list[torch.Tensor]] = {name: [] for name in ("kv", "positions", "kept", "scores")}
-    reps: list[torch.Tensor] = []
+    fields: dict[str, list[torch.Tensor]] = {}
+    offsets: dict[str, int] = {}
     entries = []
-    offsets = dict.fromkeys([*fields, "representatives"], 0)
     for record in records:
         payload, rep = snapshot.blocks[record.block_id]
-        entry = {
+        entry: dict[str, Any] = {
             "record": dataclasses.asdict(record),
             "shapes": {},
             "offsets": {},
         }
-        for name in fields:
-            tensor = getattr(payload, name)
-            fields[name].append(tensor)
+        for name, tensor in {**_payload_tensors(payload), "representatives": rep}.items():
+            fields.setdefault(name, []).append(tensor)
             entry["shapes"][name] = list(tensor.shape)
-            entry["offsets"][name] = offsets[name]
-            offsets[name] += tensor.numel()
-        reps.append(rep)
-        entry["shapes"]["representatives"] = list(rep.shape)
-        entry["offsets"]["representatives"] = offsets["representatives"]
-        offsets["representatives"] += rep.numel()
+            entry["offsets"][name] = offsets.get(name, 0)
+            offsets[name] = entry["offsets"][name] + tensor.numel()
+        if isinstance(payload.kv, QuantizedKV):
+            entry["kv_form"] = payload.kv.meta()
         entries.append(entry)
     tensors = {name: _flat(parts, name) for name, parts in fields.items()}
-    tensors["representatives"] = _flat(reps, "representatives")
     return _write_tensors(path, tensors, {"blocks": json.dumps(entries)})
 
 
@@ -443,7 +461,12 @@ def _read_chunk(path: Path, wanted: set[int]) -> list[tuple[BlockRecord, BlockPa
                 record = BlockRecord(**entry["record"])
                 if record.block_id not in wanted:
                     continue
-                payload = BlockPayload(*(read(name, entry) for name in ("kv", "positions", "kept", "scores")))
+                if "kv_form" in entry:
+                    parts = {name: read(f"kv.{name}", entry) for name in TENSOR_NAMES}
+                    kv: torch.Tensor | QuantizedKV = QuantizedKV.from_tensors(parts, entry["kv_form"])
+                else:
+                    kv = read("kv", entry)
+                payload = BlockPayload(kv, *(read(name, entry) for name in ("positions", "kept", "scores")))
                 out.append((record, payload, read("representatives", entry)))
     except (KeyError, TypeError, ValueError, OSError, RuntimeError, SafetensorError) as exc:
         raise MemoryFileError(f"{path}: damaged block file ({type(exc).__name__}: {exc})") from None
@@ -545,6 +568,7 @@ def save_session(session: StreamSession, path: str | Path, *, extra: Mapping[str
             "method": {"name": memory.name, "config": config},
             "model": _model_identity(session.backend),
             "stream": stream,
+            "payloads": _payload_forms(snapshot),
             "extra": _json_ready(dict(extra or {})),
         }
         if path.exists():
@@ -571,7 +595,9 @@ def _write_blocks(
     for i, run in enumerate(_block_chunks(records)):
         name = f"blocks-{save}-{i}.safetensors"
         files[name] = _write_chunk(snapshot, run, directory / name)
-        chunks.append({"file": name, "blocks": [r.block_id for r in run]})
+        # Kept tokens per block: a later save into the same directory rewrites a block the byte
+        # budget has re-pruned since (fewer tokens) instead of reusing its old entry.
+        chunks.append({"file": name, "blocks": [r.block_id for r in run], "tokens": [r.tokens for r in run]})
     return chunks, files
 
 
@@ -605,15 +631,23 @@ def _save_into(snapshot: _Snapshot, path: Path, previous: dict[str, Any] | None,
     previous save of this stream, when given; of all blocks otherwise) and a new state file next
     to the files there, then the manifest (the commit point: until it is renamed, the previous save
     is the one that loads), then this module's files the new manifest does not name are removed."""
-    live = {r.block_id for r in snapshot.records}
+    live = {r.block_id: r.tokens for r in snapshot.records}
     files: dict[str, Any] = {}
     chunks = []
     covered: set[int] = set()
     for chunk in previous["chunks"] if previous is not None else []:
-        # Stored blocks never change; a block removed since is dropped from its chunk's list.
-        kept = [i for i in chunk["blocks"] if i in live]
+        # A block removed since is dropped from its chunk's list, and so is one the byte budget
+        # re-pruned since (its kept tokens changed: it is written again); others never change.
+        saved_tokens = chunk.get("tokens") or [None] * len(chunk["blocks"])
+        entries = [
+            (i, n) for i, n in zip(chunk["blocks"], saved_tokens, strict=True) if i in live and n in (None, live[i])
+        ]
+        kept = [i for i, _ in entries]
         if kept:
-            chunks.append({"file": chunk["file"], "blocks": kept})
+            entry: dict[str, Any] = {"file": chunk["file"], "blocks": kept}
+            if "tokens" in chunk:
+                entry["tokens"] = [n for _, n in entries]
+            chunks.append(entry)
             files[chunk["file"]] = previous["files"][chunk["file"]]  # type: ignore[index]
             covered.update(kept)
     save = manifest["save_id"][:8]
@@ -657,6 +691,11 @@ def _config_from_dict(cls: type, data: Mapping[str, Any], default: Any = None) -
     return dataclasses.replace(default, **values)
 
 
+#: Storage options a memory may be loaded with other values of: where and within how many bytes it
+#: is kept from now on (a smaller ``memory_budget`` consolidates at once), not what it holds.
+ADJUSTABLE = ("memory_budget", "ram_budget", "disk_dir")
+
+
 def load_session(
     backend: Backend,
     path: str | Path,
@@ -669,7 +708,8 @@ def load_session(
     """The session saved in ``path``, on ``backend``, answering and ingesting exactly as the saved one.
 
     ``method``, ``method_config`` and ``fps``, when given, must be the saved ones
-    (:class:`MemoryMismatchError` otherwise); by default the saved ones are used. ``config``: the
+    (:class:`MemoryMismatchError` otherwise), except the storage options in :data:`ADJUSTABLE`,
+    which a given ``method_config`` sets for the loaded memory; by default the saved ones are used. ``config``: the
     new session's settings (not saved: they change speed, never results). Raises
     :class:`MemoryFileError` for a missing, damaged, truncated or newer-version directory, and
     :class:`MemoryMismatchError` for another model (dimensions, dtype, frame layout or
@@ -704,7 +744,7 @@ def _load_session(
     saved_config = manifest["method"]["config"]
     if method_config is not None:
         current = _json_ready(config_to_dict(method_config))
-        names = _differences(saved_config, current)
+        names = [n for n in _differences(saved_config, current) if n.split(".")[0] not in ADJUSTABLE]
         if names:
             raise MemoryMismatchError(
                 f"{path}: saved with another {saved_method} config ({_describe(saved_config, current, names)})"
@@ -728,6 +768,8 @@ def _load_session(
         raise MemoryFileError(f"{path}: damaged method config ({exc})") from None
     if _differences(saved_config, _json_ready(config_to_dict(rebuilt))):
         raise MemoryFileError(f"{path}: the saved {saved_method} config has fields this mukv does not know")
+    if method_config is not None and isinstance(rebuilt, StorageOptions):
+        rebuilt = dataclasses.replace(rebuilt, **{name: getattr(method_config, name) for name in ADJUSTABLE})
     memory = create_memory(saved_method, backend, rebuilt, fps=saved_fps)
     if not isinstance(memory, BlockMemory):
         raise MemoryFileError(f"{path}: method {saved_method!r} cannot be loaded")

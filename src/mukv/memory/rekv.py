@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mukv.errors import StreamError
-from mukv.kv.blocks import BlockPayload, BlockRecord, to_device
+from mukv.kv.blocks import BlockPayload, BlockRecord, layer_to_device
 from mukv.kv.options import StorageOptions
 from mukv.kv.window import SlidingWindow
 from mukv.memory.base import AnswerContext, MemoryMethod, MemoryStats, PendingUnit, Query
@@ -218,6 +218,31 @@ class RekvMemory(BlockMemory):
             provisional=provisional,
         )
 
+    # ------------------------------------------------------------------ byte budget
+
+    def _consolidate(self, excess_bytes: int) -> None:
+        """Free at least ``excess_bytes`` by thinning the far past: evict, one at a time, the block
+        among the oldest half whose removal opens the smallest gap between its neighbours (in
+        frames; the oldest on ties), the very first block kept while others remain.
+
+        Blocks keep every token and have no per-token scores, so they are evicted whole, never
+        re-pruned (equal sizes also keep per-layer retrieval in one forward pass). On an evenly
+        filled store this evicts every other block of the oldest half; repeated, the far past
+        keeps a sparser and sparser sample of its moments instead of losing its beginning, as
+        evicting the oldest would, and the newest half is never thinned while the oldest half has
+        blocks to give."""
+        freed = 0
+        records = [r for r in self.store.records(self.store_granularity) if not r.provisional]  # time order
+        while freed < excess_bytes and records:
+            if len(records) <= 2:
+                victim = 0
+            else:
+                # Candidates 1..half-1: block i's removal leaves frames first[i-1]..first[i+1] apart.
+                half = max(2, len(records) // 2)
+                gaps = [records[i + 1].first_frame - records[i - 1].first_frame for i in range(1, half)]
+                victim = 1 + min(range(len(gaps)), key=gaps.__getitem__)
+            freed += self._evict(records.pop(victim).block_id)
+
     # ------------------------------------------------------------------ saving
 
     def _export_open(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -272,7 +297,8 @@ class RekvMemory(BlockMemory):
             empty = torch.empty(shape, device=device, dtype=self.backend.dtype)
             return empty, empty
         payloads = [self.store.payload(i) for i in ids]
-        kv = to_device([p.kv[layer] for p in payloads], dim=2, device=device)  # [2, Hkv, R, D]
+        # Quantized payloads are dequantized on ``device``: only their codes cross.
+        kv = layer_to_device(payloads, layer, device)  # [2, Hkv, R, D]
         old = torch.cat([p.positions for p in payloads], dim=1)
         new, _ = self.placed_positions(payloads, self.init_len)
         keys = self.positions.shift(kv[0], old, new)
@@ -351,7 +377,7 @@ class RekvMemory(BlockMemory):
         nbytes["window"] = self.window.nbytes
         nbytes["pending"] = sum(kv.nbytes + positions.nbytes for kv, positions in self._open_kv)
         nbytes["index"] = self.store.index_nbytes()
-        return MemoryStats(frames=self.frames, blocks=blocks, tokens=tokens, bytes=nbytes)
+        return self._block_stats(blocks, tokens, nbytes)
 
 
 @dataclass(frozen=True, kw_only=True)
