@@ -186,6 +186,8 @@ def test_model_card_of_a_stage3_run_shows_its_long_and_placed_accuracy():
     }
     card = model_card(record)
     assert "--stage3-steps 9" in card and "(stage 3 only, from run 1's final weights)" in card
+    assert "- run 2 stage 3:" in card and "- run 2 stage 2:" not in card
+    assert "--isolated-share 0.25 --placed-share 0.25 --stage3-steps 9" in card
     long_part, placed_part = card.split("Long causal clips (seed 6)")[1].split("The oracle's shape (seed 7)")
     assert "| frame | 0.75 | 0.50 |" in long_part and "| kind | 64 frames | 256 frames |" in long_part
     assert "| patch | 1.00 | 0.25 |" in placed_part

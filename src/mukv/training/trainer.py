@@ -1012,6 +1012,8 @@ def _train_command(cfg: dict, out: str, resume: str | None = None) -> str:
         parts.append("--isolated-order")
     if cfg.get("clip_targets", 1) != 3:
         parts.append(f"--clip-targets {cfg.get('clip_targets', 1)}")
+    if cfg.get("isolated_share", 0.5) != 0.5:
+        parts.append(f"--isolated-share {cfg['isolated_share']:g}")
     if cfg.get("placed_share", 0.0):
         parts.append(f"--placed-share {cfg['placed_share']:g}")
     if cfg.get("stage3_steps", 0):
@@ -1073,7 +1075,8 @@ def model_card(record: dict, *, name: str = "mukv-tiny") -> str:
             how = f"from run {k - 1}'s final weights" if final else f"from run {k - 1}'s stage-1 weights"
             which = "stage 3 only" if not run["config"]["stage2_steps"] else "stage 2 again" if final else "stage 2"
             commands.append(f"{k}. `{_train_command(run['config'], out, resume=source)}` ({which}, {how})")
-        stage2.append(f"- run {k} {_stage2_line(run['config'])}")
+        if run["config"].get("stage2_steps", 1):
+            stage2.append(f"- run {k} {_stage2_line(run['config'])}")
         if run["config"].get("stage3_steps"):
             stage2.append(f"- run {k} {_stage3_line(run['config'])}")
     if not resumed:
