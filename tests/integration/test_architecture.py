@@ -82,9 +82,11 @@ def test_every_position_comes_from_the_backends_scheme(trained, method):
     inv_freq = trained.positions.inv_freq.float()
     reference = _first_logits(trained, method, features)
     moved = _first_logits(_backend_with(trained, OffsetPositions(inv_freq, 64)), method, features)
-    assert (moved - reference).abs().max().item() < 1e-3  # logits of about 15; measured <= 1.4e-5
+    assert (moved - reference).abs().max().item() < 1e-4  # logits of about 15; measured <= 3.8e-6
     broken = _first_logits(_backend_with(trained, OffsetPositions(inv_freq, 64, text_only=True)), method, features)
-    assert (broken - reference).abs().max().item() > 1e-2  # measured >= 0.019
+    # Measured >= 2.7e-3 (ReKV, whose 64 retrieved frames barely move the question's logits; the
+    # other methods 0.3-2.3): far above what moving everything does.
+    assert (broken - reference).abs().max().item() > 1e-3
 
 
 def _new_module(tmp_path, package, name: str, source: str) -> None:
