@@ -70,6 +70,7 @@ from synthetic import (
     build_backend,
     disable_eos,
     fill_mukv,
+    meminfo_bytes,
     stats_dict,
     timed_ask,
     warm_asks,
@@ -102,16 +103,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def frames_for(minutes: float, fps: float) -> int:
     """Frames in ``minutes`` of video, in whole segments of 4 (the paper preset)."""
     return max(4, 4 * round(minutes * 60 * fps / 4))
-
-
-def meminfo_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def try_drop_caches() -> str:
@@ -189,12 +180,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for round_ in range(args.repeats):
             asks["ram"].append(timed_ask(ram, args.max_new_tokens))
             asks["disk-warm"].append(timed_ask(disk, args.max_new_tokens))
-            cached = meminfo_kib("Cached")
+            cached = meminfo_bytes("Cached")
             dropped = store.disk.drop_cache()
-            after = meminfo_kib("Cached")
+            after = meminfo_bytes("Cached")
             cold = timed_ask(disk, args.max_new_tokens)
             cold["drop_cache_accepted"] = dropped
-            cold["page_cache_dropped_bytes"] = None if cached is None or after is None else (cached - after) * 1024
+            cold["page_cache_dropped_bytes"] = None if cached is None or after is None else cached - after
             asks["disk-cold"].append(cold)
             line = ", ".join(f"{name} {asks[name][-1]['timings']['total']:.2f}" for name in SCENARIOS)
             print(f"  round {round_ + 1}: ask total s: {line}", flush=True)

@@ -556,14 +556,19 @@ def stored_blocks(session: mukv.StreamSession) -> list[EncodedBlock]:
 # --------------------------------------------------------------------------- memory and stats
 
 
-def available_memory_bytes() -> int | None:
+def meminfo_bytes(field: str) -> int | None:
+    """A ``/proc/meminfo`` field (``MemAvailable``, ``Cached``) in bytes; ``None`` where there is none."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory_bytes() -> int | None:
+    return meminfo_bytes("MemAvailable")
 
 
 def free_memory_bytes(backend: Any) -> int | None:
