@@ -109,6 +109,7 @@ def configurations(
         # Storage options: what quantized payloads and a byte budget cost in accuracy.
         "mukv kv_dtype=int8": ("mukv", {**mukv, "kv_dtype": "int8"}),
         "mukv kv_dtype=int4": ("mukv", {**mukv, "kv_dtype": "int4"}),
+        "mukv kv_dtype=int4 kv_keys=compact": ("mukv", {**mukv, "kv_dtype": "int4", "kv_keys": "compact"}),
         "rekv kv_dtype=int4": ("rekv", {"retrieve_blocks": budget_frames, "n_local": window, "kv_dtype": "int4"}),
         **{f"mukv memory_budget={size}": ("mukv", {**mukv, "memory_budget": size}) for size in STUDY_BUDGETS},
     }

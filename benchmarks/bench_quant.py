@@ -5,18 +5,20 @@ What it measures
        frames/h) of MuKV (the paper preset) and ReKV at the real LLaVA-OneVision 0.5B sizes
        (``synthetic.build_backend``: 24 layers, 2 KV heads, D 64, 196 tokens per frame; weights
        left uninitialised, nothing downloaded) in ``--dtype`` (default bfloat16: 2-byte native K/V), for
-       ``native``, ``int8`` and ``int4`` at ``kv_group`` 32, 64 and 128. The stores are filled
+       ``native``, ``int8`` and ``int4`` at ``kv_group`` 32, 64 and 128 (and ``kv_keys=compact`` at
+       int4 g64/g128 and int8 g64). The stores are filled
        synthetically once per method (``synthetic.fill_mukv`` / ``fill_rekv``: native blocks of the
        exact kept sizes adopted with ``BlockMemory.restore``) over ``--frames`` frames; each form's
        bytes are those records' bytes (positions, kept indices, scores, representatives) with the
        K/V replaced by what ``quantize_kv`` holds for them (codes, scales, minimums), so per-frame
-       figures are exact. That accounting is checked against ``stats()`` of a store filled at int4,
-       group 64 (the store quantizing on its own).
+       figures are exact. That accounting is checked against ``stats()`` of stores filled at int4,
+       group 64, with both ``kv_keys`` (the store quantizing on its own).
     2. ``error``: the relative dequantization error ``||x - dq(q(x))|| / ||x||`` (Frobenius, keys
        and values apart, summed over blocks) on the real K/V that the shipped trained checkpoint
        ``mukv-tiny`` stores for a synthetic stream (``mukv.video.streams``, ``--error-frames``
        frames): MuKV's stored blocks (paper preset; small patch blocks) and ReKV's (whole frames).
-       The row ``keys per token`` quantizes the keys like the values (no KIVI split), for reference.
+       ``KIVI`` is the default split; ``kv_keys=compact`` keeps the keys of blocks shorter than a
+       group per token; ``keys per token`` (no KIVI split) groups every block's keys per token.
     3. ``answers``: the same stream's questions asked of MuKV with native, int8 and int4 stores on
        ``mukv-tiny`` at the end of the stream: how many answers equal the native store's, and how
        many are correct.
@@ -54,14 +56,24 @@ from common import (
 from mukv.kv.quant import QUANT_BITS, quantize_kv
 from synthetic import build_backend, fill_mukv, fill_rekv
 
-KV_CONFIGS = [("native", None)] + [(dtype, group) for dtype in ("int8", "int4") for group in (32, 64, 128)]
+# (kv_dtype, kv_group, kv_keys): KIVI's split at three group sizes, and compact keys (short blocks'
+# keys per token) where they change the bytes.
+KV_CONFIGS: list[tuple[str, int | None, str]] = [
+    ("native", None, "channel"),
+    *((dtype, group, "channel") for dtype in ("int8", "int4") for group in (32, 64, 128)),
+    *(("int4", group, "compact") for group in (64, 128)),
+    ("int8", 64, "compact"),
+]
 
 
-def label(dtype: str, group: int | None) -> str:
-    return dtype if group is None else f"{dtype} g{group}"
+def label(dtype: str, group: int | None, keys: str | None = "channel") -> str:
+    name = dtype if group is None else f"{dtype} g{group}"
+    return name if keys in (None, "channel") else f"{name} kv_keys={keys}"
 
 
-def _granularity_bytes(session: mukv.StreamSession, kv_dtype: str, group: int | None) -> dict[str, int]:
+def _granularity_bytes(
+    session: mukv.StreamSession, kv_dtype: str, group: int | None, keys: str = "channel"
+) -> dict[str, int]:
     """Stored bytes by granularity of ``session``'s native blocks held as ``kv_dtype``: each
     record's bytes with its K/V replaced by what :func:`quantize_kv` holds for it (what the store
     holds when it quantizes them itself; checked once in :func:`measure_bytes`)."""
@@ -69,7 +81,7 @@ def _granularity_bytes(session: mukv.StreamSession, kv_dtype: str, group: int | 
     out: dict[str, int] = {}
     for record in store.records():
         kv = store.payload(record.block_id).kv
-        held = kv.nbytes if group is None else quantize_kv(kv, QUANT_BITS[kv_dtype], group).nbytes
+        held = kv.nbytes if group is None else quantize_kv(kv, QUANT_BITS[kv_dtype], group, keys=keys).nbytes
         out[record.granularity] = out.get(record.granularity, 0) + record.nbytes - kv.nbytes + held
     return out
 
@@ -85,21 +97,24 @@ def measure_bytes(dtype: torch.dtype, frames: int, fps: float) -> list[dict[str,
         session = mukv.StreamSession(backend, method, fps=fps)
         fill(session, 0, frames, interval, seed=0)
         tokens = sum(r.tokens for r in session.memory.store.records())
-        # The store's own accounting for one quantized form: a store filled at int4, group 64.
-        check = mukv.StreamSession(backend, method, overrides={"kv_dtype": "int4", "kv_group": 64}, fps=fps)
-        fill(check, 0, frames, interval, seed=0)
-        reported = check.memory.stats().bytes
-        computed = _granularity_bytes(session, "int4", 64)
-        if any(reported[g] != b for g, b in computed.items()):
-            raise AssertionError(f"{method}: stats() reports {reported}, computed {computed}")
-        for kv_dtype, group in KV_CONFIGS:
-            by_granularity = _granularity_bytes(session, kv_dtype, group)
+        # The store's own accounting: stores filled at int4, group 64, with each key grouping.
+        for keys in ("channel", "compact"):
+            overrides = {"kv_dtype": "int4", "kv_group": 64, "kv_keys": keys}
+            check = mukv.StreamSession(backend, method, overrides=overrides, fps=fps)
+            fill(check, 0, frames, interval, seed=0)
+            reported = check.memory.stats().bytes
+            computed = _granularity_bytes(session, "int4", 64, keys)
+            if any(reported[g] != b for g, b in computed.items()):
+                raise AssertionError(f"{method} {keys}: stats() reports {reported}, computed {computed}")
+        for kv_dtype, group, keys in KV_CONFIGS:
+            by_granularity = _granularity_bytes(session, kv_dtype, group, keys)
             stored = sum(by_granularity.values())
             rows.append(
                 {
                     "method": method,
                     "kv_dtype": kv_dtype,
                     "kv_group": group,
+                    "keys": keys,
                     "frames": frames,
                     "tokens_per_frame": tokens / frames,
                     "bytes_per_frame": stored / frames,
@@ -107,21 +122,22 @@ def measure_bytes(dtype: torch.dtype, frames: int, fps: float) -> list[dict[str,
                     "bytes_per_hour": stored / frames * fps * 3600,
                 }
             )
-            print(f"  {method} {label(kv_dtype, group)}: {rows[-1]['bytes_per_hour'] / 1e9:.3f} GB/h", flush=True)
+            print(f"  {method} {label(kv_dtype, group, keys)}: {rows[-1]['bytes_per_hour'] / 1e9:.3f} GB/h", flush=True)
     return rows
 
 
-def _relative(blocks: list[torch.Tensor], bits: int, group: int, *, split: bool) -> dict[str, float]:
-    """Relative Frobenius error of keys and values over ``blocks`` ``[L, 2, Hkv, n, D]``."""
+# Key groupings compared (``quantize_kv``'s ``keys``): KIVI's split, compact keys (``kv_keys``), and
+# every block's keys per token (no split).
+SPLITS = {"KIVI": "channel", "KIVI, kv_keys=compact": "compact", "keys per token": "token"}
+
+
+def _relative(blocks: list[torch.Tensor], bits: int, group: int, *, keys: str) -> dict[str, float]:
+    """Relative Frobenius error of keys and values over ``blocks`` ``[L, 2, Hkv, n, D]`` with the
+    key grouping ``keys``."""
     err = {"keys": 0.0, "values": 0.0}
     norm = {"keys": 0.0, "values": 0.0}
     for kv in blocks:
-        if split:
-            dq = quantize_kv(kv, bits, group).dequantize()
-        else:
-            # The keys in the values' slot: quantized per token like the values.
-            swapped = quantize_kv(kv.flip(1).contiguous(), bits, group).dequantize().flip(1)
-            dq = torch.stack((swapped[:, 0], kv[:, 1]), dim=1)
+        dq = quantize_kv(kv, bits, group, keys=keys).dequantize()
         for i, name in enumerate(("keys", "values")):
             err[name] += float((dq[:, i].double() - kv[:, i].double()).pow(2).sum())
             norm[name] += float(kv[:, i].double().pow(2).sum())
@@ -143,29 +159,19 @@ def measure_error(frames: int) -> tuple[list[dict[str, Any]], list[dict[str, Any
         stored[method] = [store.payload(r.block_id).dense() for r in store.records()]
         sizes = [kv.shape[3] for kv in stored[method]]
         for bits in (8, 4):
-            for group in (32, 64, 128):
-                errors.append(
-                    {
-                        "method": method,
-                        "bits": bits,
-                        "kv_group": group,
-                        "split": "KIVI",
-                        "blocks": len(sizes),
-                        "mean_tokens": float(np.mean(sizes)),
-                        **_relative(stored[method], bits, group, split=True),
-                    }
-                )
-            errors.append(
-                {
-                    "method": method,
-                    "bits": bits,
-                    "kv_group": 64,
-                    "split": "keys per token",
-                    "blocks": len(sizes),
-                    "mean_tokens": float(np.mean(sizes)),
-                    **_relative(stored[method], bits, 64, split=False),
-                }
-            )
+            for split, keys in SPLITS.items():
+                for group in (32, 64, 128) if keys == "channel" else (64,):
+                    errors.append(
+                        {
+                            "method": method,
+                            "bits": bits,
+                            "kv_group": group,
+                            "split": split,
+                            "blocks": len(sizes),
+                            "mean_tokens": float(np.mean(sizes)),
+                            **_relative(stored[method], bits, group, keys=keys),
+                        }
+                    )
     answers = []
     reference: dict[str, str] = {}
     for kv_dtype in ("native", "int8", "int4"):
@@ -213,7 +219,7 @@ def _bytes_section(record: dict[str, Any]) -> list[str]:
         rows.append(
             [
                 row["method"],
-                label(row["kv_dtype"], row["kv_group"]),
+                label(row["kv_dtype"], row["kv_group"], row.get("keys")),
                 f"{row['tokens_per_frame']:.2f}",
                 f"{row['bytes_per_frame'] / 1e3:.1f}",
                 parts,
@@ -235,8 +241,8 @@ def _error_section(record: dict[str, Any]) -> list[str]:
             e["split"],
             f"{e['blocks']} ({e['mean_tokens']:.1f})",
             f"{e['keys']:.4f}",
-            # The reference row quantizes the keys only.
-            f"{e['values']:.4f}" if e["split"] == "KIVI" else "(not quantized)",
+            # Older records' "keys per token" row left the values unquantized (error exactly 0).
+            f"{e['values']:.4f}" if e["values"] > 0 else "(not quantized)",
         ]
         for e in record["error"]
     ]
@@ -281,7 +287,7 @@ def main() -> None:
     table = [
         [
             r["method"],
-            label(r["kv_dtype"], r["kv_group"]),
+            label(r["kv_dtype"], r["kv_group"], r["keys"]),
             f"{r['bytes_per_frame'] / 1e3:.1f}",
             f"{r['bytes_per_hour'] / 1e9:.3f}",
         ]

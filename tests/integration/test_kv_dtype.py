@@ -48,12 +48,15 @@ def test_overrides_set_and_check_the_storage_options():
         apply_overrides(MukvConfig(), {"kv_dtype": "int3"})
     with pytest.raises(ValueError, match="kv_group"):
         apply_overrides(RekvConfig(), {"kv_group": 1})
+    assert apply_overrides(MukvConfig(), {"kv_keys": "compact"}).kv_keys == "compact"
+    with pytest.raises(ValueError, match="kv_keys"):
+        apply_overrides(RekvConfig(), {"kv_keys": "token"})
 
 
 @pytest.mark.parametrize(
     ("method", "extra"),
-    [("mukv", {}), ("mukv", {"order": "temporal"}), ("rekv", {})],
-    ids=["mukv", "mukv-temporal", "rekv"],
+    [("mukv", {}), ("mukv", {"order": "temporal"}), ("mukv", {"kv_keys": "compact"}), ("rekv", {})],
+    ids=["mukv", "mukv-temporal", "mukv-compact", "rekv"],
 )
 def test_int8_answers_from_the_dequantized_blocks(backend, method, extra):
     """Every stored and provisional block is held as int8 codes; the answer equals, logit for
@@ -106,11 +109,14 @@ def test_native_stores_what_was_computed(backend, method, monkeypatch):
     assert before.token_ids == answer.token_ids and torch.equal(before.first_logits, answer.first_logits)
 
 
-def _expected_kv_bytes(shape, bits: int, group: int, scale_bytes: int) -> int:
+def _expected_kv_bytes(shape, bits: int, group: int, scale_bytes: int, compact: bool = False) -> int:
     layers, _, heads, n, dim = shape
     count = heads * n * dim
     codes = layers * 2 * (count if bits == 8 else math.ceil(count / 2))
-    groups = math.ceil(n / group) * dim + n * math.ceil(dim / min(group, dim))  # per layer and head
+    per_token = n * math.ceil(dim / min(group, dim))  # value groups per layer and head
+    groups = math.ceil(n / group) * dim + per_token  # keys per channel (KIVI)
+    if compact and 0 < n < group and per_token < dim:
+        groups = 2 * per_token  # kv_keys="compact": a short block's keys per token too
     return codes + 2 * scale_bytes * layers * heads * groups
 
 
@@ -119,6 +125,7 @@ def test_stats_count_the_quantized_bytes(backend, method):
     frames = make_frames(8, seed=8)
     native = session_with(backend, method, frames)
     sessions = {dtype: session_with(backend, method, frames, kv_dtype=dtype) for dtype in ("int8", "int4")}
+    compact = session_with(backend, method, frames, kv_dtype="int4", kv_keys="compact")
     element = backend.dtype.itemsize
     scale_bytes = 2 if element == 2 else 4
     native_kv = sum(native.memory.store.payload(r.block_id).kv.nbytes for r in native.memory.store.records())
@@ -135,15 +142,32 @@ def test_stats_count_the_quantized_bytes(backend, method):
             held += kv_bytes
         blocks = {g: n for g, n in session.stats().bytes.items() if g in {"patch", "frame", "segment", "block"}}
         assert sum(blocks.values()) == sum(r.nbytes for r in store.records())
+        assert all(store.payload(r.block_id).kv.keys == "channel" for r in store.records())
         held_by[dtype] = held
-    # The tiny model's blocks are small (MuKV keeps single-token patch blocks, D is 16): a scale and
-    # a minimum per key channel weigh more than at real sizes (see tests/unit/test_quant.py).
+    # kv_keys="compact": blocks shorter than a group whose per-token statistics are fewer numbers
+    # (at D 16: fewer than 16 tokens) hold their keys per token, and fewer bytes.
+    store = compact.memory.store
+    held = 0
+    layouts = set()
+    for record in store.records():
+        payload = store.payload(record.block_id)
+        _, _, _, n, dim = payload.kv.shape
+        assert payload.kv.keys == ("token" if n < dim else "channel")
+        layouts.add(payload.kv.keys)
+        held += _expected_kv_bytes(payload.kv.shape, 4, 64, scale_bytes, compact=True)
+    # MuKV's patch and frame blocks are short; ReKV's blocks are whole 16-token frames.
+    assert ("token" in layouts) == (method == "mukv")
+    assert held == sum(store.payload(r.block_id).kv.nbytes for r in store.records())
+    assert held < held_by["int4"] if method == "mukv" else held == held_by["int4"]
+    # The tiny model's blocks are small (MuKV keeps single-token patch blocks, D is 16): scales and
+    # minimums weigh more than at real sizes (see tests/unit/test_quant.py).
     assert held_by["int4"] < held_by["int8"] < native_kv
 
 
-def test_int4_memory_saves_and_loads_with_the_same_answer(backend, tmp_path):
+@pytest.mark.parametrize("kv_keys", ["channel", "compact"])
+def test_int4_memory_saves_and_loads_with_the_same_answer(backend, tmp_path, kv_keys):
     frames = make_frames(9, seed=9)
-    saved = session_with(backend, "mukv", frames, kv_dtype="int4", kv_group=8)
+    saved = session_with(backend, "mukv", frames, kv_dtype="int4", kv_group=8, kv_keys=kv_keys)
     saved.save(tmp_path / "mem")
     manifest = read_manifest(tmp_path / "mem")
     count = len(saved.memory.saved_blocks())
@@ -155,6 +179,8 @@ def test_int4_memory_saves_and_loads_with_the_same_answer(backend, tmp_path):
         entry = json.loads(handle.metadata()["blocks"])[0]
     assert "kv" not in names and {"kv.codes", "kv.k_scale", "kv.k_min", "kv.v_scale", "kv.v_min"} <= names
     assert entry["kv_form"]["bits"] == 4 and entry["kv_form"]["group"] == 8
+    layouts = {saved.memory.store.payload(r.block_id).kv.keys for r in saved.memory.saved_blocks()}
+    assert layouts == ({"channel"} if kv_keys == "channel" else {"channel", "token"})
     loaded = StreamSession.load(backend, tmp_path / "mem")
     for record in saved.memory.saved_blocks():
         a, b = saved.memory.store.payload(record.block_id).kv, loaded.memory.store.payload(record.block_id).kv

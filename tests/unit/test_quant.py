@@ -1,6 +1,7 @@
 """Quantized K/V payloads (``mukv.kv.quant``): the KIVI split (keys per channel over ``group``
-tokens, values per token over ``min(group, D)`` channels), the error bound of min/max
-quantization, int4 packing, exact save/restore of the held tensors, and the bytes held."""
+tokens, values per token over ``min(group, D)`` channels; with ``keys="compact"``, keys per token
+in blocks shorter than a group), the error bound of min/max quantization, int4 packing, exact save/restore of the held
+tensors, and the bytes held."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mukv.kv.quant import (
     QuantizedKV,
     _pack4,
     _unpack4,
+    keys_per_token,
     move_quantized,
     quantize_kv,
     scale_dtype,
@@ -33,11 +35,12 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _group_bounds(q: QuantizedKV) -> tuple[torch.Tensor, torch.Tensor]:
     """Each element's ``scale / 2`` ``[L, 2, Hkv, n, D]`` (float32), from the reference grouping:
-    keys by ``token // group`` at every channel, values by ``channel // min(group, D)`` at every token."""
+    keys by ``token // group`` at every channel (by ``channel // min(group, D)`` at every token in
+    the per-token layout), values by ``channel // min(group, D)`` at every token."""
     _, _, _, n, dim = q.shape
     tokens = torch.arange(n) // q.group
     channels = torch.arange(dim) // min(q.group, dim)
-    keys = q.k_scale.float()[:, :, tokens, :]
+    keys = q.k_scale.float()[..., channels] if q.keys == "token" else q.k_scale.float()[:, :, tokens, :]
     values = q.v_scale.float()[:, :, :, channels]
     return torch.stack((keys, values), dim=1) / 2, tokens
 
@@ -91,6 +94,53 @@ def test_groups_are_keys_per_channel_and_values_per_token(dtype, bits):
     assert bool((q.v_scale.float() >= (high - low) / levels).all())
 
 
+@pytest.mark.parametrize(
+    ("n", "dim", "group", "per_token"),
+    [
+        (4, 64, 64, True),  # a MuKV patch block: 4 numbers a head instead of 64
+        (63, 64, 64, True),
+        (64, 64, 64, False),  # one whole group: per channel, as KIVI
+        (65, 64, 64, False),  # a short last group does not switch a long block
+        (20, 64, 32, True),  # 40 per-token numbers (two channel groups) < 64
+        (31, 64, 16, False),  # fills groups of 16 tokens
+        (100, 64, 128, False),  # shorter than the group, but 100 per-token numbers > 64 per-channel
+        (0, 64, 64, False),
+    ],
+)
+def test_compact_keys_choose_the_layout_with_fewer_numbers(n, dim, group, per_token):
+    assert keys_per_token(n, dim, group) is per_token
+    kv = torch.randn((1, 2, 2, n, dim), generator=torch.Generator().manual_seed(n))
+    assert quantize_kv(kv, 4, group, keys="compact").keys == ("token" if per_token else "channel")
+    # KIVI's split (the default) and a forced layout do not depend on the block's length.
+    assert quantize_kv(kv, 4, group).keys == "channel"
+    assert quantize_kv(kv, 4, group, keys="token").keys == "token"
+    with pytest.raises(ValueError, match="keys must be one of"):
+        quantize_kv(kv, 4, group, keys="short")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", (8, 4))
+def test_compact_short_blocks_group_keys_per_token(dtype, bits):
+    """``keys="compact"``, a block shorter than a group: its keys are grouped like its values (per
+    token, over ``min(group, D)`` channels), minimums exact, scales covering each group; fewer bytes
+    held than per-channel statistics take."""
+    group = 64
+    kv = torch.randn((2, 2, 2, 5, 24), generator=torch.Generator().manual_seed(11)).to(dtype)
+    kv[:, 0, :, :, 3] *= 50  # an outlier channel: per-token groups share it with the others
+    q = quantize_kv(kv, bits, group, keys="compact")
+    assert q.keys == "token" and q.k_scale.shape == (2, 2, 5, 1)
+    levels = 2**bits - 1
+    low, high = _reference_extremes(kv[:, 0].float(), 3, group)
+    assert torch.equal(q.k_min.float(), low)
+    assert bool((q.k_scale.float() >= (high - low) / levels).all())
+    _assert_within_bound(kv, q)
+    scale_bytes = 2 if dtype != torch.float32 else 4
+    assert q.nbytes == _expected_nbytes(kv.shape, bits, group, scale_bytes, keys="token")
+    per_channel = quantize_kv(kv, bits, group)
+    assert per_channel.nbytes == _expected_nbytes(kv.shape, bits, group, scale_bytes)
+    assert q.nbytes < per_channel.nbytes
+
+
 @pytest.mark.parametrize("bits", (8, 4))
 def test_an_outlier_channel_costs_only_its_own_keys(bits):
     """Keys with one channel 100x larger (what per-channel grouping is for): the other channels'
@@ -123,7 +173,7 @@ def test_constant_groups_and_single_tokens_are_exact(bits):
     assert torch.equal(dense[:, 0, :, 64:, 3], kv[:, 0, :, 64:, 3])
     assert torch.equal(dense[:, 1, :, 10], kv[:, 1, :, 10])
     assert bool((q.k_scale[:, :, 0] == 0).all())
-    # One token: every key group holds one element, read back exactly.
+    # One token: every key group (per channel) holds one element, read back exactly.
     single = kv[:, :, :, :1].contiguous()
     assert torch.equal(quantize_kv(single, bits, 64).dequantize()[:, 0], single[:, 0])
 
@@ -206,15 +256,31 @@ def test_tensors_round_trip_and_map():
         QuantizedKV.from_tensors({**tensors, "k_scale": tensors["k_scale"][:, :1]}, q.meta())
     with pytest.raises(ValueError, match="bits"):
         QuantizedKV.from_tensors(tensors, {**q.meta(), "bits": 3})
+    # Written before the key layout was recorded: per channel.
+    old = {k: v for k, v in q.meta().items() if k != "keys"}
+    assert QuantizedKV.from_tensors(tensors, old).keys == "channel"
+    with pytest.raises(ValueError, match="key layout"):
+        QuantizedKV.from_tensors(tensors, {**q.meta(), "keys": "diagonal"})
+    # A per-token payload round-trips with its layout; read as per channel, its shapes disagree.
+    short = quantize_kv(kv[:, :, :, :3].contiguous(), 4, 8, keys="compact")
+    assert short.keys == "token"
+    short_tensors = {name: t.clone() for name, t in short.tensors().items()}
+    back = QuantizedKV.from_tensors(short_tensors, short.meta())
+    assert back.keys == "token" and torch.equal(back.dequantize(), short.dequantize())
+    with pytest.raises(ValueError, match="k_scale"):
+        QuantizedKV.from_tensors(short_tensors, {**short.meta(), "keys": "channel"})
 
 
-def _expected_nbytes(shape, bits: int, group: int, scale_bytes: int) -> int:
+def _expected_nbytes(shape, bits: int, group: int, scale_bytes: int, keys: str = "channel") -> int:
     """Codes (per layer and K/V: ``Hkv*n*D`` bytes at 8 bits, half of it rounded up at 4), plus a
-    scale and a minimum per key group ``[L, Hkv, ceil(n/G), D]`` and per value group ``[L, Hkv, n, ceil(D/G')]``."""
+    scale and a minimum per key group (``[L, Hkv, ceil(n/G), D]``, or ``[L, Hkv, n, ceil(D/G')]``
+    for keys per token) and per value group ``[L, Hkv, n, ceil(D/G')]``."""
     layers, _, heads, n, dim = shape
     count = heads * n * dim
     codes = layers * 2 * (count if bits == 8 else math.ceil(count / 2))
-    groups = layers * heads * (math.ceil(n / group) * dim + n * math.ceil(dim / min(group, dim)))
+    per_token = n * math.ceil(dim / min(group, dim))
+    key_groups = per_token if keys == "token" else math.ceil(n / group) * dim
+    groups = layers * heads * (key_groups + per_token)
     return codes + 2 * groups * scale_bytes
 
 

@@ -4,7 +4,8 @@ They decide how stored blocks are held, not which blocks exist or how they are c
 
 - ``kv_dtype``: payloads kept as computed (``native``) or quantized to ``int8`` / ``int4``
   (keys per channel, values per token, in groups of ``kv_group``; the KIVI split), dequantized
-  on the model's device when a cache is assembled;
+  on the model's device when a cache is assembled; ``kv_keys="compact"`` groups the keys of blocks
+  shorter than a group per token too (fewer bytes, more key error; see :mod:`mukv.kv.quant`);
 - ``memory_budget``: the most bytes stored blocks may hold; beyond it the method's documented
   consolidation policy compresses or evicts (``None``: unbounded);
 - ``ram_budget``: the most payload bytes held in RAM; older payloads beyond it move to
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import NewType
 
 KV_DTYPES = ("native", "int8", "int4")
+KV_KEYS = ("channel", "compact")
 
 #: A byte count: typed as an ``int``; :func:`parse_bytes` reads strings with units.
 ByteSize = NewType("ByteSize", int)
@@ -72,6 +74,8 @@ class StorageOptions:
     # Elements sharing one scale and offset: keys per channel over this many tokens, values per
     # token over this many channels (clipped to the head dimension).
     kv_group: int = 64
+    # Keys of blocks shorter than a group: per channel (KIVI) or, "compact", per token.
+    kv_keys: str = "channel"
     memory_budget: ByteSize | None = None
     ram_budget: ByteSize | None = None
     disk_dir: str | None = None
@@ -81,6 +85,8 @@ class StorageOptions:
             raise ValueError(f"kv_dtype: must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if isinstance(self.kv_group, bool) or not isinstance(self.kv_group, int) or self.kv_group < 2:
             raise ValueError(f"kv_group: must be an integer >= 2, got {self.kv_group!r}")
+        if self.kv_keys not in KV_KEYS:
+            raise ValueError(f"kv_keys: must be one of {', '.join(KV_KEYS)}, got {self.kv_keys!r}")
         for name in ("memory_budget", "ram_budget"):
             value = getattr(self, name)
             if value is not None:

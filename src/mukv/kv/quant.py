@@ -9,6 +9,17 @@ multiple of ``group``, the last channels when ``D`` is not a multiple of the gro
 group: its scale and minimum come from its own elements only; nothing is padded in what is stored
 (but the last nibble of an odd count of int4 codes).
 
+With ``keys="compact"`` (the ``kv_keys`` storage option), a block shorter than a group stores its
+**keys per token** too, like its values. Per-channel statistics cost ``ceil(n / group) * D``
+numbers per head however few tokens share them, so for the short blocks of fine-grained memories
+(MuKV's patch blocks keep about four tokens at real sizes, its frame blocks about twenty) they
+weigh as much as the codes they scale; per-token statistics cost ``n * ceil(D / min(group, D))``.
+Keys are grouped per token when the block does not fill one group of tokens and per-token
+statistics are the fewer numbers (:func:`keys_per_token`). The price is accuracy: per-token key
+groups share a scale with outlier channels (about twice the key error of per-channel groups at
+int4 on ``mukv-tiny``'s stored K/V; ``benchmarks/bench_quant.py``), which is why the default
+(``keys="channel"``) keeps KIVI's split in every block. The layout is part of :meth:`QuantizedKV.meta`.
+
 Each element ``x`` of a group with minimum ``m`` and scale ``s`` is stored as the code
 ``c = round((x - m) / s)`` in ``0 .. 2**bits - 1`` and read back as ``m + c * s``, so the error is
 at most ``s / 2`` (plus the rounding of the read-back value to the source dtype). A constant group
@@ -31,13 +42,27 @@ from typing import Any
 
 import torch
 
-__all__ = ["QUANT_BITS", "TENSOR_NAMES", "QuantizedKV", "move_quantized", "quantize_kv"]
+__all__ = [
+    "KEY_LAYOUTS",
+    "KEY_POLICIES",
+    "QUANT_BITS",
+    "TENSOR_NAMES",
+    "QuantizedKV",
+    "key_layout",
+    "keys_per_token",
+    "move_quantized",
+    "quantize_kv",
+]
 
 #: Bits of each quantized ``kv_dtype``.
 QUANT_BITS = {"int8": 8, "int4": 4}
 
 #: Names of the tensors a :class:`QuantizedKV` holds (:meth:`QuantizedKV.tensors`).
 TENSOR_NAMES = ("codes", "k_scale", "k_min", "v_scale", "v_min")
+#: How a payload's keys are grouped: over ``group`` tokens of one channel, or over channels of one token.
+KEY_LAYOUTS = ("channel", "token")
+#: ``keys`` of :func:`quantize_kv`: a layout for every block, or ``"compact"`` (chosen per block).
+KEY_POLICIES = ("channel", "compact", "token")
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 # Byte alignment of each tensor inside a batched transfer buffer (a view as a wider dtype needs it).
 _ALIGN = 16
@@ -126,13 +151,21 @@ def _group_extremes(x: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor
     return grouped.amin(dim=dim + 1), grouped.amax(dim=dim + 1)
 
 
+def keys_per_token(n: int, dim: int, group: int) -> bool:
+    """Whether the keys of a block of ``n`` tokens of ``dim`` channels are grouped per token: the
+    block is shorter than one group and per-token statistics are fewer numbers than per-channel
+    ones (see the module docstring)."""
+    return 0 < n < group and n * -(-dim // max(min(group, dim), 1)) < dim
+
+
 @dataclass(frozen=True, eq=False)
 class QuantizedKV:
     """A block's K/V ``[L, 2, Hkv, n, D]`` quantized (see the module docstring).
 
     ``codes``: ``[L, 2, M]`` uint8, each layer's keys then values flattened ``[Hkv, n, D]``
     (``M = Hkv * n * D`` for 8 bits, ``ceil(Hkv * n * D / 2)`` for 4 bits: two codes a byte);
-    ``k_scale``/``k_min``: ``[L, Hkv, ceil(n / group), D]`` (per channel, over ``group`` tokens);
+    ``k_scale``/``k_min``: ``[L, Hkv, ceil(n / group), D]`` (``keys == "channel"``: per channel,
+    over ``group`` tokens) or ``[L, Hkv, n, ceil(D / min(group, D))]`` (``keys == "token"``);
     ``v_scale``/``v_min``: ``[L, Hkv, n, ceil(D / min(group, D))]`` (per token, over channels).
     ``shape`` and ``dtype`` are those of the dense tensor it stands for.
     """
@@ -146,6 +179,7 @@ class QuantizedKV:
     group: int
     shape: torch.Size
     dtype: torch.dtype
+    keys: str = "channel"
 
     @property
     def form(self) -> str:
@@ -166,8 +200,15 @@ class QuantizedKV:
         return {name: getattr(self, name) for name in TENSOR_NAMES}
 
     def meta(self) -> dict[str, Any]:
-        """JSON-ready description besides the tensors: ``bits``, ``group``, dense ``shape`` and ``dtype``."""
-        return {"bits": self.bits, "group": self.group, "shape": list(self.shape), "dtype": _dtype_name(self.dtype)}
+        """JSON-ready description besides the tensors: ``bits``, ``group``, dense ``shape`` and ``dtype``,
+        the ``keys`` layout."""
+        return {
+            "bits": self.bits,
+            "group": self.group,
+            "shape": list(self.shape),
+            "dtype": _dtype_name(self.dtype),
+            "keys": self.keys,
+        }
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> QuantizedKV:
@@ -179,8 +220,19 @@ class QuantizedKV:
         if len(shape) != 5 or shape[1] != 2:
             raise ValueError(f"quantized kv: dense shape {list(shape)} is not [L, 2, Hkv, n, D]")
         dtype = _dtype_of(str(meta["dtype"]))
-        out = cls(**{name: tensors[name] for name in TENSOR_NAMES}, bits=bits, group=group, shape=shape, dtype=dtype)
-        expected = _expected_shapes(shape, bits, group)
+        # Payloads written before per-token keys existed have no "keys": they are all per channel.
+        keys = str(meta.get("keys", "channel"))
+        if keys not in KEY_LAYOUTS:
+            raise ValueError(f"quantized kv: unknown key layout {keys!r}")
+        out = cls(
+            **{name: tensors[name] for name in TENSOR_NAMES},
+            bits=bits,
+            group=group,
+            shape=shape,
+            dtype=dtype,
+            keys=keys,
+        )
+        expected = _expected_shapes(shape, bits, group, keys)
         for name, want in expected.items():
             got = tuple(out.tensors()[name].shape)
             if got != want:
@@ -223,9 +275,12 @@ class QuantizedKV:
         count = heads * n * dim
         codes = source.codes if self.bits == 8 else _unpack4(source.codes, count)
         codes = codes.reshape(layers, 2, heads, n, dim).to(work)
-        tokens = torch.arange(n, device=device) // self.group
         channels = torch.arange(dim, device=device) // min(self.group, dim)
-        keys = codes[:, 0] * source.k_scale[:, :, tokens].to(work) + source.k_min[:, :, tokens].to(work)
+        if self.keys == "token":
+            keys = codes[:, 0] * source.k_scale[..., channels].to(work) + source.k_min[..., channels].to(work)
+        else:
+            tokens = torch.arange(n, device=device) // self.group
+            keys = codes[:, 0] * source.k_scale[:, :, tokens].to(work) + source.k_min[:, :, tokens].to(work)
         values = codes[:, 1] * source.v_scale[..., channels].to(work) + source.v_min[..., channels].to(work)
         if out is None:
             dense = torch.stack((keys, values), dim=1).to(self.dtype)
@@ -236,23 +291,35 @@ class QuantizedKV:
         return out
 
 
-def _expected_shapes(shape: Sequence[int], bits: int, group: int) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(shape: Sequence[int], bits: int, group: int, keys: str) -> dict[str, tuple[int, ...]]:
     layers, _, heads, n, dim = shape
     count = heads * n * dim
     per_kind = count if bits == 8 else -(-count // 2)
     channel_groups = -(-dim // min(group, dim)) if dim else 0
+    k_shape = (layers, heads, n, channel_groups) if keys == "token" else (layers, heads, -(-n // group), dim)
     return {
         "codes": (layers, 2, per_kind),
-        "k_scale": (layers, heads, -(-n // group), dim),
-        "k_min": (layers, heads, -(-n // group), dim),
+        "k_scale": k_shape,
+        "k_min": k_shape,
         "v_scale": (layers, heads, n, channel_groups),
         "v_min": (layers, heads, n, channel_groups),
     }
 
 
-def quantize_kv(kv: torch.Tensor, bits: int, group: int) -> QuantizedKV:
+def key_layout(keys: str, n: int, dim: int, group: int) -> str:
+    """The layout (``"channel"`` or ``"token"``) the key policy ``keys`` gives a block of ``n`` tokens."""
+    if keys not in KEY_POLICIES:
+        raise ValueError(f"quantize_kv: keys must be one of {', '.join(KEY_POLICIES)}, got {keys!r}")
+    if keys == "compact":
+        return "token" if keys_per_token(n, dim, group) else "channel"
+    return keys
+
+
+def quantize_kv(kv: torch.Tensor, bits: int, group: int, *, keys: str = "channel") -> QuantizedKV:
     """``kv [L, 2, Hkv, n, D]`` quantized to ``bits`` (8 or 4) in groups of ``group`` (see the
-    module docstring), computed where ``kv`` is."""
+    module docstring), computed where ``kv`` is. ``keys``: ``"channel"`` (KIVI's split),
+    ``"compact"`` (per token in blocks shorter than a group, :func:`keys_per_token`) or ``"token"``
+    (every block; for comparisons)."""
     if bits not in (4, 8):
         raise ValueError(f"quantize_kv: bits must be 8 or 4, got {bits}")
     if group < 1:
@@ -264,22 +331,28 @@ def quantize_kv(kv: torch.Tensor, bits: int, group: int) -> QuantizedKV:
     layers, _, _, n, dim = kv.shape
     levels = 2**bits - 1
     stored, work = scale_dtype(kv.dtype), _work_dtype(kv.dtype)
+    layout = key_layout(keys, n, dim, group)
     if n == 0 or dim == 0:
-        empty = _expected_shapes(kv.shape, bits, group)
+        empty = _expected_shapes(kv.shape, bits, group, layout)
         tensors = {
             name: torch.zeros(s, dtype=torch.uint8 if name == "codes" else stored, device=kv.device)
             for name, s in empty.items()
         }
-        return QuantizedKV(**tensors, bits=bits, group=group, shape=kv.shape, dtype=kv.dtype)
+        return QuantizedKV(**tensors, bits=bits, group=group, shape=kv.shape, dtype=kv.dtype, keys=layout)
     keys, values = kv[:, 0].to(work), kv[:, 1].to(work)  # [L, Hkv, n, D]
-    # Keys per channel: groups of ``group`` tokens.
-    k_min, k_scale = _grid(*_group_extremes(keys, 2, group), levels, stored)  # [L, Hkv, gk, D]
-    tokens = torch.arange(n, device=kv.device) // group
-    k_codes = _codes(keys, k_min[:, :, tokens], k_scale[:, :, tokens], levels)
-    # Values per token: groups of ``min(group, D)`` channels.
     width = min(group, dim)
-    v_min, v_scale = _grid(*_group_extremes(values, 3, width), levels, stored)  # [L, Hkv, n, gd]
     channels = torch.arange(dim, device=kv.device) // width
+    if layout == "token":
+        # Keys of a block shorter than a group: per token, like the values.
+        k_min, k_scale = _grid(*_group_extremes(keys, 3, width), levels, stored)  # [L, Hkv, n, gd]
+        k_codes = _codes(keys, k_min[..., channels], k_scale[..., channels], levels)
+    else:
+        # Keys per channel: groups of ``group`` tokens.
+        k_min, k_scale = _grid(*_group_extremes(keys, 2, group), levels, stored)  # [L, Hkv, gk, D]
+        tokens = torch.arange(n, device=kv.device) // group
+        k_codes = _codes(keys, k_min[:, :, tokens], k_scale[:, :, tokens], levels)
+    # Values per token: groups of ``min(group, D)`` channels.
+    v_min, v_scale = _grid(*_group_extremes(values, 3, width), levels, stored)  # [L, Hkv, n, gd]
     v_codes = _codes(values, v_min[..., channels], v_scale[..., channels], levels)
     codes = torch.stack((k_codes, v_codes), dim=1).reshape(layers, 2, -1)
     if bits == 4:
@@ -294,6 +367,7 @@ def quantize_kv(kv: torch.Tensor, bits: int, group: int) -> QuantizedKV:
         group=group,
         shape=kv.shape,
         dtype=kv.dtype,
+        keys=layout,
     )
 
 

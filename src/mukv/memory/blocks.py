@@ -38,7 +38,7 @@ from mukv.kv.blocks import BlockPayload, BlockRecord, BlockStore
 from mukv.kv.cache import GrowingLayer, cache_of
 from mukv.kv.disk import DiskTier
 from mukv.kv.options import StorageOptions
-from mukv.kv.quant import QUANT_BITS, QuantizedKV, move_quantized, quantize_kv
+from mukv.kv.quant import QUANT_BITS, QuantizedKV, key_layout, move_quantized, quantize_kv
 from mukv.memory.base import MemoryMethod, MemoryStats, PendingUnit, RetrievedBlock
 
 
@@ -152,10 +152,12 @@ class BlockMemory(MemoryMethod):
         kv = payload.kv
         if config.kv_dtype == "native":
             return payload if not isinstance(kv, QuantizedKV) else dataclasses.replace(payload, kv=payload.dense())
-        bits = QUANT_BITS[config.kv_dtype]
-        if isinstance(kv, QuantizedKV) and kv.bits == bits and kv.group == config.kv_group:
-            return payload
-        return dataclasses.replace(payload, kv=quantize_kv(payload.dense(), bits, config.kv_group))
+        bits, group = QUANT_BITS[config.kv_dtype], config.kv_group
+        if isinstance(kv, QuantizedKV) and kv.bits == bits and kv.group == group:
+            _, _, _, n, dim = kv.shape
+            if kv.keys == key_layout(config.kv_keys, n, dim, group):
+                return payload
+        return dataclasses.replace(payload, kv=quantize_kv(payload.dense(), bits, group, keys=config.kv_keys))
 
     def ingest(self, features: torch.Tensor, timestamps: np.ndarray, stamps: Sequence[float] | None = None) -> None:
         """Add frames (see :meth:`MemoryMethod.ingest`); provisional blocks are dropped first."""
