@@ -20,6 +20,7 @@ import time
 import types
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -403,6 +404,58 @@ def test_deleting_a_stream_frees_its_memory(client, streams):
     assert session() is None
     labels = metric_samples(client.get("/metrics").text, "mukv_stream_memory_bytes")
     assert all(dict(key)["stream"] != stream_id for key in labels)
+
+
+# A memory whose stored payloads spill to the disk tier after the first frame.
+SPILLING = {"method": "rekv", "overrides": {"ram_budget": "1", "block_frames": 1}}
+
+
+def spilled_stream(client, streams: list[str] | None = None) -> tuple[object, Path]:
+    """A push stream holding 3 frames on its disk tier: the served stream, held here as a request in
+    progress would hold it (so only closing its memory removes its files), and the tier's directory
+    (a private temporary one: the server refuses a client's ``disk_dir``)."""
+    response = client.post("/v1/streams", json={"source": "push", **SPILLING})
+    assert response.status_code == 201, response.text
+    stream_id = response.json()["id"]
+    if streams is not None:
+        streams.append(stream_id)
+    for k, frame in enumerate(small_frames(3)):
+        assert push(client, stream_id, frame, t=float(k)).status_code == 202
+    assert wait_encoded(client, stream_id, 3)["memory"]["disk_bytes"] > 0
+    stream = client.app.state.mukv.streams.get(stream_id)
+    directory = stream.session.memory.store.disk.directory
+    assert directory.name.startswith("mukv-disk-") and any(directory.glob("chunk-*.bin"))
+    return stream, directory
+
+
+def test_deleting_a_stream_removes_its_disk_tier_once_its_device_work_is_done(client, streams):
+    stream, directory = spilled_stream(client, streams)
+    # A job running on the device worker (as an ingest, answer step or save of the stream would):
+    # the memory is closed after it, never under it.
+    gate, running = threading.Event(), threading.Event()
+    client.app.state.mukv.worker.submit(Priority.QUESTION, lambda: (running.set(), gate.wait(DEADLINE)))
+    assert running.wait(DEADLINE)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            deleting = pool.submit(client.delete, f"/v1/streams/{stream.id}")
+            wait_for(lambda: stream.closed, "the stream to be closed")
+            time.sleep(0.2)
+            assert not deleting.done() and any(directory.glob("chunk-*.bin"))
+        finally:
+            gate.set()
+        assert deleting.result(DEADLINE).status_code == 200
+    streams.remove(stream.id)
+    # Gone when the deletion answers, though the stream is still referenced (no garbage collection).
+    assert not directory.exists()
+    assert stream.session.memory.store.disk.closed
+
+
+def test_shutting_the_server_down_removes_the_disk_tiers_of_its_streams(tiny_model_dir):
+    config = ServeConfig(model=str(tiny_model_dir), default_method="full")
+    with TestClient(create_app(config)) as server:
+        wait_ready(server)
+        stream, directory = spilled_stream(server)
+    assert not directory.exists() and stream.session.memory.store.disk.closed
 
 
 # -- pushing frames --------------------------------------------------------------------------------

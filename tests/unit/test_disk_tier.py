@@ -4,7 +4,13 @@ the blocks and the store."""
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -273,3 +279,90 @@ def test_files_are_named_and_sized_as_documented(tmp_path: Path):
     tier.release(3)
     assert not chunk.exists() and tier.nbytes == 0
     tier.close()
+
+
+# A process that spills a block to a private tier, says where, then waits to be killed.
+SPILL_AND_WAIT = """
+import sys, time
+from mukv.kv.blocks import BlockStore
+from tests.unit.test_disk_tier import add, payload
+store = BlockStore(ram_budget=1)
+add(store, payload(8, 0), 0)
+print(store.disk.directory, flush=True)
+time.sleep(120)
+"""
+
+
+def killed_with_its_tier(root: Path) -> tuple[int, Path]:
+    """Run a process that spills to a private tier in ``root``, kill it with SIGKILL: its pid (dead,
+    reaped) and the directory it left behind."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TMPDIR": str(root), "PYTHONPATH": str(repo)}
+    process = subprocess.Popen([sys.executable, "-c", SPILL_AND_WAIT], cwd=repo, env=env, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        directory = Path(process.stdout.readline().decode().strip())
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(60)
+    assert process.returncode == -signal.SIGKILL
+    return process.pid, directory
+
+
+def test_a_killed_process_directory_is_removed_by_the_next_private_tier(tmp_path, monkeypatch):
+    root = tmp_path / "tmp"
+    root.mkdir()
+    pid, left = killed_with_its_tier(root)
+    assert left.parent == root and left.name.startswith(f"mukv-disk-{pid}-")
+    assert [f.name for f in left.iterdir()] == ["chunk-000000.bin"]  # nothing removed it
+    # Kept: a live process's (this one's), a dead one's holding anything but chunk files, one whose
+    # owner holds its lock (a process this one cannot see), names not of that form.
+    live = root / f"mukv-disk-{os.getpid()}-abcd1234"
+    foreign = root / f"mukv-disk-{pid}-abcd1234"
+    nested = root / f"mukv-disk-{pid}-nested00"
+    locked = root / f"mukv-disk-{pid}-locked00"
+    others = [root / "mukv-disk-abcd1234", root / f"mukv-disk-{pid}-x.y", root / f"mukv-disk-{pid}"]
+    for directory in [live, foreign, nested, locked, *others]:
+        directory.mkdir()
+        (directory / "chunk-000000.bin").write_bytes(b"\0" * 64)
+    (foreign / "notes.txt").write_text("keep")
+    (nested / "chunk-000001.bin").mkdir()
+    (root / f"mukv-disk-{pid}-symlink0").symlink_to(live)
+    holder = os.open(locked, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_SH)
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    try:
+        tier = DiskTier()
+    finally:
+        os.close(holder)
+    assert tier.directory.parent == root and tier.directory.name.startswith(f"mukv-disk-{os.getpid()}-")
+    assert not left.exists()
+    for directory in [live, foreign, nested, locked, *others]:
+        assert (directory / "chunk-000000.bin").exists(), directory
+    assert (foreign / "notes.txt").read_text() == "keep" and (nested / "chunk-000001.bin").is_dir()
+    assert (root / f"mukv-disk-{pid}-symlink0").is_symlink()
+    # Once its owner let go, a locked directory goes with the next tier; this tier's own stays.
+    second = DiskTier()
+    assert not locked.exists() and tier.directory.is_dir() and live.is_dir()
+    second.close()
+    tier.close()
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        p.name for p in [live, foreign, nested, *others, root / f"mukv-disk-{pid}-symlink0"]
+    )
+
+
+def test_a_disk_dir_is_never_swept(tmp_path, monkeypatch):
+    (tmp_path / "private").mkdir()
+    pid, left = killed_with_its_tier(tmp_path / "private")  # for a dead pid
+    disk_dir = tmp_path / "mine"
+    disk_dir.mkdir()
+    dead = disk_dir / f"mukv-disk-{pid}-abcd1234"
+    dead.mkdir()
+    (dead / "chunk-000000.bin").write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "private"))
+    tier = DiskTier(disk_dir)  # a tier in disk_dir sweeps nothing, there or in the temporary root
+    assert dead.is_dir() and left.is_dir()
+    assert "-" not in tier.directory.name.removeprefix("mukv-disk-")  # not a private tier's name
+    tier.close()
+    DiskTier().close()  # a private tier sweeps only the temporary root
+    assert dead.is_dir() and not left.exists()

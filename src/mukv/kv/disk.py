@@ -8,10 +8,23 @@ stays in RAM. Nothing here is durable: the files hold one process's working set,
 saved memory (``StreamSession.save`` writes one, reading the payloads through the mapping).
 
 Files live in a directory of their own: a fresh ``mukv-disk-*`` directory inside ``disk_dir``
-when one is given (created if missing), else a private temporary directory. Only that directory
-and the chunk files in it are ever removed: when the tier is closed or garbage-collected, or at
-interpreter exit. A process killed before it exits normally (``SIGKILL``, an unhandled
-``SIGTERM``) leaves its ``mukv-disk-*`` directory behind; nothing else removes it.
+when one is given (created if missing), else a private temporary directory
+``mukv-disk-<pid>-*`` in the temporary root (:func:`tempfile.gettempdir`: ``TMPDIR``), named after
+the creating process. Only that directory and the chunk files in it are ever removed: when the
+tier is closed or garbage-collected, or at interpreter exit.
+
+**Directories left behind.** A process killed before it exits normally (``SIGKILL``, an unhandled
+``SIGTERM``) leaves its directory behind. Each new private tier sweeps the temporary root for
+``mukv-disk-<pid>-*`` directories of processes that no longer run and removes them, only if all
+of these hold: the name has exactly that form; the directory is this user's and not a symbolic
+link; ``<pid>`` is not a running process (``os.kill(pid, 0)`` finds none; a process of another
+user counts as running); no process holds the shared lock every private tier keeps on its
+directory while open (``flock``: it covers processes whose pids this one cannot see, in another
+PID namespace sharing the temporary root); and the directory holds nothing but chunk files
+(``chunk-<number>.bin``, plain files). Anything else inside, or any doubt, leaves it as it is. A
+recycled pid makes a dead owner look alive: its directory is then not swept (yet). A
+``disk_dir`` is never swept: its tiers' directories are named ``mukv-disk-*`` without a pid, and
+a directory left in it stays until removed by hand.
 
 **Writing.** A block's tensors are written with ``pwrite`` at the chunk's end (each at an offset
 aligned to :data:`ALIGN` bytes) and only then are views made over the written bytes, so a block
@@ -32,8 +45,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import mmap
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -50,14 +65,101 @@ if TYPE_CHECKING:
 
 __all__ = ["ALIGN", "CHUNK_BYTES", "DiskTier"]
 
+logger = logging.getLogger(__name__)
+
 #: Bytes of a chunk file (a payload larger than this gets a chunk of its own size).
 CHUNK_BYTES = 64 << 20
 #: Every tensor starts at a multiple of this many bytes (any dtype's size; a cache line).
 ALIGN = 64
 
 
+#: A private tier's directory: ``mukv-disk-<pid of its process>-<mkdtemp's random characters>``.
+_PRIVATE_DIR = re.compile(r"mukv-disk-([1-9][0-9]{0,9})-[a-z0-9_]+")
+#: A chunk file (:meth:`DiskTier._chunk_for`): the only thing a swept directory may hold.
+_CHUNK_FILE = re.compile(r"chunk-[0-9]{6,}\.bin")
+
+
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` may be running (only a definite "no such process" says no)."""
+    try:
+        os.kill(pid, 0)  # signal 0: the existence and permission checks only, nothing is sent
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: another user's process; anything else: in doubt
+        return True
+    return True
+
+
+def _lock_shared(directory: Path) -> int | None:
+    """Hold a shared ``flock`` on ``directory`` (returns the descriptor, to close at cleanup): it tells
+    sweepers that the owner runs even where they cannot see its pid. ``None`` where the filesystem
+    takes no lock (the pid alone then protects the directory)."""
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_abandoned(directory: Path) -> bool:
+    """Remove ``directory`` (a dead process's private tier) if no process holds its lock and it holds
+    only chunk files; returns whether it was removed."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its owner (or another sweeper) holds it
+            return False
+        entries = list(os.scandir(fd))
+        if not all(_CHUNK_FILE.fullmatch(e.name) and e.is_file(follow_symlinks=False) for e in entries):
+            return False
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.name, dir_fd=fd)
+        # rmdir, not rmtree: whatever appeared since the listing stays, and so does the directory.
+        os.rmdir(directory)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _sweep_abandoned(root: Path) -> list[Path]:
+    """Remove the private tier directories in ``root`` left by processes that no longer run (see
+    the module docstring for what must hold); returns the directories removed. Never raises: a
+    sweep that fails leaves things as they were."""
+    if os.name != "posix":  # os.kill(pid, 0) would end the process elsewhere (Windows)
+        return []
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _PRIVATE_DIR.fullmatch(entry.name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            if _remove_abandoned(Path(entry.path)):
+                removed.append(Path(entry.path))
+                logger.info("disk tier: removed %s, left behind by process %s", entry.path, match.group(1))
+        except OSError as exc:
+            logger.debug("disk tier: leaving %s (%s)", entry.path, exc)
+    return removed
 
 
 @dataclass
@@ -75,9 +177,10 @@ class _Files:
     """The tier's directory and open descriptors, apart from the tier so that its finalizer holds
     no reference to the tier itself."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, lock: int | None = None) -> None:
         self.directory = directory
         self.fds: set[int] = set()
+        self.lock = lock  # a descriptor of the directory holding its shared lock (private tiers)
 
     def cleanup(self) -> None:
         for fd in self.fds:
@@ -85,21 +188,33 @@ class _Files:
                 os.close(fd)
         self.fds.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self.lock is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.lock)
+            self.lock = None
 
 
 class DiskTier:
     """Payloads in memory-mapped chunk files (see the module docstring), by key (a block id).
 
     ``directory``: where this tier's own directory is made (``disk_dir``); ``None`` for a private
-    temporary directory. ``ValueError`` naming ``disk_dir`` when it cannot be created or written.
+    temporary directory ``mukv-disk-<pid>-*``, whose creation also removes the private directories
+    that processes killed before they could clean up left in the same temporary root (see
+    "Directories left behind" in the module docstring). ``ValueError`` naming ``disk_dir`` when it
+    cannot be created or written.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *, chunk_bytes: int = CHUNK_BYTES) -> None:
         if chunk_bytes < ALIGN:
             raise ValueError(f"chunk_bytes: must be at least {ALIGN}, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
+        lock: int | None = None
         if directory is None:
-            own = Path(tempfile.mkdtemp(prefix="mukv-disk-"))
+            root = Path(tempfile.gettempdir())
+            # The pid names the owner, so that a later tier can tell a dead process's directory.
+            own = Path(tempfile.mkdtemp(prefix=f"mukv-disk-{os.getpid()}-", dir=root))
+            lock = _lock_shared(own) if os.name == "posix" else None
+            _sweep_abandoned(root)
         else:
             parent = Path(directory).expanduser()
             made: Path | None = None
@@ -116,7 +231,7 @@ class DiskTier:
                     shutil.rmtree(made, ignore_errors=True)
                 reason = exc.strerror or str(exc)
                 raise ValueError(f"disk_dir: cannot create or write {str(directory)!r} ({reason})") from None
-        self._files = _Files(own)
+        self._files = _Files(own, lock)
         self._finalizer = weakref.finalize(self, self._files.cleanup)
         self._chunks: dict[int, _Chunk] = {}
         self._current: int | None = None

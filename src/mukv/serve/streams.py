@@ -18,6 +18,7 @@ never misses a frame the stream had received before it, and never sees one after
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import secrets
 import threading
@@ -411,7 +412,8 @@ class ServedStream:
                 self.state = "ended"
 
     def close(self) -> None:
-        """Stop the source, cancel answers in progress and drop the waiting frames."""
+        """Stop the source, cancel answers in progress and drop the waiting frames. The memory itself
+        is released by :meth:`close_memory`, on the device worker."""
         with self._lock:
             self.closed = True
             active = list(self.active)
@@ -420,6 +422,19 @@ class ServedStream:
         for run in active:
             run.cancel()
         self.discard_queue("stream_closed")
+
+    def close_memory(self) -> None:
+        """Release what the memory holds outside this process's RAM (its disk tier's files) now rather
+        than when the session is garbage-collected (device worker only, after :meth:`close`).
+
+        Safe on the worker once the stream is closed: every ingest, answer step or save of it that
+        started before is done (the worker runs one job at a time), and every one that runs later
+        finds the stream closed and leaves the memory alone (an encoding job encodes nothing, a
+        cancelled answer only closes its generator, whose cache is its own, a save is refused)."""
+        try:
+            self.session.memory.close()
+        except Exception:  # the stream is gone either way; its files then go with the session
+            logger.exception("closing the memory of stream %s failed", self.id)
 
 
 class StreamManager:
@@ -596,7 +611,8 @@ class StreamManager:
             self.metrics.answer_seconds.observe(run.total_seconds)
 
     async def delete(self, stream_id: str) -> None:
-        """Remove a stream: stop its source, cancel its answers, drop its memory."""
+        """Remove a stream: stop its source, cancel its answers, drop its memory (its disk tier's files
+        are removed before this returns) and its saved memory."""
         with self._lock:
             stream = self._streams.pop(stream_id, None)
         if stream is None:
@@ -604,14 +620,22 @@ class StreamManager:
         stream.close()
         if stream.player is not None:
             await asyncio.to_thread(stream.player.stop, 2.0)
-        if self.config.memory_dir is not None:
-            # Its saved memory goes too (else it would come back at the next start); on the worker,
-            # after any save of it still in progress.
-            try:
-                await asyncio.wrap_future(
-                    self.worker.submit(Priority.QUESTION, lambda: remove_saved(self.config, stream_id))
-                )
-            except RuntimeError:  # the worker has stopped (shutting down)
+
+        def forget() -> None:
+            # On the worker, after any ingest, answer step or save of the stream still queued or
+            # running there: none of them reads a closed memory. Its files go now, not when the
+            # session happens to be collected (a server runs for days; its disk tier can hold GBs).
+            stream.close_memory()
+            if self.config.memory_dir is not None:
+                # Its saved memory goes too (else it would come back at the next start).
+                remove_saved(self.config, stream_id)
+
+        try:
+            await asyncio.wrap_future(self.worker.submit(Priority.QUESTION, forget))
+        except RuntimeError:  # the worker has stopped (shutting down)
+            # A job of the stream may still be running on it: the memory's files are left to its
+            # finalizer (garbage collection, interpreter exit).
+            if self.config.memory_dir is not None:
                 await asyncio.to_thread(remove_saved, self.config, stream_id)
 
     # -- saved streams (memory_dir) ----------------------------------------------------------------
@@ -735,10 +759,30 @@ class StreamManager:
         stream.resume(clock, created_at)
         return stream
 
-    def close(self) -> None:
-        """Close every stream (server shutdown)."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Close every stream and release their memories (server shutdown, before the device worker
+        stops): the memories are closed on the worker once the job running there is done, waiting
+        at most ``timeout`` seconds; past that, their files are left to the memories' finalizers
+        (garbage collection, interpreter exit)."""
         with self._lock:
             streams = list(self._streams.values())
             self._streams.clear()
         for stream in streams:
             stream.close()
+        if not streams:
+            return
+
+        def release() -> None:
+            for stream in streams:
+                stream.close_memory()
+
+        # On the worker, like a deletion (see :meth:`delete`): a job of these streams may be running.
+        try:
+            released = self.worker.submit(Priority.QUESTION, release)
+        except RuntimeError:  # the worker has stopped already
+            return
+        try:
+            released.result(timeout)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            released.cancel()  # not to run later, on a worker stopping
+            logger.warning("streams closed without releasing their memories: the device worker is still busy")
