@@ -111,3 +111,16 @@ def backend_196(backend):
     model.model.language_model.load_state_dict(backend.model.model.language_model.state_dict())
     model.lm_head.load_state_dict(backend.model.lm_head.state_dict())
     return LlavaOnevisionBackend(model.eval(), backend.tokenizer, FramePreprocessor(size=384), model_id="geometry-384")
+
+
+def recount_stored_bytes(store) -> int:
+    """The bytes a byte budget counts, from scratch: every non-provisional record's ``nbytes`` of
+    ``store`` (a ``BlockStore``), each checked against its payload and representative, so that a
+    stale record cannot hide a stale running count."""
+    total = 0
+    for record in store.records():
+        held = store.payload(record.block_id).nbytes + store.representative(record.block_id).nbytes
+        assert record.nbytes == held
+        if not record.provisional:
+            total += record.nbytes
+    return total

@@ -129,34 +129,73 @@ def layer_to_device(payloads: list[BlockPayload], layer: int, device: torch.devi
 
 class _Index:
     """Per-granularity ids, representatives and end times in buffers that grow by doubling, so
-    that adding a block is amortised O(1) and a question reads views, never a rebuild."""
+    that adding a block is amortised O(1) and a question reads views, never a rebuild.
+
+    Removal is lazy, so that evicting blocks one at a time (the byte budget, over a long stream)
+    costs amortised O(1) each instead of shifting every buffer each time: a removed block's slot
+    is only marked dead. :meth:`compact` moves the live slots down, in order, with one gather per
+    buffer; readers call it first (:meth:`BlockStore.index`), and :meth:`append` calls it when the
+    buffers are full and at least half their slots are dead (otherwise they double, so a
+    compaction is always paid for by as many removals as it moves slots). The buffers may so hold
+    up to twice the slots that removing in place would need; they never shrink either way.
+    """
 
     def __init__(self) -> None:
+        # Slots in use, dead ones included; live slots keep the order their blocks were added in.
         self.count = 0
+        self.dead = 0
         self.ids = torch.empty(0, dtype=torch.long)
         self.end_times = torch.empty(0, dtype=torch.float64)
+        self.alive = torch.empty(0, dtype=torch.bool)
         self.reps: torch.Tensor | None = None
+        # Live block id -> its slot: a removal or a representative look-up without scanning ids.
+        self.slots: dict[int, int] = {}
+
+    @property
+    def live(self) -> int:
+        """Blocks held (slots in use that are not dead)."""
+        return self.count - self.dead
 
     def append(self, block_id: int, end_time: float, representative: torch.Tensor) -> None:
         if self.reps is None:
             self.reps = torch.empty((0, *representative.shape), dtype=torch.float32)
         if self.count == self.ids.shape[0]:
-            capacity = max(16, 2 * self.count)
-            self.ids = torch.cat((self.ids, torch.empty(capacity - self.count, dtype=torch.long)))
-            self.end_times = torch.cat((self.end_times, torch.empty(capacity - self.count, dtype=torch.float64)))
-            grow = torch.empty((capacity - self.count, *representative.shape), dtype=torch.float32)
-            self.reps = torch.cat((self.reps, grow))
+            if self.dead and 2 * self.dead >= self.count:
+                self.compact()
+            else:
+                capacity = max(16, 2 * self.count)
+                room = capacity - self.count
+                self.ids = torch.cat((self.ids, torch.empty(room, dtype=torch.long)))
+                self.end_times = torch.cat((self.end_times, torch.empty(room, dtype=torch.float64)))
+                self.alive = torch.cat((self.alive, torch.empty(room, dtype=torch.bool)))
+                self.reps = torch.cat((self.reps, torch.empty((room, *representative.shape), dtype=torch.float32)))
         self.ids[self.count] = block_id
         self.end_times[self.count] = end_time
+        self.alive[self.count] = True
         self.reps[self.count] = representative
+        self.slots[block_id] = self.count
         self.count += 1
 
     def remove(self, block_id: int) -> None:
-        where = int((self.ids[: self.count] == block_id).nonzero()[0])
+        """Mark ``block_id``'s slot dead (O(1)); the buffers are compacted later."""
+        self.alive[self.slots.pop(block_id)] = False
+        self.dead += 1
+        if self.dead == self.count:
+            self.count = self.dead = 0  # nothing live: every slot is free again, nothing to move
+
+    def compact(self) -> None:
+        """Move the live slots down to ``0..live-1``, in order (a no-op without dead slots)."""
+        if not self.dead:
+            return
+        keep = self.alive[: self.count].nonzero().squeeze(1)
+        n = keep.numel()
+        assert self.reps is not None
         for name in ("ids", "end_times", "reps"):
             buffer = getattr(self, name)
-            buffer[where : self.count - 1] = buffer[where + 1 : self.count].clone()
-        self.count -= 1
+            buffer[:n] = buffer[keep]  # advanced indexing gathers into a copy first
+        self.alive[:n] = True
+        self.count, self.dead = n, 0
+        self.slots = dict(zip(self.ids[:n].tolist(), range(n), strict=True))
 
 
 class BlockStore:
@@ -171,6 +210,11 @@ class BlockStore:
     given) until RAM payload bytes are within it again; their records say ``location="disk"``
     and readers get them through the mapping. Provisional blocks (replaced at the next ingest),
     representatives and the index always stay in RAM.
+
+    Every change keeps :attr:`stored_nbytes` (what a byte budget bounds) up to date, and removing a
+    block is amortised O(1) (the index compacts lazily, :class:`_Index`), so a budget evicting one
+    block per ingest over a long stream does not cost O(N) per block. Not thread-safe: reads may
+    compact the index in place (callers serialise, as :class:`mukv.StreamSession` does).
     """
 
     def __init__(self, *, ram_budget: int | None = None, disk: DiskTier | None = None) -> None:
@@ -181,12 +225,17 @@ class BlockStore:
         # Payload bytes by place (provisional blocks included in RAM), kept as blocks come and go.
         self._ram_bytes = 0
         self._disk_bytes = 0
+        # Record bytes (payload and representative) of the stored (non-provisional) blocks, kept as
+        # blocks come, are replaced and go, so that a budget check is O(1). Neither counter above
+        # is it: they count payloads only, provisional ones included.
+        self._stored_bytes = 0
         # Ids of stored payloads in RAM, smallest (oldest) first; removed or moved ids are skipped
         # when popped. Only kept when there is a budget.
         self._in_ram: list[int] = []
         self._records: dict[int, BlockRecord] = {}
         self._payloads: dict[int, BlockPayload] = {}
-        self._by_granularity: dict[str, list[int]] = defaultdict(list)
+        # Ids by granularity in storage order (a dict: removing one is O(1), not a list scan).
+        self._by_granularity: dict[str, dict[int, None]] = defaultdict(dict)
         self._index: dict[str, _Index] = defaultdict(_Index)
         self._next_id = 0
 
@@ -222,9 +271,11 @@ class BlockStore:
         )
         self._records[block_id] = record
         self._payloads[block_id] = payload
-        self._by_granularity[granularity].append(block_id)
+        self._by_granularity[granularity][block_id] = None
         self._index[granularity].append(block_id, end_time, representative.detach().float().cpu())
         self._ram_bytes += payload.nbytes
+        if not provisional:
+            self._stored_bytes += record.nbytes
         if self.ram_budget is not None and not provisional:
             heapq.heappush(self._in_ram, block_id)
         self._spill()
@@ -269,7 +320,7 @@ class BlockStore:
         ``location="disk"`` is for a payload this store's disk tier wrote (:meth:`_spill`); any
         other payload is held in RAM (a block that was on disk leaves it), and the RAM budget
         applies again."""
-        record = self._records[block_id]
+        record = previous = self._records[block_id]
         old = self._payloads[block_id]
         representative_bytes = record.nbytes - old.nbytes
         to_disk = location == "disk"
@@ -295,6 +346,8 @@ class BlockStore:
         )
         self._records[block_id] = record
         self._payloads[block_id] = payload
+        if not record.provisional:
+            self._stored_bytes += record.nbytes - previous.nbytes
         if not to_disk:
             self._spill()
         return self._records[block_id]
@@ -329,6 +382,12 @@ class BlockStore:
         return self._disk_bytes
 
     @property
+    def stored_nbytes(self) -> int:
+        """``BlockRecord.nbytes`` (payload and representative) summed over the non-provisional
+        blocks, in RAM or on disk: kept up to date by every add, replace and remove (O(1))."""
+        return self._stored_bytes
+
+    @property
     def disk(self) -> DiskTier | None:
         """The disk tier (``None`` until a payload first moved there, unless one was given)."""
         return self._disk
@@ -347,7 +406,9 @@ class BlockStore:
             self._disk_bytes -= payload.nbytes
         else:
             self._ram_bytes -= payload.nbytes
-        self._by_granularity[record.granularity].remove(block_id)
+        if not record.provisional:
+            self._stored_bytes -= record.nbytes
+        del self._by_granularity[record.granularity][block_id]
         self._index[record.granularity].remove(block_id)
 
     def record(self, block_id: int) -> BlockRecord:
@@ -359,19 +420,20 @@ class BlockStore:
     def representative(self, block_id: int) -> torch.Tensor:
         """The representative vector retrieval scores block ``block_id`` by (float32)."""
         index = self._index[self._records[block_id].granularity]
-        where = int((index.ids[: index.count] == block_id).nonzero()[0])
         assert index.reps is not None
-        return index.reps[where]
+        return index.reps[index.slots[block_id]]
 
     def records(self, granularity: str | None = None) -> list[BlockRecord]:
-        ids = self._by_granularity.get(granularity, []) if granularity else list(self._records)
-        return [self._records[i] for i in ids]
+        if not granularity:
+            return list(self._records.values())
+        return [self._records[i] for i in self._by_granularity.get(granularity, ())]
 
     def index(self, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids [N] long, representatives [N, ...] float32)`` of a granularity's blocks (views)."""
         index = self._index.get(granularity)
-        if index is None or index.reps is None or index.count == 0:
+        if index is None or index.reps is None or index.live == 0:
             return torch.empty(0, dtype=torch.long), torch.empty(0, 0)
+        index.compact()
         return index.ids[: index.count], index.reps[: index.count]
 
     def end_times(self, granularity: str) -> torch.Tensor:
@@ -379,6 +441,7 @@ class BlockStore:
         index = self._index.get(granularity)
         if index is None:
             return torch.empty(0, dtype=torch.float64)
+        index.compact()
         return index.end_times[: index.count]
 
     def totals(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
@@ -394,14 +457,15 @@ class BlockStore:
         return blocks, tokens, nbytes
 
     def index_nbytes(self) -> int:
-        """Bytes of the index buffers (ids, end times, representatives, spare room included) beyond
-        the representatives that the records' ``nbytes`` already count."""
+        """Bytes of the index buffers (ids, end times, liveness flags, representatives, spare room
+        and slots of removed blocks not yet compacted included) beyond the representatives that the
+        records' ``nbytes`` already count."""
         held = counted = 0
         for index in self._index.values():
-            buffers = (index.ids, index.end_times) if index.reps is None else (index.ids, index.end_times, index.reps)
+            buffers = [index.ids, index.end_times, index.alive] + ([] if index.reps is None else [index.reps])
             held += sum(b.untyped_storage().nbytes() for b in buffers)
             if index.reps is not None:
-                counted += index.reps[: index.count].nbytes
+                counted += index.reps[: index.live].nbytes  # the live rows' bytes, wherever they lie
         return held - counted
 
     def __len__(self) -> int:

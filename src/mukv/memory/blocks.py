@@ -208,8 +208,11 @@ class BlockMemory(MemoryMethod):
         non-provisional block (``BlockRecord.nbytes``). Provisional blocks are left out: they live
         from a question's :meth:`materialize` to the next ingest, which drops them, and there are
         none when the budget is checked. The system prompt's KV, a sliding window and open groups
-        are not counted either: no consolidation can shrink them (they are bounded by the config)."""
-        return sum(r.nbytes for r in self.store.records() if not r.provisional)
+        are not counted either: no consolidation can shrink them (they are bounded by the config).
+
+        O(1): the store keeps this sum as blocks are added, re-pruned, moved to disk and removed
+        (:attr:`mukv.kv.blocks.BlockStore.stored_nbytes`); the budget reads it after every ingest."""
+        return self.store.stored_nbytes
 
     def _enforce_budget(self) -> None:
         """Run the consolidation policy until the stored blocks fit in :attr:`memory_budget`.
