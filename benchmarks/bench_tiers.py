@@ -1,4 +1,5 @@
-"""Seconds per question with every stored payload in RAM vs. most of them on the disk tier.
+"""Seconds per question with every stored payload in RAM vs. most of them on the disk tier (and
+vs. quantized payloads in RAM).
 
 What it measures
     The model is the one ``synthetic.build_backend`` builds (the dimensions of
@@ -11,7 +12,13 @@ What it measures
     - ``ram``: every payload in RAM (no ``ram_budget``);
     - ``disk``: ``ram_budget`` = ``--ram-fraction`` (default 10%) of the ``ram`` state's payload
       bytes, so the oldest ~90% of the payloads live in memory-mapped chunk files (``disk_dir`` =
-      ``--disk-dir``, default a temporary directory).
+      ``--disk-dir``, default a temporary directory);
+    - one state per ``--kv-dtypes`` entry (default ``int4``): every payload in RAM, quantized
+      (``kv_dtype``; retrieval reads the float representatives, so it picks the same blocks), so the
+      dequantization a question pays at assembly is timed next to the others. All states are held
+      at once: one is skipped (and the record says so) when the memory left besides the disk
+      state's mapped pages is short of half the native payload bytes plus 2 GiB, as at 60 minutes
+      in float32 on a 24 GB machine (use ``--minutes 30`` there).
 
     After ``--warmup-asks`` untimed questions per state, ``--repeats`` rounds each ask, interleaved
     (same load): ``ram``; ``disk-warm`` (the disk state, its pages in the page cache and mapped:
@@ -89,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--fps", type=float, default=0.5)
     parser.add_argument("--ram-fraction", type=float, default=0.1, help="ram_budget as a share of the payload bytes")
+    parser.add_argument(
+        "--kv-dtypes", default="int4", help="comma-separated quantized kv_dtype states, all in RAM ('' for none)"
+    )
     parser.add_argument("--disk-dir", default=None, help="disk_dir of the disk state (default: a temporary one)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup-asks", type=int, default=1)
@@ -174,11 +184,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{store.disk_nbytes / 1e9:.2f} GB in {len(store.disk.chunk_files())} chunk files",
             flush=True,
         )
+        quantized: dict[str, mukv.StreamSession] = {}
+        for kv_dtype in [d.strip() for d in args.kv_dtypes.split(",") if d.strip()]:
+            # Room for a quantized state (a fifth of the native bytes at int4 in float32, more at
+            # int8) and its fill, besides the disk state's mapped chunk pages, which MemAvailable
+            # counts as free but the warm asks need: at 60 minutes in float32 a 24 GB machine has
+            # none left (the run swaps), so skip rather than swap.
+            available = available_memory_bytes()
+            if available is not None and available - store.disk_nbytes < payload_bytes // 2 + (2 << 30):
+                record.setdefault("skipped", []).append(kv_dtype)
+                print(f"{kv_dtype} state skipped: {available / 1e9:.1f} GB available", flush=True)
+                continue
+            session = mukv.StreamSession(backend, "mukv", overrides={"kv_dtype": kv_dtype})
+            start = time.perf_counter()
+            fill_mukv(session, 0, frames, interval, args.seed)
+            record["fill_seconds"][kv_dtype] = time.perf_counter() - start
+            record["storage"][f"{kv_dtype}_payload_bytes"] = session.memory.store.ram_nbytes
+            quantized[kv_dtype] = session
+            print(f"{kv_dtype} state: payloads {session.memory.store.ram_nbytes / 1e9:.2f} GB", flush=True)
         warm_asks(ram, args.warmup_asks)
         warm_asks(disk, args.warmup_asks)
-        asks: dict[str, list[dict[str, Any]]] = {name: [] for name in SCENARIOS}
+        for session in quantized.values():
+            warm_asks(session, args.warmup_asks)
+        names = [*SCENARIOS, *quantized]
+        asks: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for round_ in range(args.repeats):
             asks["ram"].append(timed_ask(ram, args.max_new_tokens))
+            for kv_dtype, session in quantized.items():
+                asks[kv_dtype].append(timed_ask(session, args.max_new_tokens))
             asks["disk-warm"].append(timed_ask(disk, args.max_new_tokens))
             cached = meminfo_bytes("Cached")
             dropped = store.disk.drop_cache()
@@ -187,12 +220,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cold["drop_cache_accepted"] = dropped
             cold["page_cache_dropped_bytes"] = None if cached is None or after is None else cached - after
             asks["disk-cold"].append(cold)
-            line = ", ".join(f"{name} {asks[name][-1]['timings']['total']:.2f}" for name in SCENARIOS)
+            line = ", ".join(f"{name} {asks[name][-1]['timings']['total']:.2f}" for name in names)
             print(f"  round {round_ + 1}: ask total s: {line}", flush=True)
-        same = {a["retrieved"].__repr__() for name in SCENARIOS for a in asks[name]}
+        same = {a["retrieved"].__repr__() for name in names for a in asks[name]}
         record["same_retrieval"] = len(same) == 1
         record["asks"] = asks
         disk.memory.close()
+        quantized.clear()
         del ram, disk
         gc.collect()
     record["load"] = monitor.report()
@@ -208,8 +242,7 @@ def stat(asks: list[dict[str, Any]], key: str) -> tuple[float, float, float, int
 def rows(record: dict[str, Any]) -> list[tuple[str, ...]]:
     out = []
     ram_total = median_range(a["timings"]["total"] for a in record["asks"]["ram"])
-    for name in SCENARIOS:
-        asks = record["asks"][name]
+    for name, asks in record["asks"].items():  # older records: the three scenarios only
         total = stat(asks, "total")
         ratio = "1.00x" if name == "ram" or not (ram_total and total) else f"{total[0] / ram_total[0]:.2f}x"
         out.append(
@@ -248,7 +281,13 @@ def section(record: dict[str, Any]) -> str:
         + "; page cache shrank by "
         + ", ".join(f"{(a.get('page_cache_dropped_bytes') or 0) / 1e9:.2f}" for a in record["asks"]["disk-cold"])
         + " GB)",
-        f"- fill: ram {record['fill_seconds']['ram']:.1f} s, disk {record['fill_seconds']['disk']:.1f} s; "
+        *(f"- {name} state: skipped (not enough memory available)" for name in record.get("skipped", [])),
+        *(
+            f"- {name} state: payloads {st[f'{name}_payload_bytes'] / 1e9:.2f} GB, all in RAM"
+            for name in record["asks"]
+            if f"{name}_payload_bytes" in st
+        ),
+        "- fill: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in record["fill_seconds"].items()) + "; "
         f"every ask retrieved the same blocks: {record['same_retrieval']}",
         "",
         "Seconds per question, median (range, asks):",
@@ -261,11 +300,12 @@ def section(record: dict[str, Any]) -> str:
 
 def render(records: list[dict[str, Any]]) -> str:
     head = [
-        "# Seconds per question: payloads in RAM vs. on the disk tier (LLaVA-OneVision 0.5B sizes)",
+        "# Seconds per question: payloads in RAM vs. on the disk tier or quantized (LLaVA-OneVision 0.5B sizes)",
         "",
         "Rendered by `benchmarks/bench_tiers.py` from every record of `tiers.jsonl`, one section per run "
         "(newest first). `disk-warm`: the disk state with its pages cached and mapped; `disk-cold`: right "
-        "after its pages were dropped from RAM (`DiskTier.drop_cache`). Random weights: only speed is "
+        "after its pages were dropped from RAM (`DiskTier.drop_cache`); `int8` / `int4`: every payload "
+        "in RAM, quantized (`kv_dtype`; newer runs). Random weights: only speed is "
         "meaningful. Runs' load (other processes' share of the machine): "
         + ", ".join(f"{r['machine']['date_utc']} ({other_share(r['load']) or 'n/a'})" for r in records),
         "",
