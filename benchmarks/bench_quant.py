@@ -242,7 +242,7 @@ def _error_section(record: dict[str, Any]) -> list[str]:
             f"{e['blocks']} ({e['mean_tokens']:.1f})",
             f"{e['keys']:.4f}",
             # Older records' "keys per token" row left the values unquantized (error exactly 0).
-            f"{e['values']:.4f}" if e["values"] > 0 else "(not quantized)",
+            "(not quantized)" if e["split"] == "keys per token" and e["values"] == 0 else f"{e['values']:.4f}",
         ]
         for e in record["error"]
     ]

@@ -16,7 +16,9 @@ from safetensors import safe_open
 
 from mukv import StreamSession
 from mukv.config import apply_overrides
+from mukv.errors import MemoryMismatchError
 from mukv.kv.quant import QuantizedKV
+from mukv.memory import method_config
 from mukv.memory.blocks import BlockMemory
 from mukv.memory.mukv_config import MukvConfig
 from mukv.memory.persist import MANIFEST, read_manifest
@@ -188,6 +190,48 @@ def test_int4_memory_saves_and_loads_with_the_same_answer(backend, tmp_path, kv_
         assert all(torch.equal(a.tensors()[n], b.tensors()[n]) for n in a.tensors())
     one, two = ask(saved), ask(loaded)
     assert one.token_ids == two.token_ids and torch.equal(one.first_logits, two.first_logits)
+
+
+@pytest.mark.parametrize("with_config", [False, True], ids=["saved-config", "given-config"])
+def test_a_memory_saved_before_the_storage_options_still_loads(backend, tmp_path, with_config):
+    """A manifest whose method config lacks storage options (saved before they existed) loads as
+    saved with their defaults, also when the caller gives the config (as the server's reopen
+    does); it still refuses a config that differs in one of them."""
+    frames = make_frames(7, seed=11)
+    saved = session_with(backend, "mukv", frames)
+    saved.save(tmp_path / "mem")
+    path = tmp_path / "mem" / MANIFEST
+    manifest = json.loads(path.read_text())
+    for name in ("kv_dtype", "kv_group", "kv_keys", "memory_budget", "ram_budget", "disk_dir"):
+        del manifest["method"]["config"][name]
+    path.write_text(json.dumps(manifest))
+    given = method_config("mukv", METHODS["mukv"]) if with_config else None
+    loaded = StreamSession.load(backend, tmp_path / "mem", method_config=given)
+    assert loaded.memory.config.kv_keys == "channel" and loaded.memory.config.kv_dtype == "native"
+    one, two = ask(saved), ask(loaded)
+    assert one.token_ids == two.token_ids and torch.equal(one.first_logits, two.first_logits)
+    loaded.memory.close()
+    with pytest.raises(MemoryMismatchError, match="kv_dtype"):
+        StreamSession.load(
+            backend, tmp_path / "mem", method_config=method_config("mukv", {**METHODS["mukv"], "kv_dtype": "int8"})
+        )
+
+
+def test_a_native_memory_loads_under_any_quantization_grouping(backend, tmp_path):
+    """kv_group and kv_keys shape quantized payloads only: a native memory saved with other values
+    loads with the defaults; a quantized one does not."""
+    frames = make_frames(7, seed=12)
+    for kv_dtype in ("native", "int8"):
+        saved = session_with(backend, "rekv", frames, kv_dtype=kv_dtype, kv_keys="compact", kv_group=16)
+        saved.save(tmp_path / kv_dtype)
+        given = method_config("rekv", {**METHODS["rekv"], "kv_dtype": kv_dtype})
+        if kv_dtype == "native":
+            loaded = StreamSession.load(backend, tmp_path / kv_dtype, method_config=given)
+            assert ask(loaded).token_ids == ask(saved).token_ids
+        else:
+            with pytest.raises(MemoryMismatchError, match="kv_group") as refused:
+                StreamSession.load(backend, tmp_path / kv_dtype, method_config=given)
+            assert "kv_keys" in str(refused.value)
 
 
 def test_a_native_memory_without_payload_forms_still_loads(backend, tmp_path):

@@ -477,7 +477,3 @@ def test_a_memory_loads_under_another_budget_or_ram_budget_but_not_another_stora
     loaded.memory.close()
     with pytest.raises(MemoryMismatchError, match="kv_dtype"):
         StreamSession.load(backend, tmp_path / "mem", method_config=method_config("mukv", {**MUKV, "kv_dtype": "int8"}))
-    with pytest.raises(MemoryMismatchError, match="kv_keys"):
-        StreamSession.load(
-            backend, tmp_path / "mem", method_config=method_config("mukv", {**MUKV, "kv_keys": "compact"})
-        )

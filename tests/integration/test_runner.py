@@ -97,6 +97,23 @@ def test_a_run_directory_refuses_another_configuration(bench, tiny_model_dir, ba
         run_benchmark(config(bench, tiny_model_dir, method="uniform"), tmp_path, backend=backend, limit=1)
 
 
+def test_a_run_started_before_a_storage_option_existed_resumes(bench, tiny_model_dir, backend, tmp_path):
+    """A ``run.json`` written before some storage options existed (its method config lacks them)
+    is the same configuration as their defaults, and still differs from another value of them."""
+    cfg = config(bench, tiny_model_dir, method="rekv", overrides={"retrieve_blocks": "2"})
+    run_benchmark(cfg, tmp_path, backend=backend, limit=1)
+    path = tmp_path / "run.json"
+    run = json.loads(path.read_text())
+    for name in ("kv_keys", "kv_dtype", "memory_budget"):
+        del run["identity"]["method_config"][name]
+    path.write_text(json.dumps(run))
+    summary = run_benchmark(cfg, tmp_path, backend=backend, limit=2)
+    assert summary.skipped_done == 1
+    other = config(bench, tiny_model_dir, method="rekv", overrides={"retrieve_blocks": "2", "kv_keys": "compact"})
+    with pytest.raises(RunError, match="another configuration"):
+        run_benchmark(other, tmp_path, backend=backend, limit=2)
+
+
 def test_missing_videos_are_listed_before_anything_runs(bench, tiny_model_dir, backend, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()

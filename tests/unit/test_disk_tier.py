@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mukv.kv.blocks import BlockPayload, BlockStore
-from mukv.kv.disk import DiskTier
+from mukv.kv.disk import DiskTier, _host_tag
 
 
 def payload(n: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> BlockPayload:
@@ -313,21 +313,30 @@ def test_a_killed_process_directory_is_removed_by_the_next_private_tier(tmp_path
     root = tmp_path / "tmp"
     root.mkdir()
     pid, left = killed_with_its_tier(root)
-    assert left.parent == root and left.name.startswith(f"mukv-disk-{pid}-")
+    host = _host_tag()
+    assert left.parent == root and left.name.startswith(f"mukv-disk-{host}-{pid}-")
     assert [f.name for f in left.iterdir()] == ["chunk-000000.bin"]  # nothing removed it
     # Kept: a live process's (this one's), a dead one's holding anything but chunk files, one whose
-    # owner holds its lock (a process this one cannot see), names not of that form.
-    live = root / f"mukv-disk-{os.getpid()}-abcd1234"
-    foreign = root / f"mukv-disk-{pid}-abcd1234"
-    nested = root / f"mukv-disk-{pid}-nested00"
-    locked = root / f"mukv-disk-{pid}-locked00"
-    others = [root / "mukv-disk-abcd1234", root / f"mukv-disk-{pid}-x.y", root / f"mukv-disk-{pid}"]
+    # owner holds its lock (a process this one cannot see), another host's (its pids mean nothing
+    # here), names not of that form (a disk_dir tier's, a pid without a host).
+    live = root / f"mukv-disk-{host}-{os.getpid()}-abcd1234"
+    foreign = root / f"mukv-disk-{host}-{pid}-abcd1234"
+    nested = root / f"mukv-disk-{host}-{pid}-nested00"
+    locked = root / f"mukv-disk-{host}-{pid}-locked00"
+    elsewhere = root / f"mukv-disk-{'0' * 8 if host != '0' * 8 else '1' * 8}-{pid}-abcd1234"
+    others = [
+        elsewhere,
+        root / "mukv-disk-abcd1234",
+        root / f"mukv-disk-{pid}-abcd1234",
+        root / f"mukv-disk-{host}-{pid}-x.y",
+        root / f"mukv-disk-{host}-{pid}",
+    ]
     for directory in [live, foreign, nested, locked, *others]:
         directory.mkdir()
         (directory / "chunk-000000.bin").write_bytes(b"\0" * 64)
     (foreign / "notes.txt").write_text("keep")
     (nested / "chunk-000001.bin").mkdir()
-    (root / f"mukv-disk-{pid}-symlink0").symlink_to(live)
+    (root / f"mukv-disk-{host}-{pid}-symlink0").symlink_to(live)
     holder = os.open(locked, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(holder, fcntl.LOCK_SH)
     monkeypatch.setattr(tempfile, "tempdir", str(root))
@@ -335,19 +344,19 @@ def test_a_killed_process_directory_is_removed_by_the_next_private_tier(tmp_path
         tier = DiskTier()
     finally:
         os.close(holder)
-    assert tier.directory.parent == root and tier.directory.name.startswith(f"mukv-disk-{os.getpid()}-")
+    assert tier.directory.parent == root and tier.directory.name.startswith(f"mukv-disk-{host}-{os.getpid()}-")
     assert not left.exists()
     for directory in [live, foreign, nested, locked, *others]:
         assert (directory / "chunk-000000.bin").exists(), directory
     assert (foreign / "notes.txt").read_text() == "keep" and (nested / "chunk-000001.bin").is_dir()
-    assert (root / f"mukv-disk-{pid}-symlink0").is_symlink()
+    assert (root / f"mukv-disk-{host}-{pid}-symlink0").is_symlink()
     # Once its owner let go, a locked directory goes with the next tier; this tier's own stays.
     second = DiskTier()
     assert not locked.exists() and tier.directory.is_dir() and live.is_dir()
     second.close()
     tier.close()
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        p.name for p in [live, foreign, nested, *others, root / f"mukv-disk-{pid}-symlink0"]
+        p.name for p in [live, foreign, nested, *others, root / f"mukv-disk-{host}-{pid}-symlink0"]
     )
 
 
@@ -356,7 +365,7 @@ def test_a_disk_dir_is_never_swept(tmp_path, monkeypatch):
     pid, left = killed_with_its_tier(tmp_path / "private")  # for a dead pid
     disk_dir = tmp_path / "mine"
     disk_dir.mkdir()
-    dead = disk_dir / f"mukv-disk-{pid}-abcd1234"
+    dead = disk_dir / f"mukv-disk-{_host_tag()}-{pid}-abcd1234"
     dead.mkdir()
     (dead / "chunk-000000.bin").write_bytes(b"")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "private"))

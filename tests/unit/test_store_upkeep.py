@@ -157,7 +157,9 @@ def test_evicting_the_oldest_one_at_a_time_compacts_rarely(monkeypatch):
     assert store.index_nbytes() >= 0
 
 
-def test_removing_every_block_empties_the_index_without_a_compaction():
+def test_dead_slots_at_the_end_are_freed_without_a_compaction():
+    """Removing the newest blocks (a question's provisional ones, dropped at the next ingest) frees
+    their slots at once, so the next read compacts nothing; removing every block empties the index."""
     store = BlockStore()
     for i in range(5):
         store.add(
@@ -170,10 +172,15 @@ def test_removing_every_block_empties_the_index_without_a_compaction():
             payload=payload(2, i),
             representative=torch.ones(2),
         )
-    for i in range(5):
+    index = store._index["segment"]
+    store.remove(1)  # in the middle: marked dead, compacted later
+    store.remove(4)
+    store.remove(3)  # the end: freed at once (4, then 3)
+    assert (index.count, index.dead) == (3, 1)  # checked before any read, which would compact
+    for i in (0, 2):
         store.remove(i)
+    assert (index.count, index.dead) == (0, 0)
     assert store.stored_nbytes == 0 == store.ram_nbytes
     ids, reps = store.index("segment")
     assert ids.numel() == 0 and reps.numel() == 0
     assert store.end_times("segment").numel() == 0
-    assert store._index["segment"].count == 0

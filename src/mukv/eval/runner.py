@@ -48,6 +48,7 @@ from pydantic import ValidationError
 
 from mukv.errors import MukvError, VideoError
 from mukv.eval.schema import Prediction, Question, VideoItem
+from mukv.kv.options import StorageOptions, with_storage_defaults
 
 try:  # advisory locks; absent on Windows, where an exclusive lock file is used instead
     import fcntl
@@ -422,7 +423,12 @@ def check_run_dir(out: Path, config: RunConfig, method_config: Any, *, own: Path
         return True
     previous = read_json_file(path, "the run's configuration")
     identity = json.loads(json.dumps(_identity(config, method_config)))
-    if isinstance(previous, dict) and previous.get("identity") == identity:
+    saved = previous.get("identity") if isinstance(previous, dict) else None
+    old = saved.get("method_config") if isinstance(saved, dict) else None
+    if isinstance(method_config, StorageOptions) and isinstance(old, dict):
+        # A run started before some storage option existed ran with that option's default.
+        saved = {**saved, "method_config": with_storage_defaults(old)}
+    if saved == identity:
         return False
     if _has_records(out):
         raise RunError(f"{out} holds a run of another configuration (see {path}); use a new --out directory")

@@ -133,11 +133,13 @@ class _Index:
 
     Removal is lazy, so that evicting blocks one at a time (the byte budget, over a long stream)
     costs amortised O(1) each instead of shifting every buffer each time: a removed block's slot
-    is only marked dead. :meth:`compact` moves the live slots down, in order, with one gather per
-    buffer; readers call it first (:meth:`BlockStore.index`), and :meth:`append` calls it when the
-    buffers are full and at least half their slots are dead (otherwise they double, so a
-    compaction is always paid for by as many removals as it moves slots). The buffers may so hold
-    up to twice the slots that removing in place would need; they never shrink either way.
+    is only marked dead (dead slots at the end are freed at once). :meth:`compact` moves the live
+    slots down, in order, with one gather per buffer; readers call it first
+    (:meth:`BlockStore.index`), so a question after evictions pays one gather for all of them, and
+    :meth:`append` calls it when the buffers are full and at least half their slots are dead
+    (otherwise they double, so such a compaction is paid for by as many removals as it moves
+    slots). The buffers may so hold up to twice the slots that removing in place would need; they
+    never shrink either way.
     """
 
     def __init__(self) -> None:
@@ -180,8 +182,12 @@ class _Index:
         """Mark ``block_id``'s slot dead (O(1)); the buffers are compacted later."""
         self.alive[self.slots.pop(block_id)] = False
         self.dead += 1
-        if self.dead == self.count:
-            self.count = self.dead = 0  # nothing live: every slot is free again, nothing to move
+        # Dead slots at the end are free at once, nothing to move: the provisional blocks a question
+        # added last are dropped at the next ingest, and the next question's read must not compact
+        # the whole index for them. (Removing every block frees every slot.)
+        while self.count and not bool(self.alive[self.count - 1]):
+            self.count -= 1
+            self.dead -= 1
 
     def compact(self) -> None:
         """Move the live slots down to ``0..live-1``, in order (a no-op without dead slots)."""

@@ -9,14 +9,17 @@ saved memory (``StreamSession.save`` writes one, reading the payloads through th
 
 Files live in a directory of their own: a fresh ``mukv-disk-*`` directory inside ``disk_dir``
 when one is given (created if missing), else a private temporary directory
-``mukv-disk-<pid>-*`` in the temporary root (:func:`tempfile.gettempdir`: ``TMPDIR``), named after
-the creating process. Only that directory and the chunk files in it are ever removed: when the
-tier is closed or garbage-collected, or at interpreter exit.
+``mukv-disk-<host>-<pid>-*`` in the temporary root (:func:`tempfile.gettempdir`: ``TMPDIR``), named
+after the creating host (8 hex digits of the SHA-1 of its name) and process. Only that directory
+and the chunk files in it are ever removed: when the tier is closed or garbage-collected, or at
+interpreter exit.
 
 **Directories left behind.** A process killed before it exits normally (``SIGKILL``, an unhandled
 ``SIGTERM``) leaves its directory behind. Each new private tier sweeps the temporary root for
-``mukv-disk-<pid>-*`` directories of processes that no longer run and removes them, only if all
-of these hold: the name has exactly that form; the directory is this user's and not a symbolic
+``mukv-disk-<host>-<pid>-*`` directories of this host's processes that no longer run and removes
+them, only if all of these hold: the name has exactly that form, with this host's tag (a root
+shared between hosts is swept of each host's own only: a pid means nothing on another host); the
+directory is this user's and not a symbolic
 link; ``<pid>`` is not a running process (``os.kill(pid, 0)`` finds none; a process of another
 user counts as running); no process holds the shared lock every private tier keeps on its
 directory while open (``flock``: it covers processes whose pids this one cannot see, in another
@@ -44,12 +47,14 @@ of dead bytes per chunk still in use; :attr:`DiskTier.nbytes` counts live payloa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import mmap
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 import weakref
@@ -73,14 +78,22 @@ CHUNK_BYTES = 64 << 20
 ALIGN = 64
 
 
-#: A private tier's directory: ``mukv-disk-<pid of its process>-<mkdtemp's random characters>``.
-_PRIVATE_DIR = re.compile(r"mukv-disk-([1-9][0-9]{0,9})-[a-z0-9_]+")
+#: A private tier's directory: ``mukv-disk-<host>-<pid of its process>-<mkdtemp's random characters>``,
+#: ``<host>`` the first 8 hex digits of the SHA-1 of the host name (:func:`_host_tag`).
+_PRIVATE_DIR = re.compile(r"mukv-disk-([0-9a-f]{8})-([1-9][0-9]{0,9})-[a-z0-9_]+")
 #: A chunk file (:meth:`DiskTier._chunk_for`): the only thing a swept directory may hold.
 _CHUNK_FILE = re.compile(r"chunk-[0-9]{6,}\.bin")
 
 
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def _host_tag() -> str:
+    """This host's tag in private directory names: a pid means something only on the host that
+    gave it, and a temporary root may be shared between hosts (a network scratch directory, where
+    ``flock`` may not reach across hosts either), so only this host's directories are swept."""
+    return hashlib.sha1(socket.gethostname().encode(), usedforsecurity=False).hexdigest()[:8]
 
 
 def _running(pid: int) -> bool:
@@ -97,7 +110,7 @@ def _running(pid: int) -> bool:
 def _lock_shared(directory: Path) -> int | None:
     """Hold a shared ``flock`` on ``directory`` (returns the descriptor, to close at cleanup): it tells
     sweepers that the owner runs even where they cannot see its pid. ``None`` where the filesystem
-    takes no lock (the pid alone then protects the directory)."""
+    takes no lock (a sweeper's exclusive lock fails there too, so nothing is swept from it)."""
     import fcntl
 
     try:
@@ -105,7 +118,8 @@ def _lock_shared(directory: Path) -> int | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        # Blocking: a sweeper (that cannot see this pid) may hold it for the moment it takes to look.
+        fcntl.flock(fd, fcntl.LOCK_SH)
     except OSError:
         os.close(fd)
         return None
@@ -147,19 +161,41 @@ def _sweep_abandoned(root: Path) -> list[Path]:
         entries = list(os.scandir(root))
     except OSError:
         return removed
+    host = _host_tag()
     for entry in entries:
         match = _PRIVATE_DIR.fullmatch(entry.name)
-        if match is None or _running(int(match.group(1))):
+        if match is None or match.group(1) != host or _running(int(match.group(2))):
             continue
         try:
             if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue
             if _remove_abandoned(Path(entry.path)):
                 removed.append(Path(entry.path))
-                logger.info("disk tier: removed %s, left behind by process %s", entry.path, match.group(1))
+                logger.info("disk tier: removed %s, left behind by process %s", entry.path, match.group(2))
         except OSError as exc:
             logger.debug("disk tier: leaving %s (%s)", entry.path, exc)
     return removed
+
+
+def _private_directory(root: Path) -> tuple[Path, int | None]:
+    """A new private tier directory in ``root``, named after this host and process so that a later
+    tier can tell a dead process's directory, and the descriptor holding its shared lock."""
+    prefix = f"mukv-disk-{_host_tag()}-{os.getpid()}-"
+    for _ in range(3):
+        own = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+        if os.name != "posix":
+            return own, None
+        lock = _lock_shared(own)
+        # A sweeper that cannot see this pid (another PID namespace) may have taken the directory,
+        # still empty, before the lock was held: then make another.
+        try:
+            if lock is None or os.stat(own).st_ino == os.fstat(lock).st_ino:
+                return own, lock
+        except OSError:
+            pass
+        if lock is not None:
+            os.close(lock)
+    raise OSError(f"disk tier: private directories in {root} keep disappearing")
 
 
 @dataclass
@@ -198,7 +234,7 @@ class DiskTier:
     """Payloads in memory-mapped chunk files (see the module docstring), by key (a block id).
 
     ``directory``: where this tier's own directory is made (``disk_dir``); ``None`` for a private
-    temporary directory ``mukv-disk-<pid>-*``, whose creation also removes the private directories
+    temporary directory ``mukv-disk-<host>-<pid>-*``, whose creation also removes the private directories
     that processes killed before they could clean up left in the same temporary root (see
     "Directories left behind" in the module docstring). ``ValueError`` naming ``disk_dir`` when it
     cannot be created or written.
@@ -211,9 +247,7 @@ class DiskTier:
         lock: int | None = None
         if directory is None:
             root = Path(tempfile.gettempdir())
-            # The pid names the owner, so that a later tier can tell a dead process's directory.
-            own = Path(tempfile.mkdtemp(prefix=f"mukv-disk-{os.getpid()}-", dir=root))
-            lock = _lock_shared(own) if os.name == "posix" else None
+            own, lock = _private_directory(root)
             _sweep_abandoned(root)
         else:
             parent = Path(directory).expanduser()

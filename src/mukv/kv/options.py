@@ -11,15 +11,19 @@ They decide how stored blocks are held, not which blocks exist or how they are c
 - ``ram_budget``: the most payload bytes held in RAM; older payloads beyond it move to
   memory-mapped files in ``disk_dir`` (a temporary directory when ``None``).
 
-Byte sizes accept integers or strings with a unit (``"2GB"``, ``"512MiB"``; ``GB`` = 10**9,
-``GiB`` = 2**30), from Python, ``--set``, the harness and the server alike.
+A memory or evaluation run saved before an option existed reads as saved with its default
+(:func:`with_storage_defaults`). Byte sizes accept integers or strings with a unit (``"2GB"``,
+``"512MiB"``; ``GB`` = 10**9, ``GiB`` = 2**30), from Python, ``--set``, the harness and the server
+alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NewType
+from typing import Any, NewType
 
 KV_DTYPES = ("native", "int8", "int4")
 KV_KEYS = ("channel", "compact")
@@ -94,3 +98,12 @@ class StorageOptions:
                 object.__setattr__(self, name, ByteSize(parse_bytes(value, name)))
         if self.disk_dir is not None and (not isinstance(self.disk_dir, str) or not self.disk_dir.strip()):
             raise ValueError(f"disk_dir: must be a directory path, got {self.disk_dir!r}")
+
+
+def with_storage_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (a block method's config as saved in a memory's manifest or a run's ``run.json``)
+    with every storage option it lacks set to its default. Each option was added with the default
+    that does what mukv did before it existed (native payloads, KIVI's key split, no budget, no disk
+    tier), so a memory or run written before an option existed reads as written with its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(StorageOptions)}
+    return {**{k: v for k, v in defaults.items() if k not in config}, **config}

@@ -75,7 +75,7 @@ from safetensors.torch import save_file
 from mukv.config import config_to_dict
 from mukv.errors import MemoryFileError, MemoryMismatchError
 from mukv.kv.blocks import BlockPayload, BlockRecord
-from mukv.kv.options import StorageOptions
+from mukv.kv.options import StorageOptions, with_storage_defaults
 from mukv.kv.quant import TENSOR_NAMES, QuantizedKV
 from mukv.memory.blocks import BlockMemory
 from mukv.memory.registry import method_class
@@ -694,6 +694,9 @@ def _config_from_dict(cls: type, data: Mapping[str, Any], default: Any = None) -
 #: Storage options a memory may be loaded with other values of: where and within how many bytes it
 #: is kept from now on (a smaller ``memory_budget`` consolidates at once), not what it holds.
 ADJUSTABLE = ("memory_budget", "ram_budget", "disk_dir")
+#: Storage options that change nothing stored while payloads are native (``kv_dtype="native"``):
+#: a native memory loads under any value of them.
+NATIVE_INERT = ("kv_group", "kv_keys")
 
 
 def load_session(
@@ -742,9 +745,15 @@ def _load_session(
     except ValueError:
         raise MemoryFileError(f"{path}: saved with method {saved_method!r}, which this mukv does not have") from None
     saved_config = manifest["method"]["config"]
+    if issubclass(cls.config_class, StorageOptions) and isinstance(saved_config, dict):
+        # Saved before some storage option existed: it was stored as that option's default.
+        saved_config = with_storage_defaults(saved_config)
     if method_config is not None:
         current = _json_ready(config_to_dict(method_config))
-        names = [n for n in _differences(saved_config, current) if n.split(".")[0] not in ADJUSTABLE]
+        ignored = set(ADJUSTABLE)
+        if saved_config.get("kv_dtype") == "native" == current.get("kv_dtype"):
+            ignored |= set(NATIVE_INERT)  # they shape quantized payloads only: none is stored
+        names = [n for n in _differences(saved_config, current) if n.split(".")[0] not in ignored]
         if names:
             raise MemoryMismatchError(
                 f"{path}: saved with another {saved_method} config ({_describe(saved_config, current, names)})"

@@ -631,7 +631,9 @@ class StreamManager:
                 remove_saved(self.config, stream_id)
 
         try:
-            await asyncio.wrap_future(self.worker.submit(Priority.QUESTION, forget))
+            # Shielded: a client that drops the request must not cancel the job; the stream is
+            # already gone from the server, so nothing else would ever close its memory.
+            await asyncio.shield(asyncio.wrap_future(self.worker.submit(Priority.QUESTION, forget)))
         except RuntimeError:  # the worker has stopped (shutting down)
             # A job of the stream may still be running on it: the memory's files are left to its
             # finalizer (garbage collection, interpreter exit).
