@@ -17,11 +17,14 @@ import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from mukv.config import DEFAULT_MODEL_ID
+
+if TYPE_CHECKING:
+    from mukv.memory.base import MemoryStats
 
 app = typer.Typer(
     add_completion=False,
@@ -148,11 +151,10 @@ def _check_max_new_tokens(value: int | None) -> None:
         raise ValueError(f"--max-new-tokens: must be >= 1, got {value}")
 
 
-def _memory_size(stats) -> str:
+def _memory_size(stats: MemoryStats) -> str:
     """``stats``' stored bytes in MiB, and how many of them are on disk (``ram_budget``)."""
     text = f"{stats.total_bytes / 2**20:.1f} MiB"
-    disk = getattr(stats, "disk_bytes", 0)
-    return f"{text} ({disk / 2**20:.1f} MiB on disk)" if disk else text
+    return f"{text} ({stats.disk_bytes / 2**20:.1f} MiB on disk)" if stats.disk_bytes else text
 
 
 def _print_answer(answer, as_json: bool) -> None:

@@ -31,16 +31,27 @@ def payload(n: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> BlockPayl
     )
 
 
-def add(store: BlockStore, p: BlockPayload, frame: int, *, provisional: bool = False) -> int:
+def add(
+    store: BlockStore,
+    p: BlockPayload,
+    frame: int,
+    *,
+    provisional: bool = False,
+    granularity: str = "frame",
+    end_time: float | None = None,
+    representative: torch.Tensor | None = None,
+) -> int:
+    """Store ``p`` as the block of frame ``frame`` (ending at ``end_time``, default the frame's
+    time); returns its id."""
     record = store.add(
-        granularity="frame",
+        granularity=granularity,
         first_frame=frame,
         last_frame=frame,
         part=0,
         start_time=float(frame),
-        end_time=float(frame),
+        end_time=float(frame) if end_time is None else end_time,
         payload=p,
-        representative=torch.randn(4),
+        representative=torch.randn(4) if representative is None else representative,
         provisional=provisional,
     )
     return record.block_id

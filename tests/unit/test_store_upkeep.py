@@ -15,19 +15,15 @@ from mukv.kv.blocks import BlockPayload, BlockStore
 from mukv.kv.disk import DiskTier
 from mukv.memory.blocks import halve_by_score
 from tests.conftest import recount_stored_bytes
+from tests.unit.test_disk_tier import add
+from tests.unit.test_disk_tier import payload as disk_payload
 
 GRANULARITIES = ("patch", "frame", "segment")
 
 
 def payload(n: int, seed: int) -> BlockPayload:
-    """A block of ``n`` kept tokens out of ``2n``: kv ``[2, 2, 2, n, 4]`` float16, with scores."""
-    g = torch.Generator().manual_seed(seed)
-    return BlockPayload(
-        kv=torch.randn(2, 2, 2, n, 4, generator=g).to(torch.float16),
-        positions=torch.arange(n).unsqueeze(0) + seed,
-        kept=torch.randperm(2 * n, generator=g)[:n].sort().values,
-        scores=torch.rand(2 * n, generator=g),
-    )
+    """A block of ``n`` kept tokens out of ``2n``, float16, with scores."""
+    return disk_payload(n, seed, torch.float16)
 
 
 class Reference:
@@ -71,21 +67,19 @@ def test_counts_and_index_match_a_reference_through_random_changes(tmp_path, ram
             g = rng.choice(GRANULARITIES)
             is_provisional = rng.random() < 0.1
             representative = torch.randn(3, generator=torch.Generator().manual_seed(step))
-            record = store.add(
-                granularity=g,
-                first_frame=frame,
-                last_frame=frame,
-                part=0,
-                start_time=float(frame),
-                end_time=float(frame) + 0.5,
-                payload=payload(rng.randint(1, 6), step),
-                representative=representative,
+            block_id = add(
+                store,
+                payload(rng.randint(1, 6), step),
+                frame,
                 provisional=is_provisional,
+                granularity=g,
+                end_time=frame + 0.5,
+                representative=representative,
             )
+            reference.add(g, block_id, frame + 0.5, representative)
             frame += 1
-            reference.add(g, record.block_id, float(frame - 1) + 0.5, representative)
             if is_provisional:
-                provisional.append(record.block_id)
+                provisional.append(block_id)
         elif op < 0.7:
             # Evict the oldest of a granularity (what a budget does most), or any stored block.
             victim = stored[0] if rng.random() < 0.7 else rng.choice(stored)
@@ -128,22 +122,10 @@ def test_evicting_the_oldest_one_at_a_time_compacts_rarely(monkeypatch):
     store = BlockStore()
     held, steps = 1000, 5000
 
-    def add(i: int) -> None:
-        store.add(
-            granularity="frame",
-            first_frame=i,
-            last_frame=i,
-            part=0,
-            start_time=float(i),
-            end_time=float(i),
-            payload=payload(1, i % 10),
-            representative=torch.full((2,), float(i)),
-        )
-
     for i in range(held):
-        add(i)
+        add(store, payload(1, i % 10), i, representative=torch.full((2,), float(i)))
     for i in range(held, held + steps):
-        add(i)
+        add(store, payload(1, i % 10), i, representative=torch.full((2,), float(i)))
         store.remove(i - held)
     # Slots moved over all compactions stay within a small multiple of the removals.
     assert sum(moved) <= 4 * steps
@@ -162,16 +144,7 @@ def test_dead_slots_at_the_end_are_freed_without_a_compaction():
     their slots at once, so the next read compacts nothing; removing every block empties the index."""
     store = BlockStore()
     for i in range(5):
-        store.add(
-            granularity="segment",
-            first_frame=i,
-            last_frame=i,
-            part=0,
-            start_time=float(i),
-            end_time=float(i),
-            payload=payload(2, i),
-            representative=torch.ones(2),
-        )
+        add(store, payload(2, i), i, granularity="segment")
     index = store._index["segment"]
     store.remove(1)  # in the middle: marked dead, compacted later
     store.remove(4)
